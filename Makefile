@@ -1,0 +1,47 @@
+# voxrelay — the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: run test proto proto-check lint types check bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Serve on the embedded defaults (no API key needed).
+run: $(STAMP)
+	$(BIN)/voxrelay serve
+
+## The whole suite, bootstrapping the venv first.
+test: $(STAMP) proto-check
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Regenerate generated/ from protos/.
+proto: $(STAMP)
+	$(BIN)/python -m scripts.genproto generated
+
+## Fail when generated/ does not match protos/.
+proto-check: $(STAMP)
+	$(BIN)/python -m scripts.genproto --check generated
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check service gateways tests scripts
+
+types: $(STAMP)
+	$(BIN)/mypy service gateways
+
+check: lint types proto-check
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

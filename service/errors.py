@@ -1,0 +1,116 @@
+"""The errors a caller of voxrelay can see.
+
+Every failure that reaches a door is a :class:`VoxrelayError` carrying one code of
+SPEC's WebSocket vocabulary; each door maps the code to its own wire form in one table.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Busy",
+    "Forbidden",
+    "Internal",
+    "InvalidRequest",
+    "RateLimited",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "VoxrelayError",
+]
+
+
+class VoxrelayError(Exception):
+    """A failure with a stable code, a message for humans and retry advice."""
+
+    code: str = "internal"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        if retryable is not None:
+            self.retryable = retryable
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """The suggested wait in whole milliseconds, if any."""
+        if self.retry_after_s is None:
+            return None
+        return max(0, round(self.retry_after_s * 1000))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class InvalidRequest(VoxrelayError):
+    """The request cannot be served as written; the message says what to fix."""
+
+    code = "invalid_request"
+
+
+class TooLarge(VoxrelayError):
+    """The input is over a size limit; it is refused, never truncated."""
+
+    code = "too_large"
+
+
+class Unauthorized(VoxrelayError):
+    """No valid credentials were presented."""
+
+    code = "unauthorized"
+
+
+class Forbidden(VoxrelayError):
+    """The credentials are valid but not allowed to do this."""
+
+    code = "forbidden"
+
+
+class RateLimited(VoxrelayError):
+    """voxrelay's own limit on this caller was reached."""
+
+    code = "rate_limited"
+    retryable = True
+
+
+class Busy(VoxrelayError):
+    """voxrelay is at capacity (or this connection already has a stream in flight)."""
+
+    code = "busy"
+    retryable = True
+
+
+class UpstreamError(VoxrelayError):
+    """An upstream (LLM or TTS) failed, replied malformed data, or kept refusing."""
+
+    code = "upstream_error"
+    retryable = True
+
+
+class UpstreamTimeout(VoxrelayError):
+    """An upstream stage used up its time budget."""
+
+    code = "upstream_timeout"
+    retryable = True
+
+
+class Unavailable(VoxrelayError):
+    """voxrelay or an upstream cannot take work now (draining, breaker open)."""
+
+    code = "unavailable"
+    retryable = True
+
+
+class Internal(VoxrelayError):
+    """A bug: something voxrelay did not expect."""
+
+    code = "internal"

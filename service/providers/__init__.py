@@ -1,0 +1,1 @@
+"""Chat providers and speech engines, each behind a small Protocol."""

@@ -1,0 +1,81 @@
+"""The two small interfaces every upstream implements.
+
+A chat provider streams text deltas of a reply; a speech engine streams PCM for one
+segment of text. Retries, timeouts, the circuit breaker and metrics live in the core
+around these calls, so a provider only translates between its upstream and these types
+and raises :mod:`service.errors` for failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..model import ChatMessage, Voice
+
+__all__ = ["ChatDelta", "ChatProvider", "SpeechEngine"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDelta:
+    """A piece of the reply text, or (at the end) the usage the upstream reported."""
+
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ChatProvider(Protocol):
+    """Stream a reply to a conversation."""
+
+    #: closed-set provider name used in metrics and logs: "openai", "echo", …
+    name: str
+    #: model reported to callers in ``started``.
+    model: str
+
+    def stream(
+        self, messages: Sequence[ChatMessage], *, max_tokens: int, timeout: float
+    ) -> AsyncIterator[ChatDelta]:
+        """Yield the reply as it is written.
+
+        *messages* is the whole conversation (system, history, user). *timeout*
+        caps one network wait. The iterator must release its upstream request when
+        it is closed early (``aclose``) or cancelled.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and other resources."""
+        ...
+
+
+class SpeechEngine(Protocol):
+    """Turn one segment of text into PCM."""
+
+    #: closed-set provider name used in metrics and logs: "openai", "espeak", …
+    name: str
+    #: model reported to callers in ``started``.
+    model: str
+    #: native rate of the PCM it yields (signed 16-bit little-endian mono).
+    sample_rate: int
+    #: the voice used when the caller names none.
+    default_voice: str
+
+    async def voices(self) -> list[Voice]:
+        """List the voices this engine offers."""
+        ...
+
+    def synthesize(
+        self, text: str, *, voice: str, speed: float, instructions: str, timeout: float
+    ) -> AsyncIterator[bytes]:
+        """Yield PCM (s16le mono at :attr:`sample_rate`) for *text* as it is produced.
+
+        Chunks may have any length, including odd byte counts. The iterator must stop
+        its upstream work when closed early or cancelled.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release the engine."""
+        ...
