@@ -90,10 +90,26 @@ class Busy(VoxrelayError):
 
 
 class UpstreamError(VoxrelayError):
-    """An upstream (LLM or TTS) failed, replied malformed data, or kept refusing."""
+    """An upstream (LLM or TTS) failed, replied malformed data, or kept refusing.
+
+    ``retryable`` says whether trying again may help (429, 5xx, a reset); the core
+    retries those before a segment's first audio byte. ``status`` is the upstream's
+    HTTP status when it answered with one.
+    """
 
     code = "upstream_error"
     retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        retryable: bool | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, retryable=retryable)
+        self.status = status
 
 
 class UpstreamTimeout(VoxrelayError):
