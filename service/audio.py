@@ -1,0 +1,286 @@
+"""Encode a stream of PCM incrementally into the audio format a client asked for.
+
+Engines deliver s16le mono PCM; a :class:`StreamEncoder` turns it, chunk by chunk, into
+bytes of the requested format with PyAV. The encoder is sans-I/O: ``encode()`` returns the
+bytes that became final, ``flush()`` the rest, and the concatenation of everything it
+returned is one valid file. The muxer writes into a sink that cannot seek, so no byte
+already handed out is ever rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import av
+from av.codec.codec import Capabilities
+from av.container import OutputContainer
+
+from service.errors import InvalidRequest
+from service.model import AudioFormat
+
+__all__ = ["FormatInfo", "StreamEncoder", "format_info", "output_rate"]
+
+
+@dataclass(frozen=True, slots=True)
+class FormatInfo:
+    """What a client is told about a format: its MIME type and its default rate.
+
+    ``default_rate`` is ``None`` when the format keeps the engine's rate.
+    """
+
+    content_type: str
+    default_rate: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoding:
+    """How PyAV makes one format; ``muxer`` is ``None`` for raw PCM."""
+
+    info: FormatInfo
+    muxer: str | None
+    codec: str
+    sample_format: str
+    # Rates: either an explicit set or an inclusive range.
+    rates: tuple[int, ...] = ()
+    min_rate: int = 8000
+    max_rate: int = 48000
+    bit_rate: int = 0
+    muxer_options: dict[str, str] = field(default_factory=dict)
+
+
+_MPEG_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+_AAC_RATES = (*_MPEG_RATES, 64000, 88200, 96000)
+_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+# Opus always decodes at 48 kHz, so that is the rate an Opus stream reports.
+_OPUS_RATE = 48000
+
+_ENCODINGS: dict[AudioFormat, _Encoding] = {
+    AudioFormat.PCM: _Encoding(FormatInfo("audio/pcm", None), None, "pcm_s16le", "s16"),
+    # Unseekable, the wav muxer leaves the RIFF and data sizes at 0xFFFFFFFF, which
+    # readers take as "until the end of the file".
+    AudioFormat.WAV: _Encoding(FormatInfo("audio/wav", None), "wav", "pcm_s16le", "s16"),
+    AudioFormat.MP3: _Encoding(
+        FormatInfo("audio/mpeg", None),
+        "mp3",
+        "libmp3lame",
+        "s16p",
+        rates=_MPEG_RATES,
+        bit_rate=64000,
+        # The Xing/LAME frame is filled in by seeking back at the end, which a stream
+        # cannot do; an ID3 tag is noise in front of a stream.
+        muxer_options={"write_xing": "0", "id3v2_version": "0"},
+    ),
+    AudioFormat.OPUS: _Encoding(
+        FormatInfo("audio/ogg; codecs=opus", _OPUS_RATE),
+        "ogg",
+        "libopus",
+        "s16",
+        rates=_OPUS_RATES,
+        bit_rate=32000,
+        # An Ogg page is written once it holds page_duration of audio (default 1 s).
+        muxer_options={"page_duration": "20000"},
+    ),
+    AudioFormat.FLAC: _Encoding(
+        FormatInfo("audio/flac", None), "flac", "flac", "s16", max_rate=96000
+    ),
+    AudioFormat.AAC: _Encoding(
+        FormatInfo("audio/aac", None), "adts", "aac", "fltp", rates=_AAC_RATES, bit_rate=64000
+    ),
+    AudioFormat.MULAW: _Encoding(FormatInfo("audio/basic", 8000), "mulaw", "pcm_mulaw", "s16"),
+    AudioFormat.ALAW: _Encoding(FormatInfo("audio/x-alaw-basic", 8000), "alaw", "pcm_alaw", "s16"),
+}
+
+
+def format_info(fmt: AudioFormat) -> FormatInfo:
+    """Return the content type and default rate of ``fmt``."""
+    return _ENCODINGS[fmt].info
+
+
+def _supports(encoding: _Encoding, rate: int) -> bool:
+    if encoding.rates:
+        return rate in encoding.rates
+    return encoding.min_rate <= rate <= encoding.max_rate
+
+
+def _nearest(encoding: _Encoding, rate: int) -> int:
+    if encoding.rates:
+        return min(encoding.rates, key=lambda r: (abs(r - rate), -r))
+    return min(max(rate, encoding.min_rate), encoding.max_rate)
+
+
+def output_rate(fmt: AudioFormat, input_rate: int, requested: int) -> int:
+    """Return the sample rate a stream of ``fmt`` is encoded at.
+
+    ``requested`` 0 means the format's default, else the engine's ``input_rate`` (or
+    the nearest rate the format supports). Raise :class:`InvalidRequest` when the
+    format cannot carry the requested rate.
+    """
+    encoding = _ENCODINGS[fmt]
+    if requested == 0:
+        default = encoding.info.default_rate
+        return default if default is not None else _nearest(encoding, input_rate)
+    if not _supports(encoding, requested):
+        if encoding.rates:
+            allowed = ", ".join(str(r) for r in encoding.rates)
+        else:
+            allowed = f"{encoding.min_rate} to {encoding.max_rate}"
+        raise InvalidRequest(
+            f"sample_rate_hz {requested} is not supported for {fmt}; use 0 or {allowed}"
+        )
+    return _OPUS_RATE if fmt is AudioFormat.OPUS else requested
+
+
+class _Sink:
+    """Collect what the muxer writes.
+
+    Without ``seek``/``tell`` PyAV marks the I/O unseekable, so muxers stream: they
+    never go back to patch a header, and every byte written is final.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        """Keep ``data``; PyAV calls this from the muxer."""
+        self._chunks.append(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        """Return and forget everything written so far."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+
+class StreamEncoder:
+    """Encode one stream's PCM incrementally into one format.
+
+    Feed s16le mono PCM at ``input_rate`` to :meth:`encode` in chunks of any size; each
+    call returns the bytes that became final (maybe ``b""``). :meth:`flush` ends the
+    stream; :meth:`close` abandons it. Nothing is written before the first samples
+    arrive, and a stream that never had any flushes to ``b""``.
+
+    Not thread-safe: call from one thread at a time (the caller runs it in a worker
+    thread, off the event loop). Never run :meth:`close` or :meth:`flush` while an
+    :meth:`encode` is still running in another thread — PyAV crashes when a codec is
+    freed under a running encode — so the caller joins its worker first. After a call
+    raised, the stream is lost: :meth:`close` the encoder.
+    """
+
+    def __init__(self, fmt: AudioFormat, *, input_rate: int, output_rate: int) -> None:
+        if input_rate <= 0 or output_rate <= 0:
+            raise ValueError(f"sample rates must be positive: {input_rate}, {output_rate}")
+        self._encoding = _ENCODINGS[fmt]
+        self.format = fmt
+        self.content_type = self._encoding.info.content_type
+        self.sample_rate = output_rate
+        self.channels = 1
+        self._input_rate = input_rate
+        self._time_base = Fraction(1, output_rate)
+        self._odd = b""  # half a sample, kept for the next call
+        self._sink = _Sink()
+        self._resampler: av.AudioResampler | None = None
+        self._container: OutputContainer | None = None
+        self._stream: av.AudioStream | None = None
+        self._pts = 0  # in samples at the output rate
+        self._closed = False
+
+    def encode(self, pcm: bytes) -> bytes:
+        """Encode ``pcm`` (s16le mono) and return the bytes that are now final."""
+        if self._closed:
+            raise RuntimeError("the encoder is closed")
+        if self._odd:
+            pcm = self._odd + pcm
+        whole = len(pcm) & ~1
+        self._odd = pcm[whole:]
+        if whole == 0:
+            return b""
+        if whole != len(pcm):
+            pcm = pcm[:whole]
+        if self._encoding.muxer is None and self._input_rate == self.sample_rate:
+            return bytes(pcm)
+        resampler = self._resampler or self._start()
+        frame = av.AudioFrame(format="s16", layout="mono", samples=whole // 2)
+        frame.planes[0].update(pcm)
+        frame.sample_rate = self._input_rate
+        self._push(resampler.resample(frame))
+        return self._sink.take()
+
+    def flush(self) -> bytes:
+        """End the stream: drain the resampler, codec and muxer, then close."""
+        if self._closed:
+            return b""
+        try:
+            if self._resampler is not None:
+                self._push(self._resampler.resample(None))
+            if self._container is not None and self._stream is not None:
+                self._container.mux(self._stream.encode(None))
+                self._container.close()  # writes the trailer
+                self._container = None
+            return self._sink.take()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the codec and muxer without flushing; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        container, self._container = self._container, None
+        self._stream = None
+        self._resampler = None
+        if container is not None:
+            # PyAV frees the muxer only by closing it, which writes a trailer that
+            # nobody reads on this path; its failing is no reason to fail a cancel.
+            with contextlib.suppress(av.FFmpegError):
+                container.close()
+        self._sink.take()
+
+    def _start(self) -> av.AudioResampler:
+        """Open the muxer and codec (unless raw PCM) and the resampler feeding them."""
+        encoding = self._encoding
+        frame_size = 0
+        if encoding.muxer is not None:
+            container = av.open(
+                self._sink,
+                mode="w",
+                format=encoding.muxer,
+                # Hand each packet to the sink as it is muxed, not when the 32 KiB I/O
+                # buffer fills (ffmpeg's default for unseekable output; don't rely on it).
+                container_options={"flush_packets": "1", **encoding.muxer_options},
+            )
+            stream = container.add_stream(encoding.codec, rate=self.sample_rate)
+            if not isinstance(stream, av.AudioStream):
+                raise TypeError(f"{encoding.codec} is not an audio codec")
+            stream.layout = "mono"
+            stream.format = encoding.sample_format
+            stream.time_base = self._time_base
+            if encoding.bit_rate:
+                stream.bit_rate = encoding.bit_rate
+            codec = stream.codec_context
+            codec.open()
+            # mp3, aac, opus and flac take frames of exactly frame_size samples; all of
+            # them accept a short last frame and pad it themselves.
+            if not codec.codec.capabilities & Capabilities.variable_frame_size:
+                frame_size = codec.frame_size
+            self._container, self._stream = container, stream
+        self._resampler = av.AudioResampler(
+            format=encoding.sample_format,
+            layout="mono",
+            rate=self.sample_rate,
+            frame_size=frame_size or None,
+        )
+        return self._resampler
+
+    def _push(self, frames: list[av.AudioFrame]) -> None:
+        """Encode and mux resampled frames, or for raw PCM keep their bytes."""
+        for frame in frames:
+            if self._container is None or self._stream is None:
+                self._sink.write(bytes(frame.planes[0])[: frame.samples * 2])
+                continue
+            frame.pts = self._pts
+            frame.time_base = self._time_base
+            self._pts += frame.samples
+            self._container.mux(self._stream.encode(frame))
