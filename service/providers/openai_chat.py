@@ -1,0 +1,216 @@
+"""Stream chat replies from OpenAI or any OpenAI-compatible server (Ollama, vLLM, …).
+
+One :class:`openai.AsyncOpenAI` client per provider, with the SDK's own retries off: the
+core retries, backs off and trips the breaker, so there is exactly one retry mechanism.
+
+The request carries ``max_tokens``, not ``max_completion_tokens``: it is the field every
+compatible server (Ollama, vLLM, llama.cpp, LocalAI) accepts, some of them ignore the newer
+one, and OpenAI still honours it for chat models such as the default ``gpt-4o-mini``. OpenAI's
+reasoning models (o-series, gpt-5 family) refuse it with a 400, which surfaces as a clear,
+non-retryable :class:`~service.errors.UpstreamError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from typing import cast
+
+import anyio
+import httpx2
+import openai
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+
+from ..errors import UpstreamError, UpstreamTimeout
+from ..model import ChatMessage
+from .base import ChatDelta
+
+__all__ = ["OpenAIChat", "build_client", "call_timeout", "upstream_errors"]
+
+# Transport failures the SDK lets through unwrapped (mid-body reads, TLS, anyio streams).
+_TRANSPORT_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream, ConnectionError)
+_SECRET = re.compile(r"\b(?:sk|rk|pk|key)[-_][\w*.-]+|\*{3}\w*", re.IGNORECASE)
+
+
+def build_client(
+    *, api_key: str, base_url: str | None, connect_timeout: float, max_connections: int
+) -> openai.AsyncOpenAI:
+    """Return an SDK client with its own retries off and a pool sized for our streams."""
+    return openai.AsyncOpenAI(
+        api_key=api_key,
+        # The settings already resolved OPENAI_BASE_URL; do not let the SDK read it again.
+        base_url=base_url or "https://api.openai.com/v1",
+        max_retries=0,
+        http_client=openai.DefaultAsyncHttpxClient(
+            # Limits
+            limits=httpx2.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            # Timeouts: per call, ``stream`` and ``synthesize`` replace these.
+            timeout=openai.Timeout(600.0, connect=connect_timeout),
+        ),
+    )
+
+
+def call_timeout(timeout: float, connect_timeout: float) -> openai.Timeout:
+    """Return the SDK timeout of one call: *timeout* for every network wait."""
+    return openai.Timeout(timeout, connect=min(timeout, connect_timeout))
+
+
+def _redact(text: str, api_key: str) -> str:
+    if api_key:
+        text = text.replace(api_key, "[redacted]")
+    return _SECRET.sub("[redacted]", text)
+
+
+def _retry_after(headers: httpx2.Headers) -> float | None:
+    """Return the wait the upstream asked for (``retry-after-ms`` first), in seconds."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue  # an HTTP date: rare from LLM APIs; the core's backoff applies
+        if seconds >= 0 and seconds != float("inf"):
+            return seconds
+    return None
+
+
+def _status_error(stage: str, exc: openai.APIStatusError, api_key: str) -> UpstreamError:
+    status = exc.status_code
+    detail = f"{status}"
+    if exc.code and exc.code != detail:
+        detail += f" {exc.code}"
+    # OpenAI nests {"error": {...}} (the SDK unwraps it); others send a flat object or text.
+    message = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
+    if isinstance(message, str) and message.strip():
+        detail += f": {_redact(' '.join(message.split()), api_key)[:300]}"
+    if status == 429 or status >= 500 or status in (408, 409):
+        return UpstreamError(
+            f"{stage} upstream is unavailable: {detail}",
+            retryable=True,
+            status=status,
+            retry_after_s=_retry_after(exc.response.headers),
+        )
+    return UpstreamError(
+        f"{stage} upstream rejected the request: {detail}", retryable=False, status=status
+    )
+
+
+@contextmanager
+def upstream_errors(stage: str, api_key: str) -> Iterator[None]:
+    """Translate SDK and transport failures of one call into :mod:`service.errors`.
+
+    *stage* names the upstream in messages ("chat", "speech"); *api_key* is scrubbed
+    from anything the upstream echoed back.
+    """
+    try:
+        yield
+    except openai.APITimeoutError as exc:
+        raise UpstreamTimeout(f"{stage} upstream timed out") from exc
+    except openai.APIStatusError as exc:
+        raise _status_error(stage, exc, api_key) from exc
+    except openai.APIConnectionError as exc:
+        cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
+        raise UpstreamError(f"{stage} upstream connection failed ({cause})") from exc
+    except httpx2.TimeoutException as exc:
+        raise UpstreamTimeout(f"{stage} upstream timed out") from exc
+    except _TRANSPORT_ERRORS as exc:
+        raise UpstreamError(f"{stage} upstream connection failed ({type(exc).__name__})") from exc
+    except openai.APIResponseValidationError as exc:
+        raise UpstreamError(f"{stage} upstream sent a malformed reply", retryable=False) from exc
+    except openai.APIError as exc:
+        # An error event inside a 200 stream: the upstream failed after it began to answer.
+        message = _redact(exc.message, api_key)[:300]
+        raise UpstreamError(f"{stage} upstream failed mid-stream: {message}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UpstreamError(f"{stage} upstream sent a malformed reply", retryable=False) from exc
+
+
+def _read_chunk(chunk: object) -> tuple[str, CompletionUsage | None]:
+    """Return the content and the usage of one stream chunk, however sparse it is.
+
+    The SDK does not validate chunks, so a field a server left out is ``None``.
+    """
+    if not isinstance(chunk, ChatCompletionChunk):
+        raise UpstreamError("chat upstream sent a malformed reply", retryable=False)
+    text = ""
+    for choice in chunk.choices or ():
+        content = getattr(getattr(choice, "delta", None), "content", None)
+        if getattr(choice, "index", 0) == 0 and isinstance(content, str):
+            text += content
+    usage = chunk.usage if isinstance(chunk.usage, CompletionUsage) else None
+    return text, usage
+
+
+def _message(message: ChatMessage) -> ChatCompletionMessageParam:
+    # The role is one of system/user/assistant, as the pipeline writes it.
+    return cast("ChatCompletionMessageParam", {"role": message.role, "content": message.content})
+
+
+class OpenAIChat:
+    """A :class:`~service.providers.base.ChatProvider` over the Chat Completions API."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None,
+        model: str,
+        # Timeouts
+        connect_timeout: float = 5.0,
+        # Limits
+        max_connections: int = 256,
+    ) -> None:
+        self.model = model
+        self._api_key = api_key
+        self._connect_timeout = connect_timeout
+        self._client = build_client(
+            api_key=api_key,
+            base_url=base_url,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+        )
+
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        timeout: float,  # noqa: ASYNC109 - the SDK's per-call network timeout, not a deadline
+    ) -> AsyncIterator[ChatDelta]:
+        """Yield the reply's text deltas, then one delta with the usage the upstream reported."""
+        usage: CompletionUsage | None = None
+        with upstream_errors("chat", self._api_key):
+            stream = await self._client.chat.completions.create(
+                model=self.model,
+                messages=[_message(m) for m in messages],
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=max_tokens,
+                timeout=call_timeout(timeout, self._connect_timeout),
+            )
+            # Iterate inside ``async with``: leaving it (aclose, cancel, error) closes the
+            # HTTP response, and with it the connection, at once.
+            async with stream:
+                async for chunk in stream:
+                    text, chunk_usage = _read_chunk(chunk)
+                    usage = chunk_usage or usage  # some servers repeat it on every chunk
+                    if text:
+                        yield ChatDelta(text=text)
+        if usage is not None:
+            yield ChatDelta(
+                prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens
+            )
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.close()

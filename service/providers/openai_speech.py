@@ -1,0 +1,108 @@
+"""Stream speech from OpenAI's Speech API or any compatible server (Kokoro, LocalAI, …).
+
+OpenAI announced the shutdown of its Speech API models (``tts-1``, ``tts-1-hd``,
+``gpt-4o-mini-tts``) on 2027-01-06, pointing to the Realtime API instead. This engine stays
+useful for the many servers that speak the same ``/v1/audio/speech`` protocol.
+
+It asks for ``response_format="pcm"`` (s16le mono at 24 kHz) and yields the bytes as they
+arrive; voxrelay's own encoder makes every other format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import openai
+
+from ..errors import UpstreamError
+from ..model import Voice
+from .openai_chat import build_client, call_timeout, upstream_errors
+
+__all__ = ["OPENAI_VOICES", "OpenAISpeech"]
+
+#: OpenAI's built-in voices; all speak many languages, tuned for English.
+OPENAI_VOICES = (
+    "alloy", "ash", "ballad", "coral", "echo", "fable", "nova",
+    "onyx", "sage", "shimmer", "verse", "marin", "cedar",
+)  # fmt: skip
+
+# Bodies that are not audio: a JSON error or a proxy's page answered with 200.
+_NOT_AUDIO = ("application/json", "text/", "application/problem+json")
+
+
+class OpenAISpeech:
+    """A :class:`~service.providers.base.SpeechEngine` over ``/v1/audio/speech``."""
+
+    name = "openai"
+    sample_rate = 24_000
+    #: compatible servers have voices of their own, so unknown names go to the upstream.
+    validates_voices = False
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None,
+        model: str,
+        default_voice: str = "alloy",
+        # Timeouts
+        connect_timeout: float = 5.0,
+        # Limits
+        max_connections: int = 256,
+    ) -> None:
+        self.model = model
+        self.default_voice = default_voice
+        self._api_key = api_key
+        self._connect_timeout = connect_timeout
+        self._client = build_client(
+            api_key=api_key,
+            base_url=base_url,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+        )
+
+    async def voices(self) -> list[Voice]:
+        """List OpenAI's built-in voices (a compatible server may offer others)."""
+        return [Voice(name=name, language="multilingual") for name in OPENAI_VOICES]
+
+    async def synthesize(
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float,
+        instructions: str,
+        timeout: float,  # noqa: ASYNC109 - the SDK's per-call network timeout
+    ) -> AsyncIterator[bytes]:
+        """Yield PCM for *text* as the upstream sends it.
+
+        ``speed`` 0 or 1.0 and empty ``instructions`` are left out of the request, so
+        servers that know neither still answer.
+        """
+        with upstream_errors("speech", self._api_key):
+            request = self._client.audio.speech.with_streaming_response.create(
+                model=self.model,
+                voice=voice or self.default_voice,
+                input=text,
+                response_format="pcm",
+                speed=speed if speed and speed != 1.0 else openai.omit,
+                instructions=instructions or openai.omit,
+                timeout=call_timeout(timeout, self._connect_timeout),
+            )
+            # Read inside ``async with``: leaving it (aclose, cancel, error) closes the
+            # HTTP response, and with it the connection, at once.
+            async with request as response:
+                content_type = response.headers.get("content-type", "").lower()
+                if content_type.startswith(_NOT_AUDIO):
+                    raise UpstreamError(
+                        f"speech upstream sent a malformed reply ({content_type[:60]}, not audio)",
+                        retryable=False,
+                        status=response.status_code,
+                    )
+                async for chunk in response.iter_bytes():
+                    if chunk:
+                        yield chunk
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.close()
