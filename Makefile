@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test proto proto-check lint types check bench clean
+.PHONY: run test proto proto-check buf-lint lint types check bench clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ venv: $(STAMP)
 
 ## Serve on the embedded defaults (no API key needed).
 run: $(STAMP)
-	$(BIN)/voxrelay serve
+	exec $(BIN)/voxrelay serve
 
 ## The whole suite, bootstrapping the venv first.
 test: $(STAMP) proto-check
@@ -31,6 +31,16 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(BIN)/python -m scripts.genproto --check generated
 
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+## buf lint on protos/ (buf ships in the npm package @bufbuild/buf).
+buf-lint: $(BUF)
+	$(BUF) lint
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check service gateways tests scripts
@@ -38,7 +48,7 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy service gateways
 
-check: lint types proto-check
+check: lint types proto-check buf-lint
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

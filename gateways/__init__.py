@@ -1,0 +1,1 @@
+"""voxrelay's front doors: thin translations between a wire protocol and the core."""

@@ -1,0 +1,144 @@
+"""The voxrelay process: three listeners around one core, and a graceful drain.
+
+Lifecycle (after uvicorn's ``Server``): start-up → serve until SIGTERM/SIGINT →
+drain (readiness 503, health NOT_SERVING, no new work; streams in flight get
+``VOXRELAY_DRAIN_S``) → abort what is left (WebSocket 1001, gRPC UNAVAILABLE) →
+close. Signal handlers are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
+
+from service import __version__, metrics
+from service.errors import Unavailable
+from service.pipeline import Synthesizer
+from service.providers.registry import make_chat, make_speech
+from service.settings import Settings
+
+from .grpc_server import GrpcDoor
+from .ws_server import WsDoor
+
+__all__ = ["App", "serve"]
+
+log = logging.getLogger("voxrelay")
+
+
+class App:
+    """Own the core and its doors; start, drain and stop them together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.synthesizer = Synthesizer(settings, make_chat(settings), make_speech(settings))
+        self.grpc = GrpcDoor(self.synthesizer)
+        self.ws = WsDoor(self.synthesizer)
+        self._metrics: tuple[WSGIServer, threading.Thread] | None = None
+        self.metrics_port = 0
+        self._stop = asyncio.Event()
+        self._stopping: asyncio.Task[None] | None = None
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def ws_port(self) -> int:
+        return self.ws.port
+
+    async def start(self) -> None:
+        """Open all three listeners and log what was chosen."""
+        s = self.settings
+        server, thread = start_http_server(s.metrics_port, addr=s.host, registry=metrics.REGISTRY)
+        self._metrics = (server, thread)
+        self.metrics_port = server.server_port
+        await self.grpc.start()
+        await self.ws.start()
+        scheme = "wss" if s.tls_cert else "ws"
+        log.info(
+            "voxrelay %s serving", __version__,
+            extra={
+                "event": "startup",
+                "version": __version__,
+                "grpc": f"{s.host}:{self.grpc_port}",
+                "websocket": f"{scheme}://{s.host}:{self.ws_port}/v1/stream",
+                "demo": f"{'https' if s.tls_cert else 'http'}://{s.host}:{self.ws_port}/",
+                "metrics": f"http://{s.host}:{self.metrics_port}/metrics",
+                **s.describe_choice(),
+                "llm_model": self.synthesizer.chat.model,
+                "tts_model": self.synthesizer.speech.model,
+            },
+        )
+
+    def request_stop(self) -> None:
+        """Ask the process to drain and stop (what SIGTERM does)."""
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new work, let streams finish within the drain window, then close.
+
+        Calling it again waits for the first call's work; it never runs twice.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._drain_and_stop())
+        await asyncio.shield(self._stopping)
+
+    async def _drain_and_stop(self) -> None:
+        s = self.settings
+        active = self.synthesizer.active_streams
+        log.info("draining", extra={"event": "drain", "active_streams": active,
+                                    "drain_s": s.drain_s})
+        self.synthesizer.begin_drain()
+        self.ws.begin_drain()
+        await self.grpc.begin_drain()
+        try:
+            async with asyncio.timeout(s.drain_s):
+                await self.synthesizer.wait_idle()
+        except TimeoutError:
+            left = self.synthesizer.active_streams
+            log.warning("drain window over; ending %d streams", left, extra={"event": "drain"})
+            self.synthesizer.abort_all(Unavailable("voxrelay is shutting down: retry",
+                                                   retry_after_s=1.0))
+        await self.ws.close_all()
+        await self.grpc.stop(grace=1.0)
+        await self.ws.stop()
+        await self.synthesizer.aclose()
+        if self._metrics is not None:
+            server, thread = self._metrics
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        log.info("stopped", extra={"event": "shutdown"})
+
+    async def run(self, *, on_ready: Callable[[App], Any] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            if on_ready is not None:
+                on_ready(self)
+            await self.wait_stopped()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, previous[sig])
+            await self.drain_and_stop()
+
+
+async def serve(settings: Settings) -> None:
+    """Run voxrelay until it is told to stop."""
+    await App(settings).run()

@@ -1,0 +1,206 @@
+"""The gRPC door: ``voxrelay.v1.Synthesizer`` on grpc.aio, plus health and reflection.
+
+A thin translation: protobuf messages in, :mod:`service.model` types to the core,
+core events back out as protobuf; core errors become status codes through
+:data:`gateways.errors.GRPC_STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from service import model
+from service.errors import InvalidRequest, VoxrelayError
+from service.pipeline import Synthesizer
+from service.telemetry import StreamRecord
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
+
+from .errors import GRPC_STATUS
+
+__all__ = ["GrpcDoor"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Synthesizer"].full_name
+
+FORMATS: dict[int, model.AudioFormat | None] = {
+    pb.AUDIO_FORMAT_UNSPECIFIED: None,
+    pb.AUDIO_FORMAT_PCM: model.AudioFormat.PCM,
+    pb.AUDIO_FORMAT_WAV: model.AudioFormat.WAV,
+    pb.AUDIO_FORMAT_MP3: model.AudioFormat.MP3,
+    pb.AUDIO_FORMAT_OPUS: model.AudioFormat.OPUS,
+    pb.AUDIO_FORMAT_FLAC: model.AudioFormat.FLAC,
+    pb.AUDIO_FORMAT_AAC: model.AudioFormat.AAC,
+    pb.AUDIO_FORMAT_MULAW: model.AudioFormat.MULAW,
+    pb.AUDIO_FORMAT_ALAW: model.AudioFormat.ALAW,
+}
+FORMAT_ENUM = {fmt: num for num, fmt in FORMATS.items() if fmt is not None}
+MODES = {pb.MODE_UNSPECIFIED: model.Mode.CHAT, pb.MODE_CHAT: model.Mode.CHAT,
+         pb.MODE_SPEAK: model.Mode.SPEAK}
+
+
+def to_request(msg: pb.SynthesizeRequest, request_id: str) -> model.SynthesisRequest:
+    """Translate a ``SynthesizeRequest``, refusing enum values this server does not know."""
+    if msg.mode not in MODES:
+        raise InvalidRequest(f"mode {msg.mode} is not a known Mode (use MODE_CHAT or MODE_SPEAK)")
+    if msg.format not in FORMATS:
+        raise InvalidRequest(f"format {msg.format} is not a known AudioFormat")
+    return model.SynthesisRequest(
+        text=msg.text,
+        mode=MODES[msg.mode],
+        voice=msg.voice,
+        format=FORMATS[msg.format],
+        sample_rate_hz=msg.sample_rate_hz,
+        instructions=msg.instructions,
+        history=tuple(model.ChatMessage(m.role, m.content) for m in msg.history),
+        speed=msg.speed,
+        request_id=msg.request_id or request_id,
+    )
+
+
+def to_response(event: model.Event) -> pb.SynthesizeResponse:
+    """Translate one core event into its ``SynthesizeResponse``."""
+    match event:
+        case model.AudioChunk():
+            return pb.SynthesizeResponse(audio=pb.AudioChunk(
+                segment_index=event.segment_index, seq=event.seq, data=event.data))
+        case model.SegmentStarted():
+            return pb.SynthesizeResponse(segment=pb.TextSegment(
+                index=event.index, text=event.text, start_ms=event.start_ms))
+        case model.StreamStarted():
+            return pb.SynthesizeResponse(started=pb.StreamStarted(
+                request_id=event.request_id, format=FORMAT_ENUM[event.format],  # type: ignore[arg-type]
+                content_type=event.content_type, sample_rate_hz=event.sample_rate_hz,
+                channels=event.channels, voice=event.voice, llm_model=event.llm_model,
+                tts_model=event.tts_model))
+        case model.StreamFinished():
+            return pb.SynthesizeResponse(finished=pb.StreamFinished(
+                reply_text=event.reply_text, segments=event.segments,
+                audio_bytes=event.audio_bytes, audio_ms=event.audio_ms,
+                time_to_first_audio_ms=event.time_to_first_audio_ms,
+                total_ms=event.total_ms, llm_first_token_ms=event.llm_first_token_ms,
+                tts_first_byte_ms=event.tts_first_byte_ms,
+                prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+    raise TypeError(f"unknown event {event!r}")
+
+
+def to_status(error: VoxrelayError) -> grpc.Status:
+    """Build the rich status for *error*, with ``RetryInfo`` where a wait helps."""
+    code = GRPC_STATUS[error.code]
+    status = status_pb2.Status(code=code.value[0], message=error.message)
+    if error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(error.retry_after_ms or 0)
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+class SynthesizerService(pb_grpc.SynthesizerServicer):
+    """``voxrelay.v1.Synthesizer`` over the core."""
+
+    def __init__(self, synthesizer: Synthesizer) -> None:
+        self.synthesizer = synthesizer
+
+    async def Synthesize(  # noqa: N802 - the name is the RPC's
+        self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext[
+            pb.SynthesizeRequest, pb.SynthesizeResponse]
+    ) -> AsyncIterator[pb.SynthesizeResponse]:
+        # Read the peer now: grpcio has crashed reading it after the client cancelled.
+        peer = context.peer()
+        settings = self.synthesizer.settings
+        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+        header_id = metadata.get("x-request-id", "")
+        request_id = header_id if isinstance(header_id, str) else ""
+        remaining = context.time_remaining()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + remaining if remaining is not None else None
+        record: StreamRecord | None = None
+        outcome = "cancelled"
+        error: VoxrelayError | None = None
+        finished: model.StreamFinished | None = None
+        try:
+            core_request = to_request(request, request_id[:128])
+            record = StreamRecord("grpc", peer, core_request, log_text=settings.log_text)
+            async with self.synthesizer.stream(core_request, deadline=deadline) as events:
+                async for event in events:
+                    if isinstance(event, model.StreamStarted):
+                        record.started_stream(event.request_id, event.voice, event.format)
+                    elif isinstance(event, model.AudioChunk):
+                        record.audio(len(event.data))
+                    elif isinstance(event, model.StreamFinished):
+                        finished = event
+                    yield to_response(event)
+            outcome = "ok"
+        except VoxrelayError as exc:
+            outcome, error = exc.code, exc
+        finally:
+            if record is None:
+                record = StreamRecord("grpc", peer, model.SynthesisRequest(text=""),
+                                      log_text=False)
+            record.end(outcome, finished, error)
+        if error is not None:
+            await context.abort_with_status(to_status(error))
+
+    async def ListVoices(  # noqa: N802 - the name is the RPC's
+        self, request: pb.ListVoicesRequest,
+        context: grpc.aio.ServicerContext[pb.ListVoicesRequest, pb.ListVoicesResponse],
+    ) -> pb.ListVoicesResponse:
+        voices = await self.synthesizer.voices(request.language)
+        return pb.ListVoicesResponse(
+            voices=[pb.Voice(name=v.name, language=v.language) for v in voices]
+        )
+
+
+class GrpcDoor:
+    """The grpc.aio server with the Synthesizer, health and (optionally) reflection."""
+
+    def __init__(self, synthesizer: Synthesizer) -> None:
+        settings = synthesizer.settings
+        self.synthesizer = synthesizer
+        limit = settings.ws_max_message_bytes or -1
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_SynthesizerServicer_to_server(SynthesizerService(synthesizer), self.server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if settings.grpc_reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name[
+                    "Health"].full_name), self.server)
+        address = f"{settings.host}:{settings.grpc_port}"
+        if settings.tls_cert and settings.tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+            )
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+
+    async def start(self) -> None:
+        """Start serving and report SERVING for the server and the Synthesizer."""
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def begin_drain(self) -> None:
+        """Report NOT_SERVING at once; streams in flight go on."""
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop; streams still running after *grace* seconds end with UNAVAILABLE."""
+        await self.server.stop(grace)

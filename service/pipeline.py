@@ -1,0 +1,513 @@
+"""The synthesis pipeline: chat deltas → sentences → speech → one encoder → events.
+
+A :class:`Synthesizer` is built once per process from the settings and the chosen
+providers; each request opens a :class:`SynthesisStream`, an async iterator of
+:mod:`service.model` events that owns every task and thread it starts::
+
+    async with synthesizer.stream(request) as events:
+        async for event in events:
+            ...
+
+Leaving the ``async with`` early (a client cancel, a disconnect, an error) cancels
+the upstream calls at once and waits until they are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from . import metrics
+from .audio import StreamEncoder, format_info, output_rate
+from .chunker import SentenceChunker
+from .errors import Busy, Internal, InvalidRequest, TooLarge, Unavailable, VoxrelayError
+from .model import (
+    AudioChunk,
+    AudioFormat,
+    ChatMessage,
+    Event,
+    Mode,
+    SegmentStarted,
+    StreamFinished,
+    StreamStarted,
+    SynthesisRequest,
+    Voice,
+)
+from .providers.base import ChatProvider, SpeechEngine
+from .resilience import Stage, guarded_stream
+from .settings import Settings
+
+__all__ = ["SynthesisStream", "Synthesizer"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful voice assistant. Your reply will be spoken aloud, so answer in "
+    "plain conversational sentences: no markdown, lists, code, tables or emoji."
+)
+SPEED_RANGE = (0.25, 4.0)
+MAX_HISTORY = 100
+HISTORY_ROLES = frozenset({"system", "user", "assistant"})
+ALLOWED_CONTROLS = frozenset("\n\t\r")
+_DONE = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A validated request with every default resolved."""
+
+    request_id: str
+    mode: Mode
+    text: str
+    voice: str
+    format: AudioFormat
+    rate: int
+    speed: float
+    instructions: str
+    messages: tuple[ChatMessage, ...]
+
+
+class Synthesizer:
+    """Serve synthesis requests with one chat provider and one speech engine."""
+
+    def __init__(self, settings: Settings, chat: ChatProvider, speech: SpeechEngine) -> None:
+        self.settings = settings
+        self.chat = chat
+        self.speech = speech
+        self.llm_stage = Stage.build(
+            "llm", chat.name, timeout_s=settings.llm_timeout_s,
+            retries=settings.upstream_retries, breaker_failures=settings.breaker_failures,
+            breaker_cooldown_s=settings.breaker_cooldown_s,
+        )
+        self.tts_stage = Stage.build(
+            "tts", speech.name, timeout_s=settings.tts_timeout_s,
+            retries=settings.upstream_retries, breaker_failures=settings.breaker_failures,
+            breaker_cooldown_s=settings.breaker_cooldown_s,
+        )
+        # Encoding is CPU work: it runs here, never on the event loop.
+        self._encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self._voices: list[Voice] | None = None
+        self._streams: set[SynthesisStream] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    # Lifecycle
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def begin_drain(self) -> None:
+        """Refuse new streams from now on; streams in flight go on."""
+        self.draining = True
+
+    async def wait_idle(self) -> None:
+        """Wait until no stream is in flight."""
+        await self._idle.wait()
+
+    def abort_all(self, error: VoxrelayError) -> None:
+        """End every stream in flight with *error* (the drain window has run out)."""
+        for stream in list(self._streams):
+            stream.abort(error)
+
+    async def aclose(self) -> None:
+        """Release providers and the encoder threads."""
+        await self.chat.aclose()
+        await self.speech.aclose()
+        self._encoders.shutdown(wait=True, cancel_futures=True)
+
+    def _register(self, stream: SynthesisStream) -> None:
+        self._streams.add(stream)
+        self._idle.clear()
+
+    def _unregister(self, stream: SynthesisStream) -> None:
+        self._streams.discard(stream)
+        if not self._streams:
+            self._idle.set()
+
+    # Requests
+
+    async def voices(self, language: str = "") -> list[Voice]:
+        """List the speech engine's voices, optionally only those of *language*."""
+        if self._voices is None:
+            self._voices = await self.speech.voices()
+        if not language:
+            return list(self._voices)
+        lang = language.lower()
+        return [
+            v for v in self._voices
+            if v.language.lower() in (lang, "multilingual")
+            or v.language.lower().startswith(lang + "-")
+        ]
+
+    def stream(
+        self, request: SynthesisRequest, *, deadline: float | None = None
+    ) -> SynthesisStream:
+        """Open a stream for *request*; *deadline* is a ``loop.time()`` the caller gives up at."""
+        return SynthesisStream(self, request, deadline)
+
+    async def plan(self, request: SynthesisRequest) -> _Plan:
+        """Validate *request* and resolve its defaults, or raise a typed error."""
+        s = self.settings
+        text = request.text
+        if not text.strip():
+            raise InvalidRequest("text is empty: send the words to speak or answer")
+        if len(text) > s.max_input_chars:
+            raise TooLarge(
+                f"text is {len(text)} characters; the limit is {s.max_input_chars}"
+                " (VOXRELAY_MAX_INPUT_CHARS): split it into several requests"
+            )
+        _check_controls(text, "text")
+        _check_controls(request.instructions, "instructions")
+        if len(request.instructions) > s.max_input_chars:
+            raise TooLarge(f"instructions are over {s.max_input_chars} characters")
+        if len(request.history) > MAX_HISTORY:
+            raise InvalidRequest(f"history has {len(request.history)} turns; at most {MAX_HISTORY}")
+        for turn in request.history:
+            if turn.role not in HISTORY_ROLES:
+                raise InvalidRequest(
+                    f"history role {turn.role[:20]!r} is not one of system, user, assistant"
+                )
+            _check_controls(turn.content, "history")
+        if sum(len(t.content) for t in request.history) > s.max_input_chars * 8:
+            raise TooLarge("history is too long: send fewer or shorter turns")
+
+        voice = request.voice or s.voice or self.speech.default_voice
+        if getattr(self.speech, "validates_voices", True):
+            names = {v.name.lower() for v in await self.voices()}
+            if voice.lower() not in names:
+                raise InvalidRequest(
+                    f"unknown voice {voice[:40]!r}: list voices with `voxrelay voices`"
+                    " or ListVoices"
+                )
+        fmt = request.format or s.format
+        rate = output_rate(fmt, self.speech.sample_rate, request.sample_rate_hz)
+        speed = request.speed or 1.0
+        if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
+            raise InvalidRequest(
+                f"speed {speed:g} is out of range {SPEED_RANGE[0]}–{SPEED_RANGE[1]}"
+            )
+        messages: tuple[ChatMessage, ...] = ()
+        if request.mode is Mode.CHAT:
+            system = ChatMessage("system", request.instructions or DEFAULT_SYSTEM_PROMPT)
+            messages = (system, *request.history, ChatMessage("user", text))
+        return _Plan(
+            request_id=request.request_id or uuid.uuid4().hex,
+            mode=request.mode,
+            text=text,
+            voice=voice,
+            format=fmt,
+            rate=rate,
+            speed=speed,
+            instructions=request.instructions,
+            messages=messages,
+        )
+
+
+def _check_controls(text: str, what: str) -> None:
+    for ch in text:
+        if ch not in ALLOWED_CONTROLS and unicodedata.category(ch) == "Cc":
+            raise InvalidRequest(
+                f"{what} contains control character U+{ord(ch):04X}; only newline and tab"
+                " are allowed"
+            )
+
+
+class _Encoder:
+    """Run one :class:`StreamEncoder` in worker threads, one call at a time."""
+
+    def __init__(self, encoder: StreamEncoder, executor: ThreadPoolExecutor) -> None:
+        self._encoder = encoder
+        self._executor = executor
+        self._pending: Future[bytes] | None = None
+
+    async def _run(self, fn: Callable[..., bytes], *args: Any) -> bytes:
+        self._pending = self._executor.submit(fn, *args)
+        return await asyncio.wrap_future(self._pending)
+
+    async def encode(self, pcm: bytes) -> bytes:
+        return await self._run(self._encoder.encode, pcm)
+
+    async def flush(self) -> bytes:
+        return await self._run(self._encoder.flush)
+
+    def close(self) -> None:
+        """Close now, or — if a worker is still encoding — right after it finishes.
+
+        Closing a PyAV encoder while another thread encodes with it crashes the process.
+        """
+        pending = self._pending
+        if pending is None or pending.done():
+            self._encoder.close()
+        else:
+            pending.add_done_callback(lambda _: self._encoder.close())
+
+
+class SynthesisStream:
+    """One request's events, produced by tasks this object owns."""
+
+    def __init__(
+        self, owner: Synthesizer, request: SynthesisRequest, deadline: float | None
+    ) -> None:
+        self._owner = owner
+        self._request = request
+        self._deadline = deadline
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.plan: _Plan | None = None
+        self.finished: StreamFinished | None = None
+        self.started_at = 0.0
+
+    async def __aenter__(self) -> SynthesisStream:
+        owner = self._owner
+        if owner.draining:
+            raise Unavailable("voxrelay is shutting down: retry on another replica",
+                              retry_after_s=1.0)
+        cap = owner.settings.max_streams
+        if cap and owner.active_streams >= cap:
+            raise Busy(f"voxrelay is at capacity ({cap} streams): retry shortly",
+                       retry_after_s=1.0)
+        loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
+        self.plan = await owner.plan(self._request)
+        owner._register(self)
+        self._task = asyncio.create_task(self._run(self.plan), name=f"synth-{self.plan.request_id}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel everything this stream started and wait until it has stopped."""
+        if self._closed:
+            return
+        self._closed = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            # Wait even if our own caller is being cancelled: nothing may outlive us.
+            try:
+                await asyncio.shield(task)
+            except BaseException:
+                if not task.done():
+                    await asyncio.wait([task])
+                    self._owner._unregister(self)
+                    raise
+        self._owner._unregister(self)
+
+    def abort(self, error: VoxrelayError) -> None:
+        """Stop producing and make *error* the next thing the consumer gets."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(error)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        item = await self._queue.get()
+        if item is _DONE:
+            self._queue.put_nowait(_DONE)
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(_DONE)
+            raise item
+        event: Event = item
+        return event
+
+    # The work
+
+    async def _run(self, plan: _Plan) -> None:
+        try:
+            await self._produce(plan)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure reaches the caller typed
+            await self._queue.put(_as_voxrelay_error(exc, plan.request_id))
+            return
+        await self._queue.put(_DONE)
+
+    async def _produce(self, plan: _Plan) -> None:
+        owner = self._owner
+        loop = asyncio.get_running_loop()
+        t0 = self.started_at
+        since = lambda: max(0, round((loop.time() - t0) * 1000))  # noqa: E731
+        speech = owner.speech
+        info = format_info(plan.format)
+        encoder = StreamEncoder(plan.format, input_rate=speech.sample_rate, output_rate=plan.rate)
+        finished = StreamFinished()
+        emit = self._queue.put
+
+        await emit(StreamStarted(
+            request_id=plan.request_id,
+            format=plan.format,
+            content_type=info.content_type,
+            sample_rate_hz=encoder.sample_rate,
+            channels=encoder.channels,
+            voice=plan.voice,
+            llm_model=owner.chat.model if plan.mode is Mode.CHAT else "",
+            tts_model=speech.model,
+        ))
+
+        segments: asyncio.Queue[str | None] = asyncio.Queue()
+        lookahead = asyncio.Semaphore(owner.settings.lookahead_segments)
+        ordered: asyncio.Queue[tuple[str, asyncio.Queue[bytes | None]] | None] = asyncio.Queue()
+        reply_parts: list[str] = []
+
+        async def write_text() -> None:
+            chunker = SentenceChunker()
+            if plan.mode is Mode.SPEAK:
+                for seg in chunker.feed(plan.text) + chunker.flush():
+                    segments.put_nowait(seg)
+                segments.put_nowait(None)
+                return
+
+            tokens = metrics.UPSTREAM_TOKENS
+
+            def first_token() -> None:
+                finished.llm_first_token_ms = since()
+
+            stream = guarded_stream(
+                owner.llm_stage,
+                lambda: owner.chat.stream(
+                    plan.messages, max_tokens=owner.settings.max_reply_tokens,
+                    timeout=owner.settings.llm_timeout_s or 600.0,
+                ),
+                deadline=self._deadline,
+                on_first=first_token,
+            )
+            async with aclosing(stream) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        reply_parts.append(delta.text)
+                        for seg in chunker.feed(delta.text):
+                            segments.put_nowait(seg)
+                    if delta.prompt_tokens is not None:
+                        finished.prompt_tokens = delta.prompt_tokens
+                        tokens.labels(owner.chat.name, "prompt").inc(delta.prompt_tokens)
+                    if delta.completion_tokens is not None:
+                        finished.completion_tokens = delta.completion_tokens
+                        tokens.labels(owner.chat.name, "completion").inc(delta.completion_tokens)
+            for seg in chunker.flush():
+                segments.put_nowait(seg)
+            segments.put_nowait(None)
+
+        async def speak_segment(text: str, out: asyncio.Queue[bytes | None]) -> None:
+            def first_byte() -> None:
+                if not finished.tts_first_byte_ms:
+                    finished.tts_first_byte_ms = since()
+
+            metrics.UPSTREAM_CHARACTERS.labels(speech.name).inc(len(text))
+            stream = guarded_stream(
+                owner.tts_stage,
+                lambda: speech.synthesize(
+                    text, voice=plan.voice, speed=plan.speed, instructions=plan.instructions,
+                    timeout=owner.settings.tts_timeout_s or 600.0,
+                ),
+                deadline=self._deadline,
+                on_first=first_byte,
+            )
+            async with aclosing(stream) as pcm:
+                async for chunk in pcm:
+                    out.put_nowait(chunk)
+            out.put_nowait(None)
+
+        async def schedule_speech(tg: asyncio.TaskGroup) -> None:
+            # Start speaking segment k+1 while segment k is still being sent.
+            while (text := await segments.get()) is not None:
+                await lookahead.acquire()
+                out: asyncio.Queue[bytes | None] = asyncio.Queue()
+                tg.create_task(speak_segment(text, out))
+                ordered.put_nowait((text, out))
+            ordered.put_nowait(None)
+
+        enc = _Encoder(encoder, owner._encoders)
+        seq = 0
+        samples = 0
+        index = -1
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(write_text())
+                tg.create_task(schedule_speech(tg))
+                while (item := await ordered.get()) is not None:
+                    text, pcm_queue = item
+                    index += 1
+                    await emit(SegmentStarted(index, text, samples * 1000 // speech.sample_rate))
+                    carry = b""
+                    while (pcm := await pcm_queue.get()) is not None:
+                        pcm = carry + pcm
+                        if len(pcm) % 2:
+                            pcm, carry = pcm[:-1], pcm[-1:]
+                        else:
+                            carry = b""
+                        samples += len(pcm) // 2
+                        data = await enc.encode(pcm)
+                        if data:
+                            if seq == 0:
+                                finished.time_to_first_audio_ms = since()
+                            await emit(AudioChunk(index, seq, data))
+                            seq += 1
+                            finished.audio_bytes += len(data)
+                    lookahead.release()
+                tail = await enc.flush()
+                if tail:
+                    if seq == 0:
+                        finished.time_to_first_audio_ms = since()
+                    await emit(AudioChunk(max(index, 0), seq, tail))
+                    finished.audio_bytes += len(tail)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        finally:
+            enc.close()
+
+        finished.reply_text = plan.text if plan.mode is Mode.SPEAK else "".join(reply_parts)
+        finished.segments = index + 1
+        finished.audio_ms = samples * 1000 // speech.sample_rate
+        finished.total_ms = since()
+        self.finished = finished
+        await emit(finished)
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """Pick the error to report from a task group's failures (cancellation wins)."""
+    flat: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            flat.append(exc)
+
+    walk(group)
+    for exc in flat:
+        if isinstance(exc, asyncio.CancelledError):
+            return exc
+    for exc in flat:
+        if isinstance(exc, VoxrelayError):
+            return exc
+    return flat[0]
+
+
+def _as_voxrelay_error(exc: BaseException, request_id: str) -> VoxrelayError:
+    if isinstance(exc, VoxrelayError):
+        return exc
+    log.error("internal error in stream %s", request_id, exc_info=exc)
+    return Internal(f"internal error (request {request_id})")

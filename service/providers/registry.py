@@ -1,0 +1,45 @@
+"""Build the chat provider and speech engine the settings choose."""
+
+from __future__ import annotations
+
+from ..settings import Settings
+from .base import ChatProvider, SpeechEngine
+
+__all__ = ["make_chat", "make_speech"]
+
+
+def make_chat(settings: Settings) -> ChatProvider:
+    """Return the chat provider in force (``echo`` needs no key)."""
+    name = settings.chat_provider
+    if name == "echo":
+        from .echo import EchoChat
+
+        return EchoChat()
+    if name == "openai":
+        from .openai_chat import OpenAIChat
+
+        api_key, base_url = settings.llm_credentials
+        assert api_key is not None  # the settings refuse to start without one
+        return OpenAIChat(
+            api_key=api_key, base_url=base_url, model=settings.llm_model,
+            connect_timeout=settings.connect_timeout_s,
+            max_connections=max(settings.max_streams, 16),
+        )
+    raise ValueError(f"chat provider {name!r} is not available in this build")
+
+
+def make_speech(settings: Settings) -> SpeechEngine:
+    """Return the speech engine in force (``espeak`` is embedded)."""
+    if settings.speech_provider == "espeak":
+        from .espeak import EspeakEngine
+
+        return EspeakEngine(default_voice=settings.voice or "en-us")
+    from .openai_speech import OpenAISpeech
+
+    api_key, base_url = settings.tts_credentials
+    assert api_key is not None
+    return OpenAISpeech(
+        api_key=api_key, base_url=base_url, model=settings.tts_model,
+        default_voice=settings.voice or "alloy", connect_timeout=settings.connect_timeout_s,
+        max_connections=max(settings.max_streams, 16),
+    )

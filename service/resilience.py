@@ -1,0 +1,236 @@
+"""How the core calls an upstream: time budgets, retries, and a circuit breaker.
+
+This is the one retry mechanism in voxrelay (SDK clients are built with
+``max_retries=0``): it must know things the SDK cannot — the caller's deadline, and
+that a retry is only allowed before the first byte of a call has been taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from . import metrics
+from .errors import Unavailable, UpstreamError, UpstreamTimeout, VoxrelayError
+
+__all__ = ["CircuitBreaker", "Stage", "guarded_stream"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+
+class CircuitBreaker:
+    """Fail fast while an upstream keeps failing; let one trial call through after a pause.
+
+    Closed: calls go through; *failures* consecutive failed calls open it. Open: calls
+    fail at once with :class:`Unavailable` until *cooldown_s* has passed. Then one trial
+    call goes through (half-open); its success closes the breaker, its failure opens it
+    again. ``failures=0`` disables the breaker.
+    """
+
+    def __init__(
+        self,
+        *,
+        failures: int,
+        cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.threshold = failures
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._on_change = on_change
+        self._consecutive = 0
+        self._opened_at: float | None = None
+        self._trial_in_flight = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    def before_call(self, what: str) -> bool:
+        """Admit a call, or raise :class:`Unavailable`; return True for a trial call."""
+        if self._opened_at is None:
+            return False
+        remaining = self._opened_at + self.cooldown_s - self._clock()
+        if remaining > 0 or self._trial_in_flight:
+            raise Unavailable(
+                f"{what} is failing; not calling it for {max(remaining, 0):.1f} s",
+                retry_after_s=max(remaining, 0.5 if self._trial_in_flight else 0.0),
+            )
+        self._trial_in_flight = True
+        return True
+
+    def record_success(self, trial: bool) -> None:
+        """Note a call that worked; close the breaker."""
+        if trial:
+            self._trial_in_flight = False
+        self._consecutive = 0
+        if self._opened_at is not None:
+            self._opened_at = None
+            if self._on_change:
+                self._on_change(False)
+
+    def record_failure(self, trial: bool) -> None:
+        """Note a failed call; open the breaker at the threshold (or on a failed trial)."""
+        if trial:
+            self._trial_in_flight = False
+        self._consecutive += 1
+        if self.threshold and (trial or self._consecutive >= self.threshold):
+            was_open = self._opened_at is not None
+            self._opened_at = self._clock()
+            if not was_open and self._on_change:
+                self._on_change(True)
+
+    def release(self, trial: bool) -> None:
+        """Forget a call that ended without a verdict (cancelled by its caller)."""
+        if trial:
+            self._trial_in_flight = False
+
+
+@dataclass
+class Stage:
+    """One upstream as the pipeline sees it: which stage, which provider, its budgets."""
+
+    stage: str  # "llm", "tts" or "realtime"
+    provider: str
+    timeout_s: float
+    retries: int
+    breaker: CircuitBreaker = field(repr=False)
+
+    @classmethod
+    def build(
+        cls, stage: str, provider: str, *, timeout_s: float, retries: int,
+        breaker_failures: int, breaker_cooldown_s: float,
+    ) -> Stage:
+        gauge = metrics.BREAKER_OPEN.labels(stage, provider)
+        gauge.set(0)
+
+        def on_change(is_open: bool) -> None:
+            gauge.set(1 if is_open else 0)
+            log.warning(
+                "circuit breaker %s", "opened" if is_open else "closed",
+                extra={"stage": stage, "provider": provider},
+            )
+
+        breaker = CircuitBreaker(
+            failures=breaker_failures, cooldown_s=breaker_cooldown_s, on_change=on_change
+        )
+        return cls(stage, provider, timeout_s, retries, breaker)
+
+    @property
+    def label(self) -> str:
+        return {"llm": "the chat upstream", "tts": "the speech upstream"}.get(
+            self.stage, f"the {self.stage} upstream"
+        )
+
+
+def backoff_s(attempt: int) -> float:
+    """Full-jitter exponential backoff for retry number *attempt* (0-based)."""
+    return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt))
+
+
+def _is_failure(exc: BaseException) -> bool:
+    if isinstance(exc, UpstreamError):
+        # A 4xx other than 429 is our request's fault, not the upstream's health.
+        return exc.retryable or exc.status is None or exc.status >= 500
+    return isinstance(exc, UpstreamTimeout)
+
+
+async def guarded_stream(
+    stage: Stage,
+    call: Callable[[], AsyncIterator[T]],
+    *,
+    deadline: float | None = None,
+    on_first: Callable[[], None] | None = None,
+) -> AsyncIterator[T]:
+    """Yield the items of ``call()``, within the stage's budgets.
+
+    The wait for the first item — retries included — and every later gap are each
+    capped by ``stage.timeout_s`` and by *deadline* (a ``loop.time()``). Retryable
+    failures are tried again with jittered backoff (or the upstream's ``Retry-After``)
+    only before the first item and only if the wait fits the budget. The upstream
+    iterator is always closed before this one returns, so no request outlives it.
+    """
+    loop = asyncio.get_running_loop()
+    labels = (stage.stage, stage.provider)
+    started = loop.time()
+    limit = started + stage.timeout_s if stage.timeout_s > 0 else None
+    if deadline is not None:
+        limit = deadline if limit is None else min(limit, deadline)
+    attempt = 0
+    while True:
+        trial = stage.breaker.before_call(stage.label)
+        call_started = loop.time()
+        got_first = False
+        try:
+            async with aclosing(call()) as upstream:
+                try:
+                    async with asyncio.timeout_at(limit):
+                        first = await anext(upstream)
+                except StopAsyncIteration:
+                    stage.breaker.record_success(trial)
+                    trial = False
+                    return
+                except TimeoutError:
+                    raise UpstreamTimeout(
+                        f"{stage.label} sent nothing within "
+                        f"{(limit or loop.time()) - started:.1f} s"
+                    ) from None
+                got_first = True
+                stage.breaker.record_success(trial)
+                trial = False
+                metrics.UPSTREAM_FIRST_BYTE.labels(*labels).observe(loop.time() - call_started)
+                if on_first is not None:
+                    on_first()
+                yield first
+                while True:
+                    gap_end = loop.time() + stage.timeout_s if stage.timeout_s > 0 else None
+                    if deadline is not None:
+                        gap_end = deadline if gap_end is None else min(gap_end, deadline)
+                    try:
+                        async with asyncio.timeout_at(gap_end):
+                            item = await anext(upstream)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise UpstreamTimeout(f"{stage.label} stalled mid-stream") from None
+                    yield item
+                metrics.UPSTREAM_SECONDS.labels(*labels).observe(loop.time() - call_started)
+                return
+        except VoxrelayError as exc:
+            if _is_failure(exc):
+                stage.breaker.record_failure(trial)
+                metrics.UPSTREAM_FAILURES.labels(*labels, exc.code).inc()
+                trial = False
+            retry = (
+                isinstance(exc, UpstreamError)
+                and exc.retryable
+                and attempt < stage.retries
+                and not got_first  # never after the first item was taken
+            )
+            if not retry:
+                raise
+            wait = exc.retry_after_s if exc.retry_after_s is not None else backoff_s(attempt)
+            if limit is not None and loop.time() + wait >= limit:
+                raise
+            log.warning(
+                "retrying %s in %.2f s: %s", stage.label, wait, exc.message,
+                extra={"stage": stage.stage, "provider": stage.provider, "attempt": attempt + 1},
+            )
+            metrics.UPSTREAM_RETRIES.labels(*labels).inc()
+            attempt += 1
+            await asyncio.sleep(wait)
+        finally:
+            if trial:
+                stage.breaker.release(trial)

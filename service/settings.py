@@ -1,0 +1,247 @@
+"""voxrelay's configuration: one pydantic-settings object, built once at start-up.
+
+Values come from ``VOXRELAY_*`` environment variables (and ``OPENAI_API_KEY`` /
+``OPENAI_BASE_URL`` as the openai SDK reads them), a ``.env`` file, and CLI flags of
+``voxrelay serve`` (``--grpc-port 0``), in rising precedence. No other module reads
+the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .model import AudioFormat
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+log = logging.getLogger(__name__)
+
+ChatProviderName = Literal["openai", "echo", "realtime"]
+SpeechProviderName = Literal["openai", "espeak"]
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message is one line naming the variable."""
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def read_list_file(path: Path) -> list[str]:
+    """Read one entry per line; ``#`` starts a comment, blank lines are skipped."""
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            entries.append(entry)
+    return entries
+
+
+class Settings(BaseSettings):
+    """Every knob of SPEC's configuration and limits tables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VOXRELAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_exit_on_error=False,
+    )
+
+    # Listeners
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    ws_port: int = Field(8765, ge=0, le=65535)
+    metrics_port: int = Field(9464, ge=0, le=65535)
+
+    # Providers
+    llm: ChatProviderName | None = None
+    tts: SpeechProviderName | None = None
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
+    )
+    openai_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
+    )
+    llm_base_url: str | None = None
+    llm_api_key: SecretStr | None = None
+    tts_base_url: str | None = None
+    tts_api_key: SecretStr | None = None
+    llm_model: str = "gpt-4o-mini"
+    tts_model: str = "gpt-4o-mini-tts"
+    realtime_model: str = "gpt-realtime-2.1-mini"
+    realtime_max_output_tokens: int = Field(4096, ge=0)
+    voice: str | None = None
+    format: AudioFormat = AudioFormat.MP3
+
+    # Pipeline
+    lookahead_segments: int = Field(2, ge=1, le=16)
+    memory_turns: int = Field(8, ge=0)
+
+    # Logging
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_text: bool = False
+
+    # Auth and origins
+    api_keys: CommaList = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    allowed_origins: CommaList = Field(default_factory=list)
+
+    # Limits
+    max_input_chars: int = Field(4096, ge=1)
+    rate_limit_per_min: int = Field(60, ge=0)
+    chars_per_min: int = Field(20000, ge=0)
+    max_streams_per_key: int = Field(4, ge=0)
+    max_streams: int = Field(256, ge=0)
+    max_connections: int = Field(4096, ge=0)
+    max_connections_per_ip: int = Field(64, ge=0)
+    ws_max_message_bytes: int = Field(65536, ge=0)
+    idle_timeout_s: float = Field(300, ge=0)
+    send_stall_s: float = Field(30, ge=0)
+
+    # Timeouts and resilience
+    llm_timeout_s: float = Field(30, ge=0)
+    tts_timeout_s: float = Field(30, ge=0)
+    connect_timeout_s: float = Field(5, gt=0)
+    upstream_retries: int = Field(2, ge=0, le=10)
+    max_reply_tokens: int = Field(512, ge=0)
+    breaker_failures: int = Field(5, ge=0)
+    breaker_cooldown_s: float = Field(10, ge=0)
+    drain_s: float = Field(20, ge=0)
+
+    # Transport security and extras
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grpc_reflection: bool = False
+    redis_url: str | None = None
+
+    @field_validator("api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("llm", "tts", "voice", "llm_base_url", "tts_base_url", "openai_base_url",
+                     mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("VOXRELAY_TLS_CERT and VOXRELAY_TLS_KEY must be set together")
+        if self.chat_provider in ("openai", "realtime") and self.llm_credentials[0] is None:
+            raise ValueError(
+                f"VOXRELAY_LLM={self.chat_provider} needs OPENAI_API_KEY or VOXRELAY_LLM_API_KEY"
+                " (or VOXRELAY_LLM_BASE_URL for a local server)"
+            )
+        if self.speech_provider == "openai" and self.tts_credentials[0] is None:
+            raise ValueError(
+                "VOXRELAY_TTS=openai needs OPENAI_API_KEY or VOXRELAY_TTS_API_KEY"
+                " (or VOXRELAY_TTS_BASE_URL for a local server)"
+            )
+        return self
+
+    # Derived values
+
+    @property
+    def has_openai_key(self) -> bool:
+        return self.openai_api_key is not None and bool(self.openai_api_key.get_secret_value())
+
+    @property
+    def chat_provider(self) -> ChatProviderName:
+        """The chat provider in force: the configured one, else openai with a key, else echo."""
+        if self.llm is not None:
+            return self.llm
+        return "openai" if self.has_openai_key or self.llm_api_key else "echo"
+
+    @property
+    def speech_provider(self) -> SpeechProviderName:
+        """The speech engine in force: the configured one, else openai with a key, else espeak."""
+        if self.tts is not None:
+            return self.tts
+        return "openai" if self.has_openai_key or self.tts_api_key else "espeak"
+
+    def _credentials(
+        self, key: SecretStr | None, base_url: str | None
+    ) -> tuple[str | None, str | None]:
+        api_key = key or self.openai_api_key
+        url = base_url or self.openai_base_url
+        secret = api_key.get_secret_value() if api_key is not None else ""
+        if not secret and url:
+            # Local servers (Ollama, vLLM) need no key, but the SDK insists on one.
+            secret = "unused"
+        return (secret or None), url
+
+    @property
+    def llm_credentials(self) -> tuple[str | None, str | None]:
+        """(api key, base URL) of the chat upstream."""
+        return self._credentials(self.llm_api_key, self.llm_base_url)
+
+    @property
+    def tts_credentials(self) -> tuple[str | None, str | None]:
+        """(api key, base URL) of the speech upstream."""
+        return self._credentials(self.tts_api_key, self.tts_base_url)
+
+    def all_api_keys(self) -> list[str]:
+        """The configured caller keys: the list setting plus the key file's entries."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            keys += read_list_file(self.api_keys_file)
+        return keys
+
+    def describe_choice(self) -> dict[str, str]:
+        """Say which providers were chosen and why (for the start-up log)."""
+        key = "an API key is set" if self.has_openai_key else "no API key is set"
+        return {
+            "llm": self.chat_provider,
+            "llm_reason": "VOXRELAY_LLM" if self.llm else key,
+            "tts": self.speech_provider,
+            "tts_reason": "VOXRELAY_TTS" if self.tts else key,
+        }
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return "configuration"
+    name = str(loc[0])
+    if name.isupper():
+        return name
+    if name in ("openai_api_key", "openai_base_url"):
+        return name.upper()
+    return f"VOXRELAY_{name.upper()}"
+
+
+def load_settings(cli_args: list[str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings, raising :class:`ConfigError` with one clear line on a bad value."""
+    try:
+        if cli_args is not None:
+            return Settings(_cli_parse_args=cli_args, _cli_prog_name="voxrelay serve", **overrides)
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" and not err["loc"]:
+            raise ConfigError(message) from None
+        value = err.get("input")
+        shown = "" if "key" in _env_name(err["loc"]).lower() else f" (got {value!r})"
+        raise ConfigError(f"invalid {_env_name(err['loc'])}: {message}{shown}") from None
+    except Exception as exc:  # the CLI source raises argparse/SettingsError on bad flags
+        raise ConfigError(str(exc).splitlines()[0]) from None

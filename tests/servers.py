@@ -1,0 +1,120 @@
+"""Start voxrelay for a test: the real app on free ports, or the real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from gateways.app import App
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for a test server: loopback, free ports, embedded providers, no .env."""
+    values: dict[str, Any] = dict(
+        host="127.0.0.1", grpc_port=0, ws_port=0, metrics_port=0, llm="echo", tts="espeak",
+    )
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@asynccontextmanager
+async def running_app(settings: Settings | None = None, **overrides: Any) -> AsyncIterator[App]:
+    """Run the whole app (gRPC, WebSocket, metrics) in this event loop."""
+    app = App(settings or make_settings(**overrides))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.drain_and_stop()
+
+
+class ServerProcess:
+    """``voxrelay serve`` (or ``make run``) as a child process, ports read from its log."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv = argv
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.startup: dict[str, Any] = {}
+        self.lines: list[dict[str, Any]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    async def __aenter__(self) -> ServerProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        self._reader = asyncio.create_task(self._read())
+        waiter = asyncio.create_task(self._started.wait())
+        exited = asyncio.create_task(self.proc.wait())
+        done, _ = await asyncio.wait({waiter, exited}, timeout=120,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        exited.cancel()
+        if not self._started.is_set():
+            await self.__aexit__()
+            raise RuntimeError(f"server did not start: {self.lines[-5:]}")
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"raw": raw.decode(errors="replace").rstrip()}
+            self.lines.append(line)
+            if line.get("event") == "startup":
+                self.startup = line
+                self._started.set()
+
+    @property
+    def grpc_target(self) -> str:
+        return str(self.startup["grpc"])
+
+    @property
+    def ws_url(self) -> str:
+        return str(self.startup["websocket"])
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the whole process group (``make run`` and the server it started)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
+    async def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, timeout)
+        return code
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.signal(signal.SIGTERM)
+            try:
+                await self.wait(30)
+            except TimeoutError:
+                self.signal(signal.SIGKILL)
+                await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+def serve_process(**env_overrides: str) -> ServerProcess:
+    """``voxrelay serve`` on free ports with the embedded providers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
+    env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
+    env.update(env_overrides)
+    return ServerProcess([sys.executable, "-m", "gateways.cli", "serve"], env)
