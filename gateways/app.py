@@ -63,7 +63,8 @@ class App:
         await self.ws.start()
         scheme = "wss" if s.tls_cert else "ws"
         log.info(
-            "voxrelay %s serving", __version__,
+            "voxrelay %s serving",
+            __version__,
             extra={
                 "event": "startup",
                 "version": __version__,
@@ -96,8 +97,9 @@ class App:
     async def _drain_and_stop(self) -> None:
         s = self.settings
         active = self.synthesizer.active_streams
-        log.info("draining", extra={"event": "drain", "active_streams": active,
-                                    "drain_s": s.drain_s})
+        log.info(
+            "draining", extra={"event": "drain", "active_streams": active, "drain_s": s.drain_s}
+        )
         self.synthesizer.begin_drain()
         self.ws.begin_drain()
         await self.grpc.begin_drain()
@@ -107,8 +109,9 @@ class App:
         except TimeoutError:
             left = self.synthesizer.active_streams
             log.warning("drain window over; ending %d streams", left, extra={"event": "drain"})
-            self.synthesizer.abort_all(Unavailable("voxrelay is shutting down: retry",
-                                                   retry_after_s=1.0))
+            self.synthesizer.abort_all(
+                Unavailable("voxrelay is shutting down: retry", retry_after_s=1.0)
+            )
         await self.ws.close_all()
         await self.grpc.stop(grace=1.0)
         await self.ws.stop()

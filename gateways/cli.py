@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 from service.logs import configure_logging
 from service.model import AudioFormat, Mode
 from service.settings import ConfigError, load_settings
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 __all__ = ["main"]
 
@@ -66,12 +66,16 @@ def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 async def _say_grpc(args: argparse.Namespace, out: BinaryIO) -> dict[str, Any]:
     target = _target(args, 50051)
     creds = _credentials(args)
-    channel = (grpc.aio.secure_channel(target, creds) if creds
-               else grpc.aio.insecure_channel(target))
+    channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
     request = pb.SynthesizeRequest(
-        text=args.text, mode=GRPC_MODES[Mode(args.mode)], voice=args.voice or "",
-        format=GRPC_FORMATS[AudioFormat(args.format)] if args.format else 0,
-        sample_rate_hz=args.sample_rate, instructions=args.instructions or "",
+        text=args.text,
+        mode=GRPC_MODES[Mode(args.mode)],
+        voice=args.voice or "",
+        format=(
+            GRPC_FORMATS[AudioFormat(args.format)] if args.format else pb.AUDIO_FORMAT_UNSPECIFIED
+        ),
+        sample_rate_hz=args.sample_rate,
+        instructions=args.instructions or "",
         speed=args.speed,
     )
     started = time.perf_counter()
@@ -94,8 +98,11 @@ async def _say_grpc(args: argparse.Namespace, out: BinaryIO) -> dict[str, Any]:
             elif kind == "finished":
                 f = response.finished
                 result.update(
-                    reply_text=f.reply_text, segments=f.segments, audio_bytes=f.audio_bytes,
-                    audio_ms=f.audio_ms, time_to_first_audio_ms=f.time_to_first_audio_ms,
+                    reply_text=f.reply_text,
+                    segments=f.segments,
+                    audio_bytes=f.audio_bytes,
+                    audio_ms=f.audio_ms,
+                    time_to_first_audio_ms=f.time_to_first_audio_ms,
                     total_ms=f.total_ms,
                 )
     ended = time.perf_counter()
@@ -110,8 +117,7 @@ def cmd_say(args: argparse.Namespace, rest: list[str]) -> int:
         return _fail(f"unknown arguments: {' '.join(rest)}", 2)
     if args.output in (None, "-") and sys.stdout.isatty():
         return _fail("refusing to write audio to a terminal: use -o FILE (or pipe it)", 2)
-    out: BinaryIO = (sys.stdout.buffer if args.output in (None, "-")
-                     else open(args.output, "wb"))  # noqa: SIM115 - closed below
+    out: BinaryIO = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115 - closed below
     try:
         if args.via == "ws":
             from .ws_client import say_ws
@@ -120,14 +126,26 @@ def cmd_say(args: argparse.Namespace, rest: list[str]) -> int:
             url = f"{scheme}://{_target(args, 8765)}/v1/stream"
             ctx = None
             if scheme == "wss":
-                ctx = ssl.create_default_context(cafile=args.ca) if args.ca else \
-                    ssl.create_default_context()
-            result = asyncio.run(say_ws(
-                url, text=args.text, mode=args.mode, voice=args.voice or None,
-                format=args.format or None, sample_rate_hz=args.sample_rate,
-                instructions=args.instructions or None, speed=args.speed or None, out=out,
-                token=args.api_key, ssl=ctx,
-            ))
+                ctx = (
+                    ssl.create_default_context(cafile=args.ca)
+                    if args.ca
+                    else ssl.create_default_context()
+                )
+            result = asyncio.run(
+                say_ws(
+                    url,
+                    text=args.text,
+                    mode=args.mode,
+                    voice=args.voice or "",
+                    format=args.format or "",
+                    sample_rate_hz=args.sample_rate,
+                    instructions=args.instructions or "",
+                    speed=args.speed,
+                    out=out,
+                    token=args.api_key,
+                    ssl=ctx,
+                )
+            )
         else:
             result = asyncio.run(_say_grpc(args, out))
     except grpc.aio.AioRpcError as exc:
@@ -156,11 +174,11 @@ def cmd_say(args: argparse.Namespace, rest: list[str]) -> int:
 async def _voices(args: argparse.Namespace) -> list[tuple[str, str]]:
     target = _target(args, 50051)
     creds = _credentials(args)
-    channel = (grpc.aio.secure_channel(target, creds) if creds
-               else grpc.aio.insecure_channel(target))
+    channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
     async with channel:
         reply = await pb_grpc.SynthesizerStub(channel).ListVoices(
-            pb.ListVoicesRequest(language=args.language or ""), timeout=args.timeout,
+            pb.ListVoicesRequest(language=args.language or ""),
+            timeout=args.timeout,
             metadata=_metadata(args),
         )
     return [(v.name, v.language) for v in reply.voices]
@@ -181,8 +199,9 @@ def cmd_voices(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="HOST:PORT of the server (default 127.0.0.1 and the"
-                   " door's default port)")
+    p.add_argument(
+        "--server", help="HOST:PORT of the server (default 127.0.0.1 and the door's default port)"
+    )
     p.add_argument("--api-key", help="sent as 'authorization: Bearer KEY'")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--ca", help="CA certificate file to trust (implies --tls)")
@@ -191,12 +210,16 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="voxrelay", description="A streaming speech gateway over gRPC and WebSocket.")
+        prog="voxrelay", description="A streaming speech gateway over gRPC and WebSocket."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
-        "serve", help="run the server", add_help=False,
+        "serve",
+        help="run the server",
+        add_help=False,
         description="Run the server. Every VOXRELAY_* setting is also a flag, e.g."
-                    " --grpc-port 0 --log-level debug (see README).")
+        " --grpc-port 0 --log-level debug (see README).",
+    )
     serve.set_defaults(func=cmd_serve)
     say = sub.add_parser("say", help="speak TEXT through a running server")
     say.add_argument("text")

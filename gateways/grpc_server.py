@@ -18,13 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 from service import model
 from service.errors import InvalidRequest, VoxrelayError
 from service.pipeline import Synthesizer
 from service.telemetry import StreamRecord
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 from .errors import GRPC_STATUS
 
@@ -105,7 +105,8 @@ def to_status(error: VoxrelayError) -> grpc.Status:
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         status.details.append(detail)
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 class SynthesizerService(pb_grpc.SynthesizerServicer):
@@ -114,7 +115,7 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
     def __init__(self, synthesizer: Synthesizer) -> None:
         self.synthesizer = synthesizer
 
-    async def Synthesize(  # noqa: N802 - the name is the RPC's
+    async def Synthesize(
         self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext[
             pb.SynthesizeRequest, pb.SynthesizeResponse]
     ) -> AsyncIterator[pb.SynthesizeResponse]:
@@ -154,7 +155,7 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         if error is not None:
             await context.abort_with_status(to_status(error))
 
-    async def ListVoices(  # noqa: N802 - the name is the RPC's
+    async def ListVoices(
         self, request: pb.ListVoicesRequest,
         context: grpc.aio.ServicerContext[pb.ListVoicesRequest, pb.ListVoicesResponse],
     ) -> pb.ListVoicesResponse:

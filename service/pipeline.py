@@ -339,7 +339,7 @@ class SynthesisStream:
             await self._produce(plan)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - every failure reaches the caller typed
+        except BaseException as exc:
             await self._queue.put(_as_voxrelay_error(exc, plan.request_id))
             return
         await self._queue.put(_DONE)
@@ -348,7 +348,10 @@ class SynthesisStream:
         owner = self._owner
         loop = asyncio.get_running_loop()
         t0 = self.started_at
-        since = lambda: max(0, round((loop.time() - t0) * 1000))  # noqa: E731
+
+        def since() -> int:
+            return max(0, round((loop.time() - t0) * 1000))
+
         speech = owner.speech
         info = format_info(plan.format)
         encoder = StreamEncoder(plan.format, input_rate=speech.sample_rate, output_rate=plan.rate)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -149,11 +149,11 @@ def _is_failure(exc: BaseException) -> bool:
 
 async def guarded_stream(
     stage: Stage,
-    call: Callable[[], AsyncIterator[T]],
+    call: Callable[[], AsyncGenerator[T, None]],
     *,
     deadline: float | None = None,
     on_first: Callable[[], None] | None = None,
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """Yield the items of ``call()``, within the stage's budgets.
 
     The wait for the first item — retries included — and every later gap are each

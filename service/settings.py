@@ -12,7 +12,14 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .model import AudioFormat
@@ -132,8 +139,9 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("llm", "tts", "voice", "llm_base_url", "tts_base_url", "openai_base_url",
-                     mode="before")
+    @field_validator(
+        "llm", "tts", "voice", "llm_base_url", "tts_base_url", "openai_base_url", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -233,7 +241,11 @@ def load_settings(cli_args: list[str] | None = None, **overrides: Any) -> Settin
     """Build the settings, raising :class:`ConfigError` with one clear line on a bad value."""
     try:
         if cli_args is not None:
-            return Settings(_cli_parse_args=cli_args, _cli_prog_name="voxrelay serve", **overrides)
+            return Settings(
+                _cli_parse_args=cli_args,  # type: ignore[call-arg]
+                _cli_prog_name="voxrelay serve",
+                **overrides,
+            )
         return Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]

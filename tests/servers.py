@@ -22,7 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_settings(**overrides: Any) -> Settings:
     """Settings for a test server: loopback, free ports, embedded providers, no .env."""
     values: dict[str, Any] = dict(
-        host="127.0.0.1", grpc_port=0, ws_port=0, metrics_port=0, llm="echo", tts="espeak",
+        host="127.0.0.1",
+        grpc_port=0,
+        ws_port=0,
+        metrics_port=0,
+        llm="echo",
+        tts="espeak",
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
@@ -53,14 +58,18 @@ class ServerProcess:
 
     async def __aenter__(self) -> ServerProcess:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            *self.argv,
+            env=self.env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         self._reader = asyncio.create_task(self._read())
         waiter = asyncio.create_task(self._started.wait())
         exited = asyncio.create_task(self.proc.wait())
-        done, _ = await asyncio.wait({waiter, exited}, timeout=120,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({waiter, exited}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         exited.cancel()
         if not self._started.is_set():
@@ -93,11 +102,13 @@ class ServerProcess:
         assert self.proc is not None
         os.killpg(self.proc.pid, sig)
 
-    async def wait(self, timeout: float = 60) -> int:
+    async def wait(self, limit: float = 60) -> int:
+        """Wait for the process to exit and its log to be read; return the exit code."""
         assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        if self._reader is not None:
-            await asyncio.wait_for(self._reader, timeout)
+        async with asyncio.timeout(limit):
+            code = await self.proc.wait()
+            if self._reader is not None:
+                await self._reader
         return code
 
     async def __aexit__(self, *exc: object) -> None:

@@ -8,7 +8,7 @@ and raises :mod:`service.errors` for failures.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +36,7 @@ class ChatProvider(Protocol):
 
     def stream(
         self, messages: Sequence[ChatMessage], *, max_tokens: int, timeout: float
-    ) -> AsyncIterator[ChatDelta]:
+    ) -> AsyncGenerator[ChatDelta, None]:
         """Yield the reply as it is written.
 
         *messages* is the whole conversation (system, history, user). *timeout*
@@ -68,7 +68,7 @@ class SpeechEngine(Protocol):
 
     def synthesize(
         self, text: str, *, voice: str, speed: float, instructions: str, timeout: float
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield PCM (s16le mono at :attr:`sample_rate`) for *text* as it is produced.
 
         Chunks may have any length, including odd byte counts. The iterator must stop

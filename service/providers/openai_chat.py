@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import cast
 
@@ -186,7 +186,7 @@ class OpenAIChat:
         *,
         max_tokens: int,
         timeout: float,  # noqa: ASYNC109 - the SDK's per-call network timeout, not a deadline
-    ) -> AsyncIterator[ChatDelta]:
+    ) -> AsyncGenerator[ChatDelta, None]:
         """Yield the reply's text deltas, then one delta with the usage the upstream reported."""
         usage: CompletionUsage | None = None
         with upstream_errors("chat", self._api_key):

@@ -10,7 +10,7 @@ arrive; voxrelay's own encoder makes every other format.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import openai
 
@@ -73,7 +73,7 @@ class OpenAISpeech:
         speed: float,
         instructions: str,
         timeout: float,  # noqa: ASYNC109 - the SDK's per-call network timeout
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield PCM for *text* as the upstream sends it.
 
         ``speed`` 0 or 1.0 and empty ``instructions`` are left out of the request, so

@@ -21,7 +21,9 @@ def make_chat(settings: Settings) -> ChatProvider:
         api_key, base_url = settings.llm_credentials
         assert api_key is not None  # the settings refuse to start without one
         return OpenAIChat(
-            api_key=api_key, base_url=base_url, model=settings.llm_model,
+            api_key=api_key,
+            base_url=base_url,
+            model=settings.llm_model,
             connect_timeout=settings.connect_timeout_s,
             max_connections=max(settings.max_streams, 16),
         )
@@ -39,7 +41,10 @@ def make_speech(settings: Settings) -> SpeechEngine:
     api_key, base_url = settings.tts_credentials
     assert api_key is not None
     return OpenAISpeech(
-        api_key=api_key, base_url=base_url, model=settings.tts_model,
-        default_voice=settings.voice or "alloy", connect_timeout=settings.connect_timeout_s,
+        api_key=api_key,
+        base_url=base_url,
+        model=settings.tts_model,
+        default_voice=settings.voice or "alloy",
+        connect_timeout=settings.connect_timeout_s,
         max_connections=max(settings.max_streams, 16),
     )

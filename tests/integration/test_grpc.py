@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import av
 import grpc
@@ -12,12 +12,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 from gateways.app import App
 from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang
 from tests.servers import running_app
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 SPEAK = pb.MODE_SPEAK
 TEXT = "Hello world. This is voxrelay, speaking one sentence at a time. Goodbye for now."
@@ -50,8 +50,9 @@ def decode_seconds(data: bytes, fmt: str, **options: str) -> float:
 
 
 async def test_speak_stream_order_and_figures(stub: pb_grpc.SynthesizerStub) -> None:
-    responses = await collect(stub, text=TEXT, mode=SPEAK, format=pb.AUDIO_FORMAT_MP3,
-                              request_id="req-1")
+    responses = await collect(
+        stub, text=TEXT, mode=SPEAK, format=pb.AUDIO_FORMAT_MP3, request_id="req-1"
+    )
     kinds = [r.WhichOneof("event") for r in responses]
     assert kinds[0] == "started" and kinds[-1] == "finished"
     assert kinds[1] == "segment", "no audio byte may precede segment(0)"
@@ -123,8 +124,13 @@ async def test_every_format_is_one_valid_stream(
 
 
 async def test_resampled_stream(stub: pb_grpc.SynthesizerStub) -> None:
-    responses = await collect(stub, text="Resample me, please.", mode=SPEAK,
-                              format=pb.AUDIO_FORMAT_WAV, sample_rate_hz=16000)
+    responses = await collect(
+        stub,
+        text="Resample me, please.",
+        mode=SPEAK,
+        format=pb.AUDIO_FORMAT_WAV,
+        sample_rate_hz=16000,
+    )
     assert responses[0].started.sample_rate_hz == 16000
     data = b"".join(r.audio.data for r in responses if r.HasField("audio"))
     with av.open(io.BytesIO(data), format="wav") as container:
@@ -193,10 +199,15 @@ def retry_delay_ms(error: grpc.aio.AioRpcError) -> int | None:
     return None
 
 
-async def wait_until(predicate: object, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # type: ignore[operator]
+async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll for a condition nothing signals (the event loop's task count)."""
+    async with asyncio.timeout(limit):
+        while not predicate():  # noqa: ASYNC110 - no event exists for this
             await asyncio.sleep(0.01)
+
+
+async def idle(app: App) -> None:
+    await asyncio.wait_for(app.synthesizer.wait_idle(), 10)
 
 
 LONG = " ".join(f"This is sentence number {i} of a long text." for i in range(60))
@@ -210,7 +221,7 @@ async def test_client_cancel_stops_the_stream(app: App, stub: pb_grpc.Synthesize
             break
     assert app.synthesizer.active_streams == 1
     call.cancel()
-    await wait_until(lambda: app.synthesizer.active_streams == 0)
+    await idle(app)
     await wait_until(lambda: len(asyncio.all_tasks()) <= baseline)
     # The engine is free again: a new request is served in full.
     responses = await collect(stub, text="After the cancel.", mode=SPEAK)
@@ -220,18 +231,19 @@ async def test_client_cancel_stops_the_stream(app: App, stub: pb_grpc.Synthesize
 async def test_deadline_stops_the_upstream_call() -> None:
     async with FakeOpenAI(latency=Latency.zero()) as fake:
         fake.speech_faults.always(hang())
-        async with running_app(tts="openai", tts_base_url=fake.base_url) as app:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-                stub = pb_grpc.SynthesizerStub(channel)
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    async for _ in stub.Synthesize(
-                        pb.SynthesizeRequest(text="Hello there.", mode=SPEAK), timeout=3
-                    ):
-                        pass
-                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                await wait_until(lambda: app.synthesizer.active_streams == 0)
-                request = fake.speech_requests[0]
-                await fake.wait_for(lambda: request.client_gone_at is not None)
+        async with (
+            running_app(tts="openai", tts_base_url=fake.base_url) as app,
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
+        ):
+            stub = pb_grpc.SynthesizerStub(channel)
+            request_message = pb.SynthesizeRequest(text="Hello there.", mode=SPEAK)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stub.Synthesize(request_message, timeout=3):
+                    pass
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await idle(app)
+            request = fake.speech_requests[0]
+            await fake.wait_for(lambda: request.client_gone_at is not None)
 
 
 async def test_drain_lets_a_stream_in_flight_finish(app: App) -> None:

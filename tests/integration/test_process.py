@@ -13,10 +13,10 @@ from pathlib import Path
 import av
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from tests.servers import ROOT, ServerProcess, serve_process
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
+
+from tests.servers import ROOT, ServerProcess, serve_process
 
 LONG = " ".join(f"Sentence number {i} is spoken while the server drains." for i in range(12))
 
@@ -24,14 +24,16 @@ LONG = " ".join(f"Sentence number {i} is spoken while the server drains." for i 
 async def check_health(target: str) -> int:
     async with grpc.aio.insecure_channel(target) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=10)
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
     return int(reply.status)
 
 
 async def test_make_run_serves_and_answers_health() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
-    env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0",
-               MAKEFLAGS="-s")
+    env.update(
+        VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0", MAKEFLAGS="-s"
+    )
     async with ServerProcess(["make", "--no-print-directory", "run"], env) as server:
         assert server.startup["llm"] == "echo" and server.startup["tts"] == "espeak"
         assert "no API key" in server.startup["llm_reason"]
@@ -42,9 +44,19 @@ async def test_say_writes_a_file_that_decodes(tmp_path: Path) -> None:
     async with serve_process() as server:
         out = tmp_path / "hello.mp3"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateways.cli", "say", "--mode", "speak",
-            "Hello world. This is voxrelay.", "-o", str(out), "--server", server.grpc_target,
-            cwd=ROOT, stderr=subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "gateways.cli",
+            "say",
+            "--mode",
+            "speak",
+            "Hello world. This is voxrelay.",
+            "-o",
+            str(out),
+            "--server",
+            server.grpc_target,
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
         )
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err
@@ -58,7 +70,8 @@ async def test_sigterm_drains_a_stream_in_flight() -> None:
     async with serve_process(VOXRELAY_DRAIN_S="30") as server:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
             call = pb_grpc.SynthesizerStub(channel).Synthesize(
-                pb.SynthesizeRequest(text=LONG, mode=pb.MODE_SPEAK), timeout=60)
+                pb.SynthesizeRequest(text=LONG, mode=pb.MODE_SPEAK), timeout=60
+            )
             assert (await call.read()).HasField("started")
             server.signal(signal.SIGTERM)
             rest = []
@@ -75,9 +88,16 @@ async def test_bad_setting_stops_startup_with_one_line() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env["VOXRELAY_MAX_INPUT_CHARS"] = "zero"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateways.cli", "serve", env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+        sys.executable,
+        "-m",
+        "gateways.cli",
+        "serve",
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and "VOXRELAY_MAX_INPUT_CHARS" in lines[0]
