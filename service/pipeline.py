@@ -29,6 +29,7 @@ from . import metrics
 from .audio import StreamEncoder, format_info, output_rate
 from .chunker import SentenceChunker
 from .errors import Busy, Internal, InvalidRequest, TooLarge, Unavailable, VoxrelayError
+from .limits import Admission, Lease
 from .model import (
     AudioChunk,
     AudioFormat,
@@ -94,6 +95,7 @@ class Synthesizer:
         )
         # Encoding is CPU work: it runs here, never on the event loop.
         self._encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self.admission = Admission.from_settings(settings)
         self._voices: list[Voice] | None = None
         self._streams: set[SynthesisStream] = set()
         self._idle = asyncio.Event()
@@ -130,6 +132,7 @@ class Synthesizer:
         self._idle.clear()
 
     def _unregister(self, stream: SynthesisStream) -> None:
+        stream._lease.release()
         self._streams.discard(stream)
         if not self._streams:
             self._idle.set()
@@ -150,10 +153,19 @@ class Synthesizer:
         ]
 
     def stream(
-        self, request: SynthesisRequest, *, deadline: float | None = None
+        self,
+        request: SynthesisRequest,
+        *,
+        deadline: float | None = None,
+        caller: str | None = None,
     ) -> SynthesisStream:
-        """Open a stream for *request*; *deadline* is a ``loop.time()`` the caller gives up at."""
-        return SynthesisStream(self, request, deadline)
+        """Open a stream for *request*.
+
+        *deadline* is a ``loop.time()`` the caller gives up at; *caller* identifies whom
+        the per-caller limits apply to (an API key id or a client address; None for an
+        anonymous internal caller, to whom only the global caps apply).
+        """
+        return SynthesisStream(self, request, deadline, caller)
 
     async def plan(self, request: SynthesisRequest) -> _Plan:
         """Validate *request* and resolve its defaults, or raise a typed error."""
@@ -256,11 +268,17 @@ class SynthesisStream:
     """One request's events, produced by tasks this object owns."""
 
     def __init__(
-        self, owner: Synthesizer, request: SynthesisRequest, deadline: float | None
+        self,
+        owner: Synthesizer,
+        request: SynthesisRequest,
+        deadline: float | None,
+        caller: str | None = None,
     ) -> None:
         self._owner = owner
         self._request = request
         self._deadline = deadline
+        self._caller = caller
+        self._lease = Lease()
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -280,6 +298,8 @@ class SynthesisStream:
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         self.plan = await owner.plan(self._request)
+        # Admission comes after validation: a refused request costs the caller nothing.
+        self._lease = owner.admission.admit(self._caller, len(self.plan.text))
         owner._register(self)
         self._task = asyncio.create_task(self._run(self.plan), name=f"synth-{self.plan.request_id}")
         return self

@@ -1,0 +1,170 @@
+"""voxrelay's own limits on its callers: request and character rates, concurrent streams.
+
+Sans-I/O token buckets behind a small :class:`Admission` interface. A shared backend
+for several replicas (``VOXRELAY_REDIS_URL``) can implement the same interface later.
+A refused request consumes nothing; every refusal carries the wait that would help.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import RateLimited, TooLarge
+from .settings import Settings
+
+__all__ = ["Admission", "Lease", "TokenBucket"]
+
+#: Forget the buckets of callers that have been quiet this long (they are full again).
+IDLE_FORGET_S = 120.0
+PRUNE_EVERY = 1024
+
+
+class TokenBucket:
+    """A bucket of *capacity* tokens refilled at *rate* tokens per second."""
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.tokens = capacity
+        self.updated = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait_for(self, n: float, now: float) -> float:
+        """Return 0 if *n* tokens are there now, else the seconds until they will be."""
+        self._refill(now)
+        if self.tokens >= n:
+            return 0.0
+        return (n - self.tokens) / self.rate
+
+    def take(self, n: float, now: float) -> None:
+        """Remove *n* tokens (the caller has checked :meth:`wait_for`)."""
+        self._refill(now)
+        self.tokens -= n
+
+    def is_full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.capacity
+
+
+@dataclass
+class _Caller:
+    requests: TokenBucket | None
+    chars: TokenBucket | None
+    streams: int = 0
+    last_seen: float = 0.0
+
+
+@dataclass
+class Lease:
+    """A granted stream slot; :meth:`release` it when the stream ends (idempotent)."""
+
+    _release: Callable[[], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+
+class Admission:
+    """Decide whether a caller may start a stream now, in this process."""
+
+    def __init__(
+        self,
+        *,
+        requests_per_min: int,
+        chars_per_min: int,
+        streams_per_key: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.requests_per_min = requests_per_min
+        self.chars_per_min = chars_per_min
+        self.streams_per_key = streams_per_key
+        self._clock = clock
+        self._callers: dict[str, _Caller] = {}
+        self._admitted = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Admission:
+        return cls(
+            requests_per_min=settings.rate_limit_per_min,
+            chars_per_min=settings.chars_per_min,
+            streams_per_key=settings.max_streams_per_key,
+        )
+
+    def _caller(self, key: str, now: float) -> _Caller:
+        caller = self._callers.get(key)
+        if caller is None:
+            rpm, cpm = self.requests_per_min, self.chars_per_min
+            caller = _Caller(
+                requests=TokenBucket(rpm, rpm / 60, now) if rpm else None,
+                chars=TokenBucket(cpm, cpm / 60, now) if cpm else None,
+            )
+            self._callers[key] = caller
+        caller.last_seen = now
+        return caller
+
+    def admit(self, key: str | None, chars: int) -> Lease:
+        """Grant a stream to *key* for *chars* input characters, or raise a typed refusal.
+
+        ``key`` None means an anonymous internal caller: no per-key limits apply.
+        """
+        if key is None:
+            return Lease()
+        now = self._clock()
+        self._admitted += 1
+        if self._admitted % PRUNE_EVERY == 0:
+            self._prune(now)
+        caller = self._caller(key, now)
+        if self.streams_per_key and caller.streams >= self.streams_per_key:
+            raise RateLimited(
+                f"this caller already has {caller.streams} streams in flight"
+                f" (limit {self.streams_per_key}): wait for one to end",
+                retry_after_s=1.0,
+            )
+        if caller.chars is not None and chars > caller.chars.capacity:
+            raise TooLarge(
+                f"{chars} characters exceed this caller's budget of {self.chars_per_min} per minute"
+            )
+        waits = []
+        if caller.requests is not None:
+            waits.append(("requests", caller.requests.wait_for(1, now)))
+        if caller.chars is not None:
+            waits.append(("characters", caller.chars.wait_for(chars, now)))
+        blocked = [(what, wait) for what, wait in waits if wait > 0]
+        if blocked:
+            what, wait = max(blocked, key=lambda item: item[1])
+            limit = self.requests_per_min if what == "requests" else self.chars_per_min
+            raise RateLimited(
+                f"rate limit of {limit} {what} per minute reached: retry in {wait:.1f} s",
+                retry_after_s=wait,
+            )
+        if caller.requests is not None:
+            caller.requests.take(1, now)
+        if caller.chars is not None:
+            caller.chars.take(chars, now)
+        caller.streams += 1
+
+        def release() -> None:
+            caller.streams -= 1
+            caller.last_seen = self._clock()
+
+        return Lease(release)
+
+    def _prune(self, now: float) -> None:
+        """Forget quiet callers with full buckets and no streams (bounded memory)."""
+        for key in [
+            k
+            for k, c in self._callers.items()
+            if c.streams == 0
+            and now - c.last_seen > IDLE_FORGET_S
+            and (c.requests is None or c.requests.is_full(now))
+            and (c.chars is None or c.chars.is_full(now))
+        ]:
+            del self._callers[key]
