@@ -1,0 +1,271 @@
+"""The demo page at ``GET /``, end to end in headless Chromium.
+
+A real voxrelay (echo chat + embedded espeak) runs in a background thread with its own
+event loop; Selenium drives the page that the WebSocket door serves, and reads the
+page's state from ``window.voxrelay``. Skipped when Chromium or chromedriver is not
+installed (CI installs the Debian packages ``chromium`` and ``chromium-driver``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+# The driver path is given explicitly; Selenium Manager must never go online for one.
+os.environ.setdefault("SE_OFFLINE", "true")
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+        reason="headless browser test needs /usr/bin/chromium and /usr/bin/chromedriver "
+        "(apt-get install chromium chromium-driver; CI installs them)",
+    ),
+    pytest.mark.timeout(180),
+]
+
+SENTENCES = [
+    "Hello there, this is the voxrelay demo page.",
+    "Every sentence is spoken as soon as it has been written.",
+    "This is the last sentence of the test.",
+]
+STATE = "return window.voxrelay"
+
+
+class ServerThread:
+    """voxrelay's real App on an event loop of its own, for a synchronous test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="voxrelay", daemon=True)
+        self.app: Any = None
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> int:
+        from gateways.app import App
+        from service.settings import Settings
+
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            host="127.0.0.1",
+            grpc_port=0,
+            ws_port=0,
+            metrics_port=0,
+            llm="echo",
+            tts="espeak",
+            api_keys=[],
+            allowed_origins=[],
+        )
+
+        async def boot() -> Any:
+            app = App(settings)  # built on the server's loop
+            await app.start()
+            return app
+
+        self.thread.start()
+        self.app = self.run(boot())
+        return int(self.app.ws_port)
+
+    def stop(self) -> None:
+        try:
+            if self.app is not None:
+                self.run(self.app.drain_and_stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    server = ServerThread()
+    try:
+        port = server.start()
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    profile = tempfile.mkdtemp(prefix="voxrelay-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--autoplay-policy=no-user-gesture-required",
+        "--window-size=1000,1000",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait(driver: Any, timeout: float = 60, poll: float = 0.05) -> Any:
+    return WebDriverWait(driver, timeout, poll_frequency=poll)
+
+
+def open_page(driver: Any, url: str, *, text: str, mode: str, fmt: str) -> None:
+    driver.get(url)
+    wait(driver, 15).until(lambda d: d.execute_script(STATE) is not None)
+    assert driver.title == "voxrelay"
+    area = driver.find_element(By.ID, "text")
+    area.clear()
+    area.send_keys(text)
+    Select(driver.find_element(By.ID, "mode")).select_by_value(mode)
+    Select(driver.find_element(By.ID, "format")).select_by_value(fmt)
+
+
+def click(driver: Any, element_id: str) -> None:
+    driver.find_element(By.ID, element_id).click()
+
+
+def wait_done(driver: Any, timeout: float = 60) -> dict[str, Any]:
+    """Wait until the stream finished or failed; return the page state."""
+    wait(driver, timeout).until(
+        lambda d: d.execute_script("const v = window.voxrelay; return !!(v.finished || v.error);")
+    )
+    state: dict[str, Any] = driver.execute_script(STATE)
+    assert state["error"] is None, f"the page reported an error: {state['error']}"
+    return state
+
+
+def status_text(driver: Any) -> str:
+    return str(driver.find_element(By.ID, "statusText").text)
+
+
+def test_speak_pcm_plays_and_shows_segments(browser: Any, base_url: str) -> None:
+    open_page(browser, base_url, text=" ".join(SENTENCES), mode="speak", fmt="pcm")
+    click(browser, "speak")
+    state = wait_done(browser)
+
+    assert state["state"] == "finished"
+    assert state["bytesReceived"] > 0
+    assert state["framesReceived"] >= 1
+    assert state["playbackStarted"] is True
+    assert state["ttfaMs"] is not None and state["ttfaMs"] > 0
+    finished = state["finished"]
+    assert finished["audio_bytes"] == state["bytesReceived"]
+    assert finished["segments"] == len(state["segments"])
+
+    # The segments are the sentences, in order, with their audio positions rising.
+    segments = state["segments"]
+    assert [s["index"] for s in segments] == list(range(len(segments)))
+    assert [s["text"].strip() for s in segments] == SENTENCES
+    starts = [s["start_ms"] for s in segments]
+    assert starts[0] == 0 and starts == sorted(starts) and starts[-1] > 0
+
+    # The transcript lists them and marks the one being heard (or, once over, all as heard).
+    wait(browser, 20).until(
+        lambda d: d.execute_script(
+            "return document.querySelector('#transcript li.now') !== null"
+            " || document.querySelectorAll('#transcript li.done').length"
+            " === window.voxrelay.segments.length"
+        )
+    )
+    items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#transcript li")]
+    assert len(items) == len(SENTENCES)
+    assert all(sentence in item for sentence, item in zip(SENTENCES, items, strict=True))
+    assert status_text(browser).startswith("Finished")
+    assert "ms" in browser.find_element(By.ID, "mTtfa").text
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "demo_page.png"))
+
+
+def test_chat_mp3_streams_through_media_source(browser: Any, base_url: str) -> None:
+    text = "Tell me something nice. Keep it short."
+    open_page(browser, base_url, text=text, mode="chat", fmt="mp3")
+    supported = browser.execute_script(
+        "return !!(window.MediaSource && MediaSource.isTypeSupported('audio/mpeg'))"
+    )
+    # Ctrl+Enter in the text area speaks, like the button.
+    browser.find_element(By.ID, "text").send_keys(Keys.CONTROL, Keys.ENTER)
+    state = wait_done(browser)
+
+    assert state["state"] == "finished"
+    assert state["bytesReceived"] > 0 and state["framesReceived"] >= 1
+    assert state["finished"]["audio_bytes"] == state["bytesReceived"]
+    assert state["segments"], "chat mode showed no segments"
+    # echo answers with the caller's own words.
+    spoken = " ".join(s["text"].strip() for s in state["segments"])
+    assert re.sub(r"\s+", " ", spoken) == text
+    if supported:
+        wait(browser, 20).until(
+            lambda d: d.execute_script("return window.voxrelay.playbackStarted")
+        )
+    else:
+        assert "once complete" in status_text(browser)
+
+
+def test_stop_mid_stream_cancels(browser: Any, base_url: str) -> None:
+    # Long enough that the stream is still in flight when Stop lands: ~3 minutes of speech,
+    # which espeak + the mp3 encoder take seconds to make. (With pcm the whole stream is
+    # sent in well under a second, faster than a WebDriver round trip.)
+    text = " ".join(
+        f"This is sentence number {i} of a long text that nobody will hear to the end."
+        for i in range(1, 46)
+    )
+    open_page(browser, base_url, text=text, mode="speak", fmt="mp3")
+    click(browser, "speak")
+    wait(browser, 30, poll=0.01).until(
+        lambda d: d.execute_script("return window.voxrelay.framesReceived > 0")
+    )
+    click(browser, "stop")
+    wait(browser, 30).until(
+        lambda d: d.execute_script("const v = window.voxrelay; return v.state !== 'stopping';")
+    )
+    state = browser.execute_script(STATE)
+    assert state["state"] == "cancelled", state
+    assert state["finished"] is None and state["error"] is None
+    assert state["bytesReceived"] > 0
+    assert state["playing"] is False
+    assert status_text(browser).startswith("Stopped")
+    # Speak is usable again, Stop is not.
+    assert browser.find_element(By.ID, "speak").is_enabled()
+    assert not browser.find_element(By.ID, "stop").is_enabled()
+
+
+def test_stop_silences_pcm_playback(browser: Any, base_url: str) -> None:
+    # The stream is sent long before it has been heard; Stop must silence what is scheduled.
+    text = " ".join(f"Sentence {i} is still waiting to be heard." for i in range(1, 9))
+    open_page(browser, base_url, text=text, mode="speak", fmt="pcm")
+    click(browser, "speak")
+    state = wait_done(browser)
+    assert state["state"] == "finished" and state["playing"] is True
+    click(browser, "stop")
+    state = browser.execute_script(STATE)
+    assert state["playing"] is False
+    assert state["state"] == "finished" and state["error"] is None
+    assert status_text(browser) == "Stopped."
+    assert not browser.find_element(By.ID, "stop").is_enabled()
