@@ -35,7 +35,8 @@ class CircuitBreaker:
     Closed: calls go through; *failures* consecutive failed calls open it. Open: calls
     fail at once with :class:`Unavailable` until *cooldown_s* has passed. Then one trial
     call goes through (half-open); its success closes the breaker, its failure opens it
-    again. ``failures=0`` disables the breaker.
+    again. Calls made meanwhile are refused too, but may :meth:`wait_for_trial` instead.
+    ``failures=0`` disables the breaker.
     """
 
     def __init__(
@@ -53,49 +54,68 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at: float | None = None
         self._trial_in_flight = False
+        self._trial_ended: asyncio.Event | None = None
 
     @property
     def is_open(self) -> bool:
         return self._opened_at is not None
+
+    @property
+    def trial_in_flight(self) -> bool:
+        return self._trial_in_flight
 
     def before_call(self, what: str) -> bool:
         """Admit a call, or raise :class:`Unavailable`; return True for a trial call."""
         if self._opened_at is None:
             return False
         remaining = self._opened_at + self.cooldown_s - self._clock()
-        if remaining > 0 or self._trial_in_flight:
+        if remaining > 0:
             raise Unavailable(
-                f"{what} is failing; not calling it for {max(remaining, 0):.1f} s",
-                retry_after_s=max(remaining, 0.5 if self._trial_in_flight else 0.0),
+                f"{what} is failing; not calling it for {remaining:.1f} s",
+                retry_after_s=remaining,
             )
+        if self._trial_in_flight:
+            raise Unavailable(f"{what} is failing; a trial call is testing it", retry_after_s=0.5)
         self._trial_in_flight = True
+        self._trial_ended = asyncio.Event()
         return True
+
+    async def wait_for_trial(self) -> None:
+        """Wait until the trial call in flight (if any) has ended, whatever its verdict."""
+        if self._trial_ended is not None:
+            await self._trial_ended.wait()
 
     def record_success(self, trial: bool) -> None:
         """Note a call that worked; close the breaker."""
-        if trial:
-            self._trial_in_flight = False
         self._consecutive = 0
         if self._opened_at is not None:
             self._opened_at = None
             if self._on_change:
                 self._on_change(False)
+        if trial:
+            self._end_trial()
 
     def record_failure(self, trial: bool) -> None:
         """Note a failed call; open the breaker at the threshold (or on a failed trial)."""
-        if trial:
-            self._trial_in_flight = False
         self._consecutive += 1
         if self.threshold and (trial or self._consecutive >= self.threshold):
             was_open = self._opened_at is not None
             self._opened_at = self._clock()
             if not was_open and self._on_change:
                 self._on_change(True)
+        if trial:
+            self._end_trial()
 
     def release(self, trial: bool) -> None:
         """Forget a call that ended without a verdict (cancelled by its caller)."""
         if trial:
-            self._trial_in_flight = False
+            self._end_trial()
+
+    def _end_trial(self) -> None:
+        self._trial_in_flight = False
+        if self._trial_ended is not None:
+            self._trial_ended.set()
+            self._trial_ended = None
 
 
 @dataclass
@@ -110,8 +130,14 @@ class Stage:
 
     @classmethod
     def build(
-        cls, stage: str, provider: str, *, timeout_s: float, retries: int,
-        breaker_failures: int, breaker_cooldown_s: float,
+        cls,
+        stage: str,
+        provider: str,
+        *,
+        timeout_s: float,
+        retries: int,
+        breaker_failures: int,
+        breaker_cooldown_s: float,
     ) -> Stage:
         gauge = metrics.BREAKER_OPEN.labels(stage, provider)
         gauge.set(0)
@@ -119,7 +145,8 @@ class Stage:
         def on_change(is_open: bool) -> None:
             gauge.set(1 if is_open else 0)
             log.warning(
-                "circuit breaker %s", "opened" if is_open else "closed",
+                "circuit breaker %s",
+                "opened" if is_open else "closed",
                 extra={"stage": stage, "provider": provider},
             )
 
@@ -147,6 +174,16 @@ def _is_failure(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamTimeout)
 
 
+async def _trial_ended(breaker: CircuitBreaker, limit: float | None) -> bool:
+    """Wait for the breaker's trial call to end; return False if *limit* comes first."""
+    try:
+        async with asyncio.timeout_at(limit):
+            await breaker.wait_for_trial()
+    except TimeoutError:
+        return False
+    return True
+
+
 async def guarded_stream(
     stage: Stage,
     call: Callable[[], AsyncGenerator[T, None]],
@@ -159,8 +196,9 @@ async def guarded_stream(
     The wait for the first item — retries included — and every later gap are each
     capped by ``stage.timeout_s`` and by *deadline* (a ``loop.time()``). Retryable
     failures are tried again with jittered backoff (or the upstream's ``Retry-After``)
-    only before the first item and only if the wait fits the budget. The upstream
-    iterator is always closed before this one returns, so no request outlives it.
+    only before the first item and only if the wait fits the budget. While the breaker's
+    trial call is in flight, a call waits for its verdict within the same budget. The
+    upstream iterator is always closed before this one returns, so no request outlives it.
     """
     loop = asyncio.get_running_loop()
     labels = (stage.stage, stage.provider)
@@ -170,7 +208,14 @@ async def guarded_stream(
         limit = deadline if limit is None else min(limit, deadline)
     attempt = 0
     while True:
-        trial = stage.breaker.before_call(stage.label)
+        try:
+            trial = stage.breaker.before_call(stage.label)
+        except Unavailable:
+            # Half-open: the trial in flight is often this request's own previous segment;
+            # its verdict, due within our budget, decides this call too.
+            if not stage.breaker.trial_in_flight or not await _trial_ended(stage.breaker, limit):
+                raise
+            continue
         call_started = loop.time()
         got_first = False
         try:
@@ -209,7 +254,9 @@ async def guarded_stream(
                 metrics.UPSTREAM_SECONDS.labels(*labels).observe(loop.time() - call_started)
                 return
         except VoxrelayError as exc:
-            if _is_failure(exc):
+            # The caller's own deadline running out says nothing of the upstream's health.
+            impatient = deadline is not None and loop.time() >= deadline
+            if _is_failure(exc) and not (impatient and isinstance(exc, UpstreamTimeout)):
                 stage.breaker.record_failure(trial)
                 metrics.UPSTREAM_FAILURES.labels(*labels, exc.code).inc()
                 trial = False
@@ -225,7 +272,10 @@ async def guarded_stream(
             if limit is not None and loop.time() + wait >= limit:
                 raise
             log.warning(
-                "retrying %s in %.2f s: %s", stage.label, wait, exc.message,
+                "retrying %s in %.2f s: %s",
+                stage.label,
+                wait,
+                exc.message,
                 extra={"stage": stage.stage, "provider": stage.provider, "attempt": attempt + 1},
             )
             metrics.UPSTREAM_RETRIES.labels(*labels).inc()

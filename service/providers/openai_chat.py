@@ -195,7 +195,8 @@ class OpenAIChat:
                 messages=[_message(m) for m in messages],
                 stream=True,
                 stream_options={"include_usage": True},
-                max_tokens=max_tokens,
+                # 0 turns the cost guard off: the field is left out, not sent as 0.
+                max_tokens=max_tokens if max_tokens > 0 else openai.omit,
                 timeout=call_timeout(timeout, self._connect_timeout),
             )
             # Iterate inside ``async with``: leaving it (aclose, cancel, error) closes the
