@@ -3,23 +3,26 @@
 Lifecycle (after uvicorn's ``Server``): start-up → serve until SIGTERM/SIGINT →
 drain (readiness 503, health NOT_SERVING, no new work; streams in flight get
 ``VOXRELAY_DRAIN_S``) → abort what is left (WebSocket 1001, gRPC UNAVAILABLE) →
-close. Signal handlers are restored afterwards.
+close. SIGHUP re-reads the API keys. Signal handlers are restored afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 
 from service import __version__, metrics
 from service.errors import Unavailable
+from service.logs import register_secrets
 from service.pipeline import Synthesizer
 from service.providers.registry import make_chat, make_speech
 from service.settings import Settings
@@ -32,12 +35,38 @@ __all__ = ["App", "serve"]
 log = logging.getLogger("voxrelay")
 
 
+#: The synthesizer's upstream stages, whose metrics are shown from the start.
+UPSTREAM_STAGES = ("llm_stage", "tts_stage", "realtime_stage")
+
+
+def _secrets(settings: Settings) -> list[str]:
+    """Every secret in *settings*, so that no log line can carry one."""
+    values = [
+        key.get_secret_value()
+        for key in (settings.openai_api_key, settings.llm_api_key, settings.tts_api_key)
+        if key is not None
+    ]
+    for url in (settings.openai_base_url, settings.llm_base_url, settings.tts_base_url):
+        password = urlsplit(url).password if url else None
+        if password:
+            values.append(password)
+    # An unreadable key file is the key store's to report; it holds nothing to hide then.
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        values += settings.all_api_keys()
+    return values
+
+
 class App:
     """Own the core and its doors; start, drain and stop them together."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        register_secrets(_secrets(settings))
         self.synthesizer = Synthesizer(settings, make_chat(settings), make_speech(settings))
+        for name in UPSTREAM_STAGES:
+            stage = getattr(self.synthesizer, name, None)
+            if stage is not None:
+                metrics.init_upstream(stage.stage, stage.provider)
         self.grpc = GrpcDoor(self.synthesizer)
         self.ws = WsDoor(self.synthesizer)
         self._metrics: tuple[WSGIServer, threading.Thread] | None = None
@@ -75,8 +104,14 @@ class App:
                 **s.describe_choice(),
                 "llm_model": self.synthesizer.chat.model,
                 "tts_model": self.synthesizer.speech.model,
+                "auth": "api_keys" if self.synthesizer.keys.required else "open",
+                "log_text": s.log_text,
             },
         )
+
+    def reload_keys(self) -> None:
+        """Read the API keys again (what SIGHUP does); open connections stay open."""
+        self.synthesizer.keys.reload()
 
     def request_stop(self) -> None:
         """Ask the process to drain and stop (what SIGTERM does)."""
@@ -124,12 +159,14 @@ class App:
         log.info("stopped", extra={"event": "shutdown"})
 
     async def run(self, *, on_ready: Callable[[App], Any] | None = None) -> None:
-        """Serve until SIGTERM or SIGINT, then drain and stop."""
+        """Serve until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the keys."""
         loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {sig: signal.getsignal(sig) for sig in signals}
         for sig in signals:
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(
+                sig, self.reload_keys if sig == signal.SIGHUP else self.request_stop
+            )
         try:
             await self.start()
             if on_ready is not None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -21,8 +23,9 @@ from grpc_status import rpc_status
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
-from service import model
-from service.errors import InvalidRequest, VoxrelayError
+from service import metrics, model
+from service.auth import KeyStore, bearer_token
+from service.errors import Internal, InvalidRequest, VoxrelayError
 from service.pipeline import Synthesizer
 from service.telemetry import StreamRecord
 
@@ -46,8 +49,11 @@ FORMATS: dict[int, model.AudioFormat | None] = {
     pb.AUDIO_FORMAT_ALAW: model.AudioFormat.ALAW,
 }
 FORMAT_ENUM = {fmt: num for num, fmt in FORMATS.items() if fmt is not None}
-MODES = {pb.MODE_UNSPECIFIED: model.Mode.CHAT, pb.MODE_CHAT: model.Mode.CHAT,
-         pb.MODE_SPEAK: model.Mode.SPEAK}
+MODES = {
+    pb.MODE_UNSPECIFIED: model.Mode.CHAT,
+    pb.MODE_CHAT: model.Mode.CHAT,
+    pb.MODE_SPEAK: model.Mode.SPEAK,
+}
 
 
 def to_request(msg: pb.SynthesizeRequest, request_id: str) -> model.SynthesisRequest:
@@ -73,25 +79,43 @@ def to_response(event: model.Event) -> pb.SynthesizeResponse:
     """Translate one core event into its ``SynthesizeResponse``."""
     match event:
         case model.AudioChunk():
-            return pb.SynthesizeResponse(audio=pb.AudioChunk(
-                segment_index=event.segment_index, seq=event.seq, data=event.data))
+            return pb.SynthesizeResponse(
+                audio=pb.AudioChunk(
+                    segment_index=event.segment_index, seq=event.seq, data=event.data
+                )
+            )
         case model.SegmentStarted():
-            return pb.SynthesizeResponse(segment=pb.TextSegment(
-                index=event.index, text=event.text, start_ms=event.start_ms))
+            return pb.SynthesizeResponse(
+                segment=pb.TextSegment(index=event.index, text=event.text, start_ms=event.start_ms)
+            )
         case model.StreamStarted():
-            return pb.SynthesizeResponse(started=pb.StreamStarted(
-                request_id=event.request_id, format=FORMAT_ENUM[event.format],  # type: ignore[arg-type]
-                content_type=event.content_type, sample_rate_hz=event.sample_rate_hz,
-                channels=event.channels, voice=event.voice, llm_model=event.llm_model,
-                tts_model=event.tts_model))
+            return pb.SynthesizeResponse(
+                started=pb.StreamStarted(
+                    request_id=event.request_id,
+                    format=FORMAT_ENUM[event.format],  # type: ignore[arg-type]
+                    content_type=event.content_type,
+                    sample_rate_hz=event.sample_rate_hz,
+                    channels=event.channels,
+                    voice=event.voice,
+                    llm_model=event.llm_model,
+                    tts_model=event.tts_model,
+                )
+            )
         case model.StreamFinished():
-            return pb.SynthesizeResponse(finished=pb.StreamFinished(
-                reply_text=event.reply_text, segments=event.segments,
-                audio_bytes=event.audio_bytes, audio_ms=event.audio_ms,
-                time_to_first_audio_ms=event.time_to_first_audio_ms,
-                total_ms=event.total_ms, llm_first_token_ms=event.llm_first_token_ms,
-                tts_first_byte_ms=event.tts_first_byte_ms,
-                prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+            return pb.SynthesizeResponse(
+                finished=pb.StreamFinished(
+                    reply_text=event.reply_text,
+                    segments=event.segments,
+                    audio_bytes=event.audio_bytes,
+                    audio_ms=event.audio_ms,
+                    time_to_first_audio_ms=event.time_to_first_audio_ms,
+                    total_ms=event.total_ms,
+                    llm_first_token_ms=event.llm_first_token_ms,
+                    tts_first_byte_ms=event.tts_first_byte_ms,
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                )
+            )
     raise TypeError(f"unknown event {event!r}")
 
 
@@ -116,15 +140,19 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         self.synthesizer = synthesizer
 
     async def Synthesize(
-        self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext[
-            pb.SynthesizeRequest, pb.SynthesizeResponse]
+        self,
+        request: pb.SynthesizeRequest,
+        context: grpc.aio.ServicerContext[pb.SynthesizeRequest, pb.SynthesizeResponse],
     ) -> AsyncIterator[pb.SynthesizeResponse]:
         # Read the peer now: grpcio has crashed reading it after the client cancelled.
         peer = context.peer()
         settings = self.synthesizer.settings
         metadata = {k: v for k, v in (context.invocation_metadata() or ())}
         header_id = metadata.get("x-request-id", "")
-        request_id = header_id if isinstance(header_id, str) else ""
+        # The client's id (the field, else x-request-id), else ours: every log line has one.
+        request_id = request.request_id or (
+            header_id[:128] if isinstance(header_id, str) and header_id else uuid.uuid4().hex
+        )
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + remaining if remaining is not None else None
@@ -133,9 +161,13 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         error: VoxrelayError | None = None
         finished: model.StreamFinished | None = None
         try:
-            core_request = to_request(request, request_id[:128])
+            # The interceptor refused bad keys already; this names the caller for limits.
+            caller = self.synthesizer.keys.authenticate(_token(metadata.items()))
+            core_request = to_request(request, request_id)
             record = StreamRecord("grpc", peer, core_request, log_text=settings.log_text)
-            async with self.synthesizer.stream(core_request, deadline=deadline) as events:
+            async with self.synthesizer.stream(
+                core_request, deadline=deadline, caller=caller
+            ) as events:
                 async for event in events:
                     if isinstance(event, model.StreamStarted):
                         record.started_stream(event.request_id, event.voice, event.format)
@@ -147,22 +179,107 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             outcome = "ok"
         except VoxrelayError as exc:
             outcome, error = exc.code, exc
+        except Exception:
+            log.exception("internal error in gRPC stream %s", request_id[:128])
+            error = Internal(f"internal error (request {request_id[:128]})")
+            outcome = error.code
         finally:
-            if record is None:
-                record = StreamRecord("grpc", peer, model.SynthesisRequest(text=""),
-                                      log_text=False)
+            if record is None:  # refused before it could be read
+                record = StreamRecord(
+                    "grpc",
+                    peer,
+                    model.SynthesisRequest(
+                        text="",
+                        mode=MODES.get(request.mode, model.Mode.CHAT),
+                        request_id=request_id,
+                    ),
+                )
             record.end(outcome, finished, error)
         if error is not None:
             await context.abort_with_status(to_status(error))
 
     async def ListVoices(
-        self, request: pb.ListVoicesRequest,
+        self,
+        request: pb.ListVoicesRequest,
         context: grpc.aio.ServicerContext[pb.ListVoicesRequest, pb.ListVoicesResponse],
     ) -> pb.ListVoicesResponse:
         voices = await self.synthesizer.voices(request.language)
         return pb.ListVoicesResponse(
             voices=[pb.Voice(name=v.name, language=v.language) for v in voices]
         )
+
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+def _token(metadata: Any) -> str | None:
+    """Return the bearer token of ``authorization`` metadata (pairs), if any."""
+    values = [v for k, v in metadata or () if k == "authorization"]
+    if len(values) != 1 or not isinstance(values[0], str):
+        return None
+    return bearer_token(values[0])
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse every ``voxrelay.v1.Synthesizer`` call without a valid API key.
+
+    Health and reflection stay open: probes and tools carry no key.
+    """
+
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or not self.keys.required or not method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        try:
+            self.keys.authenticate(_token(details.invocation_metadata))
+        except VoxrelayError as exc:
+            metrics.ERRORS.labels("grpc", exc.code).inc()
+            log.info(
+                "refused a call without a valid API key",
+                extra={"event": "grpc_unauthorized", "method": method},
+            )
+            return _refusal(handler, exc)
+        return handler
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler[_Req, _Resp], error: VoxrelayError
+) -> grpc.RpcMethodHandler[_Req, _Resp]:
+    """Return a handler of *handler*'s kind that ends the call with *error*'s status."""
+    status = to_status(error)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort_with_status(status)
+
+    async def streaming(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await context.abort_with_status(status)
+        yield  # pragma: no cover - abort raises; this makes a generator
+
+    codec: dict[str, Any] = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    match handler.request_streaming, handler.response_streaming:
+        case False, False:
+            return grpc.unary_unary_rpc_method_handler(unary, **codec)
+        case False, True:
+            return grpc.unary_stream_rpc_method_handler(streaming, **codec)
+        case True, False:
+            return grpc.stream_unary_rpc_method_handler(unary, **codec)
+    return grpc.stream_stream_rpc_method_handler(streaming, **codec)
 
 
 class GrpcDoor:
@@ -172,17 +289,25 @@ class GrpcDoor:
         settings = synthesizer.settings
         self.synthesizer = synthesizer
         limit = settings.ws_max_message_bytes or -1
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ])
+        self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(synthesizer.keys)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
         pb_grpc.add_SynthesizerServicer_to_server(SynthesizerService(synthesizer), self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.grpc_reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name[
-                    "Health"].full_name), self.server)
+                (
+                    SERVICE_NAME,
+                    reflection.SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                ),
+                self.server,
+            )
         address = f"{settings.host}:{settings.grpc_port}"
         if settings.tls_cert and settings.tls_key:
             credentials = grpc.ssl_server_credentials(

@@ -6,6 +6,13 @@ become ``error`` frames carrying :attr:`VoxrelayError.code`. What belongs to the
 connection rather than to the core lives here: one stream in flight at a time, the
 conversation memory, cancel, and the limits of a socket (idle, send stall, frame size).
 
+The handshake is where a caller is let in or not, in this order: draining (503), the
+``Origin`` (403), an ``Authorization`` header (401 when wrong), the connection caps
+(503). The core decides each of these (:mod:`service.auth`, :mod:`service.limits`);
+this door only reads the headers and answers in HTTP. A client without a header
+authenticates with a first ``auth`` frame, else the connection closes 1008.
+Frames are parsed and built in :mod:`gateways.ws_frames`.
+
 The same port answers ``/healthz``, ``/readyz``, ``/version`` and ``/`` (the demo page)
 as plain HTTP through ``process_request``; only ``/v1/stream`` upgrades.
 """
@@ -14,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
-import hmac
 import http
 import json
 import logging
@@ -33,11 +40,26 @@ from websockets.http11 import Request, Response
 from websockets.typing import Data
 
 from service import __version__, metrics, model
-from service.errors import Busy, Internal, InvalidRequest, Unavailable, VoxrelayError
+from service.auth import OriginPolicy, TrustedProxies, bearer_token, client_key
+from service.errors import Busy, Internal, Unavailable, VoxrelayError
+from service.limits import ConnectionLimits, Lease
 from service.pipeline import MAX_HISTORY, Synthesizer
 from service.telemetry import StreamRecord
 
 from .errors import WS_CLOSE
+from .ws_frames import (
+    AudioClock,
+    AuthFrame,
+    BadFrame,
+    CancelFrame,
+    ClientFrame,
+    ResetFrame,
+    SynthesizeFrame,
+    error_frame,
+    event_frame,
+    parse_frame,
+)
+from .ws_frames import dumps as _dumps
 
 __all__ = [
     "AuthFrame",
@@ -56,12 +78,13 @@ log = logging.getLogger(__name__)
 
 STREAM_PATH = "/v1/stream"
 STATIC_DIR = Path(__file__).with_name("static")
-MAX_ID_CHARS = 128
-MAX_SAMPLE_RATE_HZ = 384_000
 
 # Timeouts
+#: The whole opening handshake (TLS included) must be done within this.
+HANDSHAKE_TIMEOUT_S = 10.0
 PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
+#: A client without an ``Authorization`` header must send ``auth`` within this.
 AUTH_TIMEOUT_S = 5.0
 #: How long close_all() lets a stream the core just aborted send its error frame.
 FINAL_FRAME_GRACE_S = 2.0
@@ -73,195 +96,6 @@ HISTORY_CHARS_PER_INPUT = 8
 #: so the send-stall timer measures the client, not our buffering.
 WRITE_LIMIT = 64 * 1024
 
-_MODES = {m.value: m for m in model.Mode}
-_FORMATS = {f.value: f for f in model.AudioFormat}
-#: Bytes per sample of the formats whose size says their duration.
-_SAMPLE_WIDTH = {
-    model.AudioFormat.PCM: 2,
-    model.AudioFormat.WAV: 2,
-    model.AudioFormat.MULAW: 1,
-    model.AudioFormat.ALAW: 1,
-}
-
-
-# Client frames
-
-
-@dataclass(frozen=True, slots=True)
-class SynthesizeFrame:
-    """``synthesize``: a request; ``id`` is empty when the client sent none."""
-
-    id: str
-    request: model.SynthesisRequest
-    stream: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class CancelFrame:
-    """``cancel``: stop the stream in flight (``id`` ``None`` means whichever it is)."""
-
-    id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ResetFrame:
-    """``reset``: forget this connection's conversation."""
-
-
-@dataclass(frozen=True, slots=True)
-class AuthFrame:
-    """``auth``: an API key, for browsers that cannot set headers."""
-
-    token: str
-
-
-ClientFrame = SynthesizeFrame | CancelFrame | ResetFrame | AuthFrame
-
-
-class BadFrame(InvalidRequest):
-    """A client frame that cannot be served as written.
-
-    ``request_id`` is the frame's id when it could be read; ``is_request`` says the
-    frame was a ``synthesize`` (so it counts as a refused request).
-    """
-
-    def __init__(
-        self, message: str, request_id: str | None = None, *, is_request: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-        self.is_request = is_request
-
-
-def parse_frame(message: Data) -> ClientFrame:
-    """Decode one client frame, or raise :class:`BadFrame` saying what is wrong."""
-    if not isinstance(message, str):
-        raise BadFrame("binary frames are not accepted: send JSON text frames")
-    try:
-        data = json.loads(message)
-    except (ValueError, RecursionError):
-        raise BadFrame("frame is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadFrame('frame must be a JSON object with a "type"')
-    frame_id = data.get("id")
-    if frame_id is not None and (not isinstance(frame_id, str) or len(frame_id) > MAX_ID_CHARS):
-        raise BadFrame(f"id must be a string of at most {MAX_ID_CHARS} characters")
-    request_id = frame_id or None
-    kind = data.get("type")
-    if kind == "synthesize":
-        return _synthesize_frame(data, request_id or "")
-    if kind == "cancel":
-        return CancelFrame(request_id)
-    if kind == "reset":
-        return ResetFrame()
-    if kind == "auth":
-        token = data.get("token")
-        if not isinstance(token, str):
-            raise BadFrame('auth needs a "token" string', request_id)
-        return AuthFrame(token)
-    shown = json.dumps(kind)[:40]
-    raise BadFrame(f"unknown frame type {shown}: use synthesize, cancel, reset or auth", request_id)
-
-
-def _synthesize_frame(data: Mapping[str, Any], request_id: str) -> SynthesizeFrame:
-    def bad(message: str) -> BadFrame:
-        return BadFrame(message, request_id or None, is_request=True)
-
-    def optional(name: str, kinds: tuple[type, ...], what: str) -> Any:
-        value = data.get(name)
-        if value is None:
-            return None
-        # bool is an int in Python, but true is not a number on the wire.
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise bad(f"{name} must be {what}")
-        return value
-
-    text = data.get("text")
-    if not isinstance(text, str):
-        raise bad('synthesize needs "text": the words to answer or speak')
-    mode_name = optional("mode", (str,), '"chat" or "speak"')
-    mode = _MODES.get(mode_name.lower()) if mode_name is not None else model.Mode.CHAT
-    if mode is None:
-        raise bad('mode must be "chat" or "speak"')
-    format_name = optional("format", (str,), "a format name")
-    fmt = _FORMATS.get(format_name.lower()) if format_name is not None else None
-    if format_name is not None and fmt is None:
-        raise bad(f"format must be one of {', '.join(_FORMATS)}")
-    rate = optional("sample_rate_hz", (int,), "a whole number of Hz") or 0
-    if not 0 <= rate <= MAX_SAMPLE_RATE_HZ:
-        raise bad("sample_rate_hz must be 0 (the default) or a rate in Hz")
-    speed = optional("speed", (int, float), "a number (1.0 is normal speed)") or 0.0
-    stream = optional("stream", (bool,), "true or false")
-    return SynthesizeFrame(
-        id=request_id,
-        request=model.SynthesisRequest(
-            text=text,
-            mode=mode,
-            voice=optional("voice", (str,), "a string") or "",
-            format=fmt,
-            sample_rate_hz=rate,
-            instructions=optional("instructions", (str,), "a string") or "",
-            speed=float(speed),
-            request_id=request_id,
-        ),
-        stream=True if stream is None else stream,
-    )
-
-
-# Server frames
-
-
-def event_frame(
-    request_id: str, event: model.StreamStarted | model.SegmentStarted | model.StreamFinished
-) -> dict[str, Any]:
-    """Translate one core event (not audio) into its JSON frame."""
-    match event:
-        case model.StreamStarted():
-            return {
-                "type": "started",
-                "id": request_id,
-                "format": event.format.value,
-                "content_type": event.content_type,
-                "sample_rate_hz": event.sample_rate_hz,
-                "channels": event.channels,
-                "voice": event.voice,
-                "llm_model": event.llm_model,
-                "tts_model": event.tts_model,
-            }
-        case model.SegmentStarted():
-            return {
-                "type": "segment",
-                "id": request_id,
-                "index": event.index,
-                "text": event.text,
-                "start_ms": event.start_ms,
-            }
-        case model.StreamFinished():
-            figures = {
-                f.name: getattr(event, f.name)
-                for f in dataclasses.fields(event)
-                if f.name != "extra"
-            }
-            return {"type": "finished", "id": request_id, **figures}
-    raise TypeError(f"unknown event {event!r}")
-
-
-def error_frame(request_id: str | None, error: VoxrelayError) -> dict[str, Any]:
-    """Build the ``error`` frame for *error*."""
-    return {
-        "type": "error",
-        "id": request_id,
-        "code": error.code,
-        "message": error.message,
-        "retryable": error.retryable,
-        "retry_after_ms": error.retry_after_ms,
-    }
-
-
-def _dumps(frame: Mapping[str, Any]) -> str:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
-
-
 # Connections
 
 
@@ -269,62 +103,39 @@ class _SendStalled(Exception):
     """The client stopped reading; the connection has been dropped."""
 
 
-class _AudioClock:
-    """Estimate how much audio a client has been sent, for ``cancelled``.
-
-    Formats with a fixed sample size are counted exactly; for compressed ones the
-    current segment's ``start_ms`` is exact and its bytes so far are scaled by the
-    bytes-per-millisecond of the segments before it.
-    """
-
-    def __init__(self) -> None:
-        self.format: model.AudioFormat | None = None
-        self.rate = 0
-        self.segment_start_ms = 0
-        self.segment_bytes = 0
-        self.earlier_bytes = 0
-
-    def started(self, event: model.StreamStarted) -> None:
-        self.format, self.rate = event.format, event.sample_rate_hz
-
-    def segment(self, event: model.SegmentStarted) -> None:
-        self.earlier_bytes += self.segment_bytes
-        self.segment_bytes = 0
-        self.segment_start_ms = event.start_ms
-
-    def audio(self, nbytes: int) -> None:
-        self.segment_bytes += nbytes
-
-    @property
-    def audio_ms(self) -> int:
-        sent = self.earlier_bytes + self.segment_bytes
-        if not sent:
-            return 0
-        width = _SAMPLE_WIDTH.get(self.format) if self.format is not None else None
-        if width and self.rate:
-            return sent // width * 1000 // self.rate
-        if self.earlier_bytes and self.segment_start_ms:
-            return self.segment_start_ms + (
-                self.segment_bytes * self.segment_start_ms // self.earlier_bytes
-            )
-        return self.segment_start_ms
-
-
 @dataclass(eq=False)
 class _Flight:
     """The one stream in flight on a connection."""
 
     id: str
-    clock: _AudioClock = dataclasses.field(default_factory=_AudioClock)
+    clock: AudioClock = dataclasses.field(default_factory=AudioClock)
     task: asyncio.Task[None] | None = None
 
 
-def _peer(connection: ServerConnection) -> str:
+def _peer_address(connection: ServerConnection) -> tuple[str, int | None]:
     address = connection.remote_address
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address or "unknown")
+        return str(address[0]), int(address[1])
+    return str(address or "unknown"), None
+
+
+def _peer(connection: ServerConnection, client_ip: str | None = None) -> str:
+    """Name the peer for logs: the client behind a trusted proxy, else the socket's."""
+    host, port = _peer_address(connection)
+    if client_ip is not None and client_ip != host:
+        return client_ip
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """What the handshake learnt about a connection it let in."""
+
+    client_ip: str
+    #: the key id of a good ``Authorization`` header; None without one (or when open).
+    key_id: str | None
 
 
 def _new_id() -> str:
@@ -334,12 +145,19 @@ def _new_id() -> str:
 class _Session:
     """Serve one WebSocket connection: read frames, run its stream, keep its memory."""
 
-    def __init__(self, door: WsDoor, connection: ServerConnection) -> None:
+    def __init__(
+        self, door: WsDoor, connection: ServerConnection, admitted: _Admitted | None
+    ) -> None:
         self.door = door
         self.ws = connection
         self.synthesizer = door.synthesizer
         self.settings = door.synthesizer.settings
-        self.peer = _peer(connection)
+        client_ip = admitted.client_ip if admitted is not None else _peer_address(connection)[0]
+        self.peer = _peer(connection, client_ip)
+        # Whom the per-caller limits count: the API key, else (open service) the address.
+        self.caller: str | None = admitted.key_id if admitted is not None else None
+        if not self.synthesizer.keys.required:
+            self.caller = client_key(client_ip)
         self.flight: _Flight | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         # Completed turns (user text, assistant reply); a reset bumps the epoch so a
@@ -403,25 +221,35 @@ class _Session:
     async def _authenticate(self) -> bool:
         """Admit the connection: open service, a good header, or a first ``auth`` frame.
 
-        The hook for API keys: a wrong header was already refused with 401 at the
-        handshake; a client without one must send ``auth`` within 5 s, else 1008.
+        A wrong header was already refused with 401 at the handshake; a client without
+        one must send ``auth`` within :data:`AUTH_TIMEOUT_S`, else the close is 1008.
         """
-        door = self.door
-        if not door.keys or door.header_key_ok(self.ws.request) is True:
+        keys = self.synthesizer.keys
+        if not keys.required or self.caller is not None:
             return True
         try:
             async with asyncio.timeout(AUTH_TIMEOUT_S):
                 message = await self.ws.recv()
         except TimeoutError:
-            await self.ws.close(WS_CLOSE["policy"], "authentication required")
-            return False
+            return await self._refuse("authentication required")
         try:
             frame = parse_frame(message)
         except BadFrame:
             frame = None
-        if isinstance(frame, AuthFrame) and door.key_ok(frame.token):
-            return True
-        await self.ws.close(WS_CLOSE["policy"], "authentication failed")
+        if not isinstance(frame, AuthFrame):
+            return await self._refuse("authentication required")
+        self.caller = keys.verify(frame.token)
+        if self.caller is None:
+            return await self._refuse("authentication failed")
+        return True
+
+    async def _refuse(self, reason: str) -> bool:
+        metrics.ERRORS.labels("ws", "unauthorized").inc()
+        log.info(
+            "refused a connection without a valid API key",
+            extra={"event": "ws_unauthorized", "peer": self.peer, "reason": reason},
+        )
+        await self.ws.close(WS_CLOSE["policy"], reason)
         return False
 
     async def _dispatch(self, message: Data) -> None:
@@ -472,12 +300,23 @@ class _Session:
             return
         flight = _Flight(request_id)
         self.flight = flight
+        # Recorded from here: a cancel may stop the task before it ever runs, and the
+        # stream must still end with one log line and one count. The record names its
+        # stream in the task's own context, not in this reader's.
+        context = contextvars.copy_context()
+        record = context.run(
+            StreamRecord, "ws", self.peer, request, log_text=self.settings.log_text
+        )
         task = asyncio.create_task(
-            self._run(flight, request, frame.stream), name=f"ws-stream-{request_id}"
+            self._run(flight, record, request, frame.stream),
+            name=f"ws-stream-{request_id}",
+            context=context,
         )
         flight.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        # Runs before whoever awaits the task (a cancel) goes on; a no-op if _run ended it.
+        task.add_done_callback(lambda _: record.end("cancelled", audio_ms=flight.clock.audio_ms))
 
     def _history(self) -> tuple[model.ChatMessage, ...]:
         """Return the remembered turns, newest first kept, within what the core accepts."""
@@ -516,16 +355,21 @@ class _Session:
             if idle and self._idle_timer is not None:
                 self._idle_timer.reschedule(asyncio.get_running_loop().time() + idle)
 
-    async def _run(self, flight: _Flight, request: model.SynthesisRequest, streaming: bool) -> None:
+    async def _run(
+        self,
+        flight: _Flight,
+        record: StreamRecord,
+        request: model.SynthesisRequest,
+        streaming: bool,
+    ) -> None:
         """Relay one stream's events; the terminal frame goes out after the core stopped."""
-        record = StreamRecord("ws", self.peer, request, log_text=self.settings.log_text)
         epoch = self.memory_epoch
         clock = flight.clock
         buffered: list[bytes] | None = None if streaming else []
         finished: model.StreamFinished | None = None
         error: VoxrelayError | None = None
         try:
-            async with self.synthesizer.stream(request) as events:
+            async with self.synthesizer.stream(request, caller=self.caller) as events:
                 async for event in events:
                     if isinstance(event, model.AudioChunk):
                         if buffered is not None:
@@ -632,9 +476,12 @@ class WsDoor:
         self.settings = synthesizer.settings
         self.port = 0
         self.draining = False
-        self.keys = tuple(key.encode() for key in self.settings.all_api_keys())
+        self.origins = OriginPolicy.from_settings(self.settings)
+        self.proxies = TrustedProxies.from_settings(self.settings)
+        self.connections = ConnectionLimits.from_settings(self.settings)
         self._server: Server | None = None
         self._sessions: set[_Session] = set()
+        self._admitted: dict[ServerConnection, _Admitted] = {}
 
     async def start(self) -> None:
         """Bind ``host:ws_port`` and start serving."""
@@ -642,6 +489,7 @@ class WsDoor:
         context: ssl.SSLContext | None = None
         if s.tls_cert and s.tls_key:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(s.tls_cert, s.tls_key)
         self._server = await serve(
             self._handle,
@@ -651,6 +499,7 @@ class WsDoor:
             compression=None,  # audio does not compress; deflate costs memory
             server_header=f"voxrelay/{__version__}",
             # Timeouts
+            open_timeout=HANDSHAKE_TIMEOUT_S,
             ping_interval=PING_INTERVAL_S,
             ping_timeout=PING_TIMEOUT_S,
             # Limits
@@ -682,28 +531,93 @@ class WsDoor:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
 
-    # API keys (the hook SPEC's Limits table describes)
+    # The handshake of /v1/stream
 
-    def key_ok(self, token: str) -> bool:
-        """Say whether *token* is a configured key, in constant time."""
-        candidate = token.encode()
-        found = False
-        for key in self.keys:
-            found |= hmac.compare_digest(candidate, key)
-        return found
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Let a handshake through (None) or answer it with the HTTP refusal."""
+        headers = request.headers
+        if self.draining:
+            return _respond(
+                connection,
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "voxrelay is shutting down: retry on another replica\n",
+                headers={"Retry-After": "1"},
+            )
+        peer_ip = _peer_address(connection)[0]
+        client_ip = self.proxies.client_ip(peer_ip, headers.get_all("X-Forwarded-For"))
+        origins = headers.get_all("Origin")
+        hosts = headers.get_all("Host")
+        # Behind a TLS-terminating proxy the page was https even though we are not.
+        secure = self.settings.tls_cert is not None or (
+            self.proxies.trusts(peer_ip) and headers.get_all("X-Forwarded-Proto")[-1:] == ["https"]
+        )
+        if len(origins) > 1 or not self.origins.allows(
+            origins[0] if origins else None,
+            host=hosts[0] if len(hosts) == 1 else None,
+            secure=secure,
+        ):
+            return self._refuse(
+                connection, http.HTTPStatus.FORBIDDEN, "forbidden", client_ip,
+                "this page's origin may not open a voxrelay WebSocket\n",
+            )  # fmt: skip
+        key_id: str | None = None
+        authorization = headers.get_all("Authorization")
+        keys = self.synthesizer.keys
+        if keys.required and authorization:
+            token = bearer_token(authorization[0]) if len(authorization) == 1 else None
+            key_id = keys.verify(token)
+            if key_id is None:
+                return self._refuse(
+                    connection, http.HTTPStatus.UNAUTHORIZED, "unauthorized", client_ip,
+                    "invalid API key: send 'Authorization: Bearer KEY'\n",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+        try:
+            lease = self.connections.acquire(client_key(client_ip))
+        except Busy as exc:
+            return self._refuse(
+                connection, http.HTTPStatus.SERVICE_UNAVAILABLE, exc.code, client_ip,
+                exc.message + "\n",
+                headers={"Retry-After": str(max(1, round(exc.retry_after_s or 1)))},
+            )  # fmt: skip
+        self._admitted[connection] = _Admitted(client_ip, key_id)
+        # The slot is held until the TCP connection is gone, whether or not the
+        # handshake completes and the handler runs.
+        connection.connection_lost_waiter.add_done_callback(
+            lambda _: self._forget(connection, lease)
+        )
+        return None
 
-    def header_key_ok(self, request: Request | None) -> bool | None:
-        """Check ``Authorization: Bearer K``: ``None`` when the header is absent."""
-        header = request.headers.get("Authorization") if request is not None else None
-        if header is None:
-            return None
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and self.key_ok(token.strip())
+    def _forget(self, connection: ServerConnection, lease: Lease) -> None:
+        lease.release()
+        self._admitted.pop(connection, None)
+
+    def _refuse(
+        self,
+        connection: ServerConnection,
+        status: http.HTTPStatus,
+        code: str,
+        client_ip: str,
+        body: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        metrics.ERRORS.labels("ws", code).inc()
+        log.info(
+            "refused a WebSocket handshake",
+            extra={
+                "event": "ws_refused",
+                "peer": _peer(connection, client_ip),
+                "status": int(status),
+                "code": code,
+            },
+        )
+        return _respond(connection, status, body, headers=headers)
 
     # Connections
 
     async def _handle(self, connection: ServerConnection) -> None:
-        session = _Session(self, connection)
+        session = _Session(self, connection, self._admitted.get(connection))
         self._sessions.add(session)
         metrics.WS_CONNECTIONS.inc()
         try:
@@ -717,15 +631,7 @@ class WsDoor:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
         if path == STREAM_PATH:
-            if self.draining:
-                return _respond(
-                    connection,
-                    http.HTTPStatus.SERVICE_UNAVAILABLE,
-                    "voxrelay is shutting down: retry on another replica\n",
-                )
-            if self.keys and self.header_key_ok(request) is False:
-                return _respond(connection, http.HTTPStatus.UNAUTHORIZED, "invalid API key\n")
-            return None
+            return self._admit(connection, request)
         if path == "/healthz":
             return _respond(connection, http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":

@@ -1,24 +1,30 @@
 """voxrelay's own limits on its callers: request and character rates, concurrent streams.
 
-Sans-I/O token buckets behind a small :class:`Admission` interface. A shared backend
-for several replicas (``VOXRELAY_REDIS_URL``) can implement the same interface later.
+Sans-I/O token buckets behind a small interface (:class:`AdmissionControl`, one
+method); :class:`Admission` is the in-process implementation. A shared backend for
+several replicas (``VOXRELAY_REDIS_URL``) can implement the same interface later.
 A refused request consumes nothing; every refusal carries the wait that would help.
+:class:`ConnectionLimits` counts a door's open connections, in total and per address.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from .errors import RateLimited, TooLarge
+from .errors import Busy, RateLimited, TooLarge
 from .settings import Settings
 
-__all__ = ["Admission", "Lease", "TokenBucket"]
+__all__ = ["Admission", "AdmissionControl", "ConnectionLimits", "Lease", "TokenBucket"]
 
 #: Forget the buckets of callers that have been quiet this long (they are full again).
 IDLE_FORGET_S = 120.0
 PRUNE_EVERY = 1024
+#: Refills are floating point: a bucket this close to enough has enough.
+EPSILON = 1e-9
 
 
 class TokenBucket:
@@ -38,9 +44,9 @@ class TokenBucket:
     def wait_for(self, n: float, now: float) -> float:
         """Return 0 if *n* tokens are there now, else the seconds until they will be."""
         self._refill(now)
-        if self.tokens >= n:
+        if self.tokens + EPSILON >= n:
             return 0.0
-        return (n - self.tokens) / self.rate
+        return _whole_ms((n - self.tokens) / self.rate)
 
     def take(self, n: float, now: float) -> None:
         """Remove *n* tokens (the caller has checked :meth:`wait_for`)."""
@@ -50,6 +56,11 @@ class TokenBucket:
     def is_full(self, now: float) -> bool:
         self._refill(now)
         return self.tokens >= self.capacity
+
+
+def _whole_ms(seconds: float) -> float:
+    """Round a wait up to whole milliseconds: a client that waits that long gets in."""
+    return math.ceil(seconds * 1000 - 1e-6) / 1000
 
 
 @dataclass
@@ -72,6 +83,14 @@ class Lease:
             release()
 
 
+class AdmissionControl(Protocol):
+    """Grant streams to callers within their limits."""
+
+    def admit(self, key: str | None, chars: int) -> Lease:
+        """Grant a stream to *key* for *chars* input characters, or raise a typed refusal."""
+        ...
+
+
 class Admission:
     """Decide whether a caller may start a stream now, in this process."""
 
@@ -91,11 +110,14 @@ class Admission:
         self._admitted = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Admission:
+    def from_settings(
+        cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic
+    ) -> Admission:
         return cls(
             requests_per_min=settings.rate_limit_per_min,
             chars_per_min=settings.chars_per_min,
             streams_per_key=settings.max_streams_per_key,
+            clock=clock,
         )
 
     def _caller(self, key: str, now: float) -> _Caller:
@@ -168,3 +190,51 @@ class Admission:
             and (c.chars is None or c.chars.is_full(now))
         ]:
             del self._callers[key]
+
+
+class ConnectionLimits:
+    """Count open connections, in total and per client address; ``0`` is no limit."""
+
+    #: The wait a refused connection is told: connections come and go quickly.
+    RETRY_AFTER_S = 1.0
+
+    def __init__(self, *, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self.open = 0
+        self._by_address: dict[str, int] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(total=settings.max_connections, per_address=settings.max_connections_per_ip)
+
+    def count(self, address: str) -> int:
+        """Return how many connections *address* has open."""
+        return self._by_address.get(address, 0)
+
+    def acquire(self, address: str) -> Lease:
+        """Take a connection slot for *address*, or raise :class:`Busy`."""
+        if self.total and self.open >= self.total:
+            raise Busy(
+                f"voxrelay is at its limit of {self.total} connections: retry shortly",
+                retry_after_s=self.RETRY_AFTER_S,
+            )
+        held = self.count(address)
+        if self.per_address and held >= self.per_address:
+            raise Busy(
+                f"this address already has {held} connections open (limit"
+                f" {self.per_address}): close one or retry later",
+                retry_after_s=self.RETRY_AFTER_S,
+            )
+        self.open += 1
+        self._by_address[address] = held + 1
+
+        def release() -> None:
+            self.open -= 1
+            left = self._by_address[address] - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                del self._by_address[address]
+
+        return Lease(release)

@@ -27,9 +27,10 @@ from typing import Any
 
 from . import metrics
 from .audio import StreamEncoder, format_info, output_rate
+from .auth import KeyStore
 from .chunker import SentenceChunker
 from .errors import Busy, Internal, InvalidRequest, TooLarge, Unavailable, VoxrelayError
-from .limits import Admission, Lease
+from .limits import Admission, AdmissionControl, Lease
 from .model import (
     AudioChunk,
     AudioFormat,
@@ -58,6 +59,10 @@ SPEED_RANGE = (0.25, 4.0)
 MAX_HISTORY = 100
 HISTORY_ROLES = frozenset({"system", "user", "assistant"})
 ALLOWED_CONTROLS = frozenset("\n\t\r")
+#: When several PCM chunks of a segment are already waiting, relay up to this much of
+#: them as one (~0.7 s at 24 kHz): under load, per-chunk costs (an encode call, an
+#: event, a gRPC message or WebSocket frame) are paid once, and nothing waits for it.
+MAX_JOINED_PCM_BYTES = 32 * 1024
 _DONE = object()
 
 
@@ -84,18 +89,26 @@ class Synthesizer:
         self.chat = chat
         self.speech = speech
         self.llm_stage = Stage.build(
-            "llm", chat.name, timeout_s=settings.llm_timeout_s,
-            retries=settings.upstream_retries, breaker_failures=settings.breaker_failures,
+            "llm",
+            chat.name,
+            timeout_s=settings.llm_timeout_s,
+            retries=settings.upstream_retries,
+            breaker_failures=settings.breaker_failures,
             breaker_cooldown_s=settings.breaker_cooldown_s,
         )
         self.tts_stage = Stage.build(
-            "tts", speech.name, timeout_s=settings.tts_timeout_s,
-            retries=settings.upstream_retries, breaker_failures=settings.breaker_failures,
+            "tts",
+            speech.name,
+            timeout_s=settings.tts_timeout_s,
+            retries=settings.upstream_retries,
+            breaker_failures=settings.breaker_failures,
             breaker_cooldown_s=settings.breaker_cooldown_s,
         )
         # Encoding is CPU work: it runs here, never on the event loop.
         self._encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
-        self.admission = Admission.from_settings(settings)
+        self.admission: AdmissionControl = Admission.from_settings(settings)
+        # One key store per process, shared by both doors (SIGHUP reloads it).
+        self.keys = KeyStore(settings)
         self._voices: list[Voice] | None = None
         self._streams: set[SynthesisStream] = set()
         self._idle = asyncio.Event()
@@ -147,7 +160,8 @@ class Synthesizer:
             return list(self._voices)
         lang = language.lower()
         return [
-            v for v in self._voices
+            v
+            for v in self._voices
             if v.language.lower() in (lang, "multilingual")
             or v.language.lower().startswith(lang + "-")
         ]
@@ -235,14 +249,23 @@ def _check_controls(text: str, what: str) -> None:
 
 
 class _Encoder:
-    """Run one :class:`StreamEncoder` in worker threads, one call at a time."""
+    """Run one :class:`StreamEncoder` in worker threads, one call at a time.
 
-    def __init__(self, encoder: StreamEncoder, executor: ThreadPoolExecutor) -> None:
+    With *inline*, calls run on the event loop instead: for raw PCM at the engine's rate
+    the encoder only copies bytes, and a thread hop per chunk would cost far more.
+    """
+
+    def __init__(
+        self, encoder: StreamEncoder, executor: ThreadPoolExecutor, *, inline: bool = False
+    ) -> None:
         self._encoder = encoder
         self._executor = executor
+        self._inline = inline
         self._pending: Future[bytes] | None = None
 
     async def _run(self, fn: Callable[..., bytes], *args: Any) -> bytes:
+        if self._inline:
+            return fn(*args)
         self._pending = self._executor.submit(fn, *args)
         return await asyncio.wrap_future(self._pending)
 
@@ -289,15 +312,17 @@ class SynthesisStream:
     async def __aenter__(self) -> SynthesisStream:
         owner = self._owner
         if owner.draining:
-            raise Unavailable("voxrelay is shutting down: retry on another replica",
-                              retry_after_s=1.0)
+            raise Unavailable(
+                "voxrelay is shutting down: retry on another replica", retry_after_s=1.0
+            )
         cap = owner.settings.max_streams
         if cap and owner.active_streams >= cap:
-            raise Busy(f"voxrelay is at capacity ({cap} streams): retry shortly",
-                       retry_after_s=1.0)
+            raise Busy(f"voxrelay is at capacity ({cap} streams): retry shortly", retry_after_s=1.0)
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         self.plan = await owner.plan(self._request)
+        if cap and owner.active_streams >= cap:  # others may have started while we planned
+            raise Busy(f"voxrelay is at capacity ({cap} streams): retry shortly", retry_after_s=1.0)
         # Admission comes after validation: a refused request costs the caller nothing.
         self._lease = owner.admission.admit(self._caller, len(self.plan.text))
         owner._register(self)
@@ -305,7 +330,9 @@ class SynthesisStream:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
@@ -378,16 +405,18 @@ class SynthesisStream:
         finished = StreamFinished()
         emit = self._queue.put
 
-        await emit(StreamStarted(
-            request_id=plan.request_id,
-            format=plan.format,
-            content_type=info.content_type,
-            sample_rate_hz=encoder.sample_rate,
-            channels=encoder.channels,
-            voice=plan.voice,
-            llm_model=owner.chat.model if plan.mode is Mode.CHAT else "",
-            tts_model=speech.model,
-        ))
+        await emit(
+            StreamStarted(
+                request_id=plan.request_id,
+                format=plan.format,
+                content_type=info.content_type,
+                sample_rate_hz=encoder.sample_rate,
+                channels=encoder.channels,
+                voice=plan.voice,
+                llm_model=owner.chat.model if plan.mode is Mode.CHAT else "",
+                tts_model=speech.model,
+            )
+        )
 
         segments: asyncio.Queue[str | None] = asyncio.Queue()
         lookahead = asyncio.Semaphore(owner.settings.lookahead_segments)
@@ -410,7 +439,8 @@ class SynthesisStream:
             stream = guarded_stream(
                 owner.llm_stage,
                 lambda: owner.chat.stream(
-                    plan.messages, max_tokens=owner.settings.max_reply_tokens,
+                    plan.messages,
+                    max_tokens=owner.settings.max_reply_tokens,
                     timeout=owner.settings.llm_timeout_s or 600.0,
                 ),
                 deadline=self._deadline,
@@ -441,7 +471,10 @@ class SynthesisStream:
             stream = guarded_stream(
                 owner.tts_stage,
                 lambda: speech.synthesize(
-                    text, voice=plan.voice, speed=plan.speed, instructions=plan.instructions,
+                    text,
+                    voice=plan.voice,
+                    speed=plan.speed,
+                    instructions=plan.instructions,
                     timeout=owner.settings.tts_timeout_s or 600.0,
                 ),
                 deadline=self._deadline,
@@ -461,7 +494,8 @@ class SynthesisStream:
                 ordered.put_nowait((text, out))
             ordered.put_nowait(None)
 
-        enc = _Encoder(encoder, owner._encoders)
+        passthrough = plan.format is AudioFormat.PCM and plan.rate == speech.sample_rate
+        enc = _Encoder(encoder, owner._encoders, inline=passthrough)
         seq = 0
         samples = 0
         index = -1
@@ -474,7 +508,9 @@ class SynthesisStream:
                     index += 1
                     await emit(SegmentStarted(index, text, samples * 1000 // speech.sample_rate))
                     carry = b""
-                    while (pcm := await pcm_queue.get()) is not None:
+                    ended = False
+                    while not ended and (pcm := await pcm_queue.get()) is not None:
+                        pcm, ended = _join_waiting(pcm, pcm_queue)
                         pcm = carry + pcm
                         if len(pcm) % 2:
                             pcm, carry = pcm[:-1], pcm[-1:]
@@ -506,6 +542,24 @@ class SynthesisStream:
         finished.total_ms = since()
         self.finished = finished
         await emit(finished)
+
+
+def _join_waiting(first: bytes, queue: asyncio.Queue[bytes | None]) -> tuple[bytes, bool]:
+    """Join *first* with the chunks already waiting in *queue*, up to a bound.
+
+    Return the PCM and whether the end of the segment (``None``) was taken with it.
+    """
+    if queue.empty():
+        return first, False
+    parts = [first]
+    size = len(first)
+    while size < MAX_JOINED_PCM_BYTES and not queue.empty():
+        item = queue.get_nowait()
+        if item is None:
+            return b"".join(parts), True
+        parts.append(item)
+        size += len(item)
+    return b"".join(parts), False
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -8,6 +8,7 @@ the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -105,6 +106,8 @@ class Settings(BaseSettings):
     api_keys: CommaList = Field(default_factory=list)
     api_keys_file: Path | None = None
     allowed_origins: CommaList = Field(default_factory=list)
+    #: Proxies whose X-Forwarded-For the WebSocket door believes (IPs or CIDRs).
+    trusted_proxies: CommaList = Field(default_factory=list)
 
     # Limits
     max_input_chars: int = Field(4096, ge=1)
@@ -134,10 +137,20 @@ class Settings(BaseSettings):
     grpc_reflection: bool = False
     redis_url: str | None = None
 
-    @field_validator("api_keys", "allowed_origins", mode="before")
+    @field_validator("api_keys", "allowed_origins", "trusted_proxies", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+        return value
 
     @field_validator(
         "llm", "tts", "voice", "llm_base_url", "tts_base_url", "openai_base_url", mode="before"
@@ -155,6 +168,20 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("VOXRELAY_TLS_CERT and VOXRELAY_TLS_KEY must be set together")
+        if self.api_keys_file is not None:
+            # A key file that cannot be read must not leave the service open.
+            try:
+                file_keys = read_list_file(self.api_keys_file)
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or type(exc).__name__
+                raise ValueError(
+                    f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} cannot be read: {reason}"
+                ) from None
+            if not file_keys and not self.api_keys:
+                raise ValueError(
+                    f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} holds no keys"
+                    " (unset it to run open)"
+                )
         if self.chat_provider in ("openai", "realtime") and self.llm_credentials[0] is None:
             raise ValueError(
                 f"VOXRELAY_LLM={self.chat_provider} needs OPENAI_API_KEY or VOXRELAY_LLM_API_KEY"
