@@ -50,7 +50,14 @@ types: $(STAMP)
 
 check: lint types proto-check buf-lint
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+## The benchmark (about 10 minutes; `make bench BENCH_ARGS=--quick` for a tiny run).
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

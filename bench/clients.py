@@ -1,0 +1,398 @@
+"""The four ways the benchmark asks for a spoken answer, each timed from the client's side.
+
+- :class:`LimitClient`: the same upstream calls voxrelay makes, straight from the SDK,
+  with voxrelay's own :class:`~service.chunker.SentenceChunker` deciding when the first
+  segment is known. Its time to first audio is the limit no correct gateway can beat.
+- :class:`NaiveClient`: the seed's first version: the whole reply, then the whole text
+  in one speech call.
+- :class:`GrpcClient` and :class:`WsClient`: voxrelay over its two doors.
+
+Each request returns a :class:`Sample`. A *probe* stops at the first audio byte (a cancel
+on voxrelay's doors, closed responses on the SDK), for many time-to-first-audio samples
+at a low cost; a full request reads everything and tracks whether the audio kept up with
+real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx2
+import openai
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
+from websockets.asyncio.client import ClientConnection, connect
+
+from service.chunker import SentenceChunker
+from service.pipeline import DEFAULT_SYSTEM_PROMPT
+
+__all__ = [
+    "PCM_BYTES_PER_S",
+    "PROMPT",
+    "GrpcClient",
+    "LimitClient",
+    "NaiveClient",
+    "Playback",
+    "Sample",
+    "WsClient",
+]
+
+PROMPT = "How much is a ticket, and how often do the trains run?"
+LLM_MODEL = "gpt-4o-mini"  # voxrelay's defaults, so the upstream sees the same requests
+TTS_MODEL = "gpt-4o-mini-tts"
+VOICE = "alloy"
+MAX_TOKENS = 512
+#: s16le mono at 24 kHz, what OpenAI's speech API (and the fake) send for ``pcm``.
+PCM_BYTES_PER_S = 24_000 * 2
+#: voxrelay speaks up to this many segments ahead (VOXRELAY_LOOKAHEAD_SEGMENTS' default).
+LOOKAHEAD = 2
+#: streams per gRPC channel (one HTTP/2 connection each), as a client's pool would have.
+STREAMS_PER_CHANNEL = 100
+REQUEST_TIMEOUT_S = 120.0
+
+_GRPC_FORMATS = {
+    "pcm": pb.AUDIO_FORMAT_PCM,
+    "wav": pb.AUDIO_FORMAT_WAV,
+    "mp3": pb.AUDIO_FORMAT_MP3,
+    "opus": pb.AUDIO_FORMAT_OPUS,
+    "flac": pb.AUDIO_FORMAT_FLAC,
+    "aac": pb.AUDIO_FORMAT_AAC,
+    "mulaw": pb.AUDIO_FORMAT_MULAW,
+    "alaw": pb.AUDIO_FORMAT_ALAW,
+}
+
+
+@dataclass(slots=True)
+class Sample:
+    """One request as the client saw it; times are seconds from its start."""
+
+    started: float = 0.0  # time.perf_counter() when the request was sent
+    ttfa: float | None = None
+    total: float | None = None
+    audio_s: float = 0.0
+    stall_s: float = 0.0
+    error: str | None = None
+    probe: bool = False
+
+
+class Playback:
+    """Play audio from its first byte on, as it arrives; add up the waits for more.
+
+    A chunk that arrives after the audio before it has finished playing makes the
+    player wait: that wait is a stall. Only byte-counted formats (pcm) are tracked.
+    """
+
+    __slots__ = ("audio_s", "bytes_per_s", "first", "stall_s")
+
+    def __init__(self, bytes_per_s: int = PCM_BYTES_PER_S) -> None:
+        self.bytes_per_s = bytes_per_s
+        self.first: float | None = None
+        self.audio_s = 0.0
+        self.stall_s = 0.0
+
+    def arrive(self, at: float, nbytes: int) -> None:
+        if self.first is None:
+            self.first = at
+        else:
+            due = self.first + self.stall_s + self.audio_s
+            if at > due:
+                self.stall_s += at - due
+        self.audio_s += nbytes / self.bytes_per_s
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"grpc:{exc.code().name}"
+    if isinstance(exc, openai.APIStatusError):
+        return f"http:{exc.status_code}"
+    return type(exc).__name__
+
+
+def _messages() -> list[Any]:
+    return [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": PROMPT},
+    ]
+
+
+def sdk_client(base_url: str, connections: int) -> openai.AsyncOpenAI:
+    """Return an SDK client configured as voxrelay configures its own."""
+    return openai.AsyncOpenAI(
+        api_key="bench",
+        base_url=base_url,
+        max_retries=0,
+        http_client=openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(
+                max_connections=connections, max_keepalive_connections=connections
+            ),
+            timeout=openai.Timeout(REQUEST_TIMEOUT_S, connect=5.0),
+        ),
+    )
+
+
+class LimitClient:
+    """voxrelay's upstream calls made directly, with no gateway in between."""
+
+    kind = "limit"
+
+    def __init__(self, base_url: str, streams: int) -> None:
+        self.client = sdk_client(base_url, max(16, streams * (LOOKAHEAD + 1)))
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    async def _speak(self, text: str, *, first: bool, sample: Sample, probe: bool) -> int:
+        nbytes = 0
+        request = self.client.audio.speech.with_streaming_response.create(
+            model=TTS_MODEL, voice=VOICE, input=text, response_format="pcm"
+        )
+        async with request as response:
+            async for chunk in response.iter_bytes():
+                if not chunk:
+                    continue
+                if first and sample.ttfa is None:
+                    sample.ttfa = time.perf_counter() - sample.started
+                    if probe:
+                        break
+                nbytes += len(chunk)
+        return nbytes
+
+    async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
+        """Run the chat stream; speak each segment the chunker releases, as voxrelay does."""
+        del fmt  # the upstream only speaks pcm; formats are voxrelay's work
+        probe = sample.probe
+        sample.started = time.perf_counter()
+        chunker = SentenceChunker()
+        lookahead = asyncio.Semaphore(LOOKAHEAD)
+        speakers: list[asyncio.Task[int]] = []
+
+        async def speak(text: str, index: int) -> int:
+            try:
+                return await self._speak(text, first=index == 0, sample=sample, probe=probe)
+            finally:
+                lookahead.release()
+
+        async def start(segment: str) -> None:
+            await lookahead.acquire()
+            speakers.append(asyncio.create_task(speak(segment, len(speakers))))
+
+        try:
+            stream = await self.client.chat.completions.create(
+                model=LLM_MODEL,
+                messages=_messages(),
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=MAX_TOKENS,
+            )
+            async with stream:
+                async for chunk in stream:
+                    text = chunk.choices[0].delta.content if chunk.choices else None
+                    for segment in chunker.feed(text or ""):
+                        await start(segment)
+                    if probe and speakers:
+                        break  # the first segment is known: the rest of the reply is moot
+            if not probe:
+                for segment in chunker.flush():
+                    await start(segment)
+            elif not speakers:
+                for segment in chunker.flush()[:1]:
+                    await start(segment)
+            if probe:
+                await speakers[0]
+            else:
+                nbytes = sum(await asyncio.gather(*speakers))
+                sample.audio_s = nbytes / PCM_BYTES_PER_S
+                sample.total = time.perf_counter() - sample.started
+        except Exception as exc:
+            sample.error = _error(exc)
+        finally:
+            for task in speakers:
+                task.cancel()
+            await asyncio.gather(*speakers, return_exceptions=True)
+
+
+class NaiveClient:
+    """The whole reply first, then the whole text as one speech call."""
+
+    kind = "naive"
+
+    def __init__(self, base_url: str, streams: int) -> None:
+        self.client = sdk_client(base_url, max(16, streams * 2))
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
+        del fmt
+        probe = sample.probe
+        sample.started = time.perf_counter()
+        try:
+            reply = await self.client.chat.completions.create(
+                model=LLM_MODEL, messages=_messages(), max_tokens=MAX_TOKENS
+            )
+            text = reply.choices[0].message.content or ""
+            nbytes = 0
+            request = self.client.audio.speech.with_streaming_response.create(
+                model=TTS_MODEL, voice=VOICE, input=text, response_format="pcm"
+            )
+            async with request as response:
+                async for chunk in response.iter_bytes():
+                    if sample.ttfa is None and chunk:
+                        sample.ttfa = time.perf_counter() - sample.started
+                        if probe:
+                            break
+                    nbytes += len(chunk)
+            if not probe:
+                sample.audio_s = nbytes / PCM_BYTES_PER_S
+                sample.total = time.perf_counter() - sample.started
+        except Exception as exc:
+            sample.error = _error(exc)
+
+
+class GrpcClient:
+    """voxrelay's ``Synthesize`` over a small pool of channels."""
+
+    kind = "grpc"
+
+    def __init__(self, target: str, streams: int) -> None:
+        count = max(1, -(-streams // STREAMS_PER_CHANNEL))
+        # A local subchannel pool gives each channel its own HTTP/2 connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
+        self.stubs = [pb_grpc.SynthesizerStub(c) for c in self.channels]
+        self._next = itertools.count()
+
+    async def aclose(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+    async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
+        stub = self.stubs[next(self._next) % len(self.stubs)]
+        probe = sample.probe
+        sample.started = time.perf_counter()
+        playback = Playback() if fmt == "pcm" else None
+        audio_bytes = 0
+        call = stub.Synthesize(
+            pb.SynthesizeRequest(
+                text=PROMPT, mode=pb.MODE_CHAT, voice=VOICE, format=_GRPC_FORMATS[fmt]
+            ),
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        try:
+            async for response in call:
+                if response.HasField("audio"):
+                    at = time.perf_counter()
+                    nbytes = len(response.audio.data)
+                    if sample.ttfa is None:
+                        sample.ttfa = at - sample.started
+                        if probe:
+                            call.cancel()
+                            break
+                    audio_bytes += nbytes
+                    if playback is not None:
+                        playback.arrive(at, nbytes)
+                elif response.HasField("finished"):
+                    sample.total = time.perf_counter() - sample.started
+                    sample.audio_s = response.finished.audio_ms / 1000
+        except Exception as exc:
+            sample.error = _error(exc)
+        if playback is not None:
+            sample.stall_s = playback.stall_s
+        if not probe and sample.error is None and sample.total is None:
+            sample.error = "no_finished"
+
+
+class WsClient:
+    """voxrelay's WebSocket door: one connection per concurrent stream, reused."""
+
+    kind = "ws"
+
+    def __init__(self, url: str, streams: int) -> None:
+        self.url = url
+        self.idle: list[ClientConnection] = []
+        self._ids = itertools.count()
+        self._want = streams
+
+    async def open(self, count: int | None = None) -> None:
+        """Open the connections before the clock starts, in batches."""
+        want = self._want if count is None else count
+        while len(self.idle) < want:
+            batch = min(100, want - len(self.idle))
+            self.idle += await asyncio.gather(*(self._connect() for _ in range(batch)))
+
+    async def _connect(self) -> ClientConnection:
+        return await connect(
+            self.url, compression=None, max_size=None, ping_interval=None, open_timeout=30
+        )
+
+    async def aclose(self) -> None:
+        conns, self.idle = self.idle, []
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+
+    async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
+        ws = self.idle.pop() if self.idle else await self._connect()
+        probe = sample.probe
+        sample.started = time.perf_counter()
+        playback = Playback() if fmt == "pcm" else None
+        request_id = f"b{next(self._ids)}"
+        healthy = True
+        try:
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "synthesize",
+                        "id": request_id,
+                        "text": PROMPT,
+                        "mode": "chat",
+                        "voice": VOICE,
+                        "format": fmt,
+                    }
+                )
+            )
+            cancelled = False
+            async for message in ws:
+                if isinstance(message, bytes):
+                    if cancelled:
+                        continue
+                    at = time.perf_counter()
+                    if sample.ttfa is None:
+                        sample.ttfa = at - sample.started
+                        if probe:
+                            cancelled = True
+                            await ws.send(json.dumps({"type": "cancel", "id": request_id}))
+                            continue
+                    if playback is not None:
+                        playback.arrive(at, len(message))
+                    continue
+                frame = json.loads(message)
+                kind = frame.get("type")
+                if kind == "finished":
+                    if not cancelled:
+                        sample.total = time.perf_counter() - sample.started
+                        sample.audio_s = frame.get("audio_ms", 0) / 1000
+                    break
+                if kind == "cancelled":
+                    break
+                if kind == "error":
+                    sample.error = f"ws:{frame.get('code')}"
+                    break
+            else:
+                sample.error = f"ws_closed:{ws.close_code}"
+                healthy = False
+        except Exception as exc:
+            sample.error = _error(exc)
+            healthy = False
+        if playback is not None:
+            sample.stall_s = playback.stall_s
+        if healthy:
+            self.idle.append(ws)
+        else:
+            with contextlib.suppress(Exception):
+                await ws.close()

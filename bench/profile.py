@@ -1,0 +1,121 @@
+"""Sample voxrelay's stacks with py-spy during a phase, and say where its CPU went.
+
+py-spy is optional (``pip install py-spy``); ``--nonblocking`` because ptrace-stopping the
+process is not allowed everywhere and would disturb the timings anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Profiler", "summarise"]
+
+_LINE = re.compile(r":\d+\)$")
+#: Frames every sample of the main thread shares: they say nothing about the work.
+_TRIVIAL = (
+    "<frozen runpy>",
+    "gateways/cli.py",
+    "asyncio/runners.py",
+    "asyncio/base_events.py",
+    "asyncio/events.py",
+    "threading.py",
+)
+
+
+def _py_spy() -> str | None:
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+class Profiler:
+    """``py-spy record`` on *pid* for *seconds*, writing collapsed stacks to *path*."""
+
+    def __init__(
+        self, pid: int, path: Path, seconds: float, rate: int = 100, prefix: Sequence[str] = ()
+    ) -> None:
+        self.pid = pid
+        self.prefix = list(prefix)  # e.g. taskset, to keep py-spy off voxrelay's core
+        self.path = path
+        self.seconds = seconds
+        self.rate = rate
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return _py_spy() is not None
+
+    async def start(self) -> None:
+        exe = _py_spy()
+        if exe is None:
+            return
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.prefix,
+            exe,
+            "record",
+            "--nonblocking",
+            "--threads",
+            "-p",
+            str(self.pid),
+            "-d",
+            str(max(1, round(self.seconds))),
+            "-r",
+            str(self.rate),
+            "-f",
+            "raw",
+            "-o",
+            str(self.path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def wait(self) -> bool:
+        if self._proc is None:
+            return False
+        try:
+            await asyncio.wait_for(self._proc.wait(), self.seconds + 30)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+        return self.path.exists()
+
+
+def summarise(path: Path, top: int = 30) -> dict[str, Any]:
+    """Read collapsed stacks; return the heaviest frames, inclusive and self, in %."""
+    inclusive: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        threads[re.sub(r"\s*\(\d+\)", "", frames[0])] += n
+        leaf[frames[-1]] += n
+        seen = set()
+        for frame in frames[1:]:
+            key = _LINE.sub(")", frame)
+            if key in seen or any(t in key for t in _TRIVIAL):
+                continue
+            seen.add(key)
+            inclusive[key] += n
+
+    def rows(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [{"frame": f, "pct": round(100 * n / total, 1)} for f, n in counter.most_common(top)]
+
+    return {
+        "samples": total,
+        "threads": rows(threads) if total else [],
+        "inclusive": rows(inclusive) if total else [],
+        "self": rows(leaf) if total else [],
+    }
