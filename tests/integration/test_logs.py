@@ -218,11 +218,6 @@ async def test_every_stream_ends_with_exactly_one_line(
     assert upstream["level"] == "warning" and "500" in upstream["error"]
 
 
-@pytest.mark.xfail(
-    reason="gateways/ws_server.py creates the StreamRecord inside the stream's task: a"
-    " cancel that arrives before the task first runs leaves no line and no count",
-    strict=False,
-)
 async def test_a_stream_cancelled_at_once_still_ends_with_one_line(app: App, log: Captured) -> None:
     async with open_ws(app) as ws:
         for i in range(20):
