@@ -1,0 +1,138 @@
+"""The transcript aligner: a speaking model's transcript and audio, paired segment by segment."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.alignment import TranscriptAligner
+from service.chunker import SentenceChunker
+from tests.fakes.openai_upstream import tokenize
+
+REPLY = (
+    "Sure, here is what I found. A single ticket costs $3.50 for adults. "
+    "Children under five ride for free! Have a pleasant trip."
+)
+
+
+def audio_of(token: str) -> bytes:
+    """Stand-in PCM: two bytes per character, tagged with the token so tests can trace it."""
+    return token.encode().ljust(2 * len(token), b"_")[: 2 * len(token)]
+
+
+def split(items: list[str | bytes]) -> list[tuple[str, bytes]]:
+    """Group emitted items into (segment text, its audio)."""
+    groups: list[tuple[str, bytes]] = []
+    for item in items:
+        if isinstance(item, str):
+            groups.append((item, b""))
+        else:
+            assert groups, "audio came before its segment"
+            text, audio = groups[-1]
+            groups[-1] = (text, audio + item)
+    return groups
+
+
+def speak(tokens: list[str], *, lead: int = 0) -> list[str | bytes]:
+    """Feed each token's transcript *lead* tokens ahead of its audio, like a speaking model."""
+    aligner = TranscriptAligner()
+    out: list[str | bytes] = []
+    for i in range(len(tokens) + lead):
+        if i < len(tokens):
+            out += aligner.transcript(tokens[i])
+        if i - lead >= 0:
+            out += aligner.audio(audio_of(tokens[i - lead]))
+    return out + aligner.end()
+
+
+def test_each_segment_gets_the_audio_of_its_own_words() -> None:
+    tokens = tokenize(REPLY)
+    groups = split(speak(tokens))
+    chunker = SentenceChunker()
+    assert [text for text, _ in groups] == chunker.feed(REPLY) + chunker.flush()
+    # Give each token to the segment its last character falls in.
+    ends = []
+    position = 0
+    for text, _ in groups:
+        position = REPLY.index(text, position) + len(text)
+        ends.append(position)
+    expected = [b""] * len(groups)
+    position = 0
+    for token in tokens:
+        position += len(token)
+        expected[next(i for i, end in enumerate(ends) if position <= end)] += audio_of(token)
+    assert [audio for _, audio in groups] == expected
+
+
+def test_audio_streams_as_soon_as_its_segment_is_announced() -> None:
+    aligner = TranscriptAligner()
+    assert aligner.transcript("Hello there, my friend.") == []  # the sentence is not certain yet
+    assert aligner.audio(b"ab") == []  # held: its segment is not announced
+    released = aligner.transcript(" How")
+    assert released == ["Hello there, my friend.", b"ab"]
+    # More audio of the announced segment flows at once, up to where " How" came in.
+    assert aligner.audio(b"cd") == []  # " How" arrived after b"ab": this is the next segment's
+    assert aligner.end() == ["How", b"cd"]
+
+
+def test_audio_before_any_transcript_waits_for_the_first_segment() -> None:
+    aligner = TranscriptAligner()
+    out = aligner.audio(b"\x01\x02" * 10)
+    out += aligner.transcript("Hi.")
+    out += aligner.audio(b"\x03\x04")
+    out += aligner.end()
+    assert out[0] == "Hi."
+    assert b"".join(x for x in out if isinstance(x, bytes)) == b"\x01\x02" * 10 + b"\x03\x04"
+
+
+def test_audio_without_a_transcript_is_announced_with_no_text() -> None:
+    aligner = TranscriptAligner()
+    assert aligner.audio(b"xy") == []
+    assert aligner.end() == ["", b"xy"]
+    assert aligner.segments == 1
+
+
+def test_nothing_at_all_emits_nothing() -> None:
+    assert TranscriptAligner().end() == []
+
+
+def test_a_transcript_far_ahead_of_the_audio_keeps_every_byte_in_order() -> None:
+    tokens = tokenize(REPLY)
+    out = speak(tokens, lead=len(tokens))
+    groups = split(out)
+    assert b"".join(a for _, a in groups) == b"".join(audio_of(t) for t in tokens)
+    assert len(groups) == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=len(REPLY) - 1), max_size=30),
+    audio_sizes=st.lists(st.integers(min_value=1, max_value=97), min_size=1, max_size=40),
+    order=st.lists(st.booleans(), min_size=70, max_size=70),
+)
+def test_any_interleaving_keeps_the_segments_and_every_byte(
+    cuts: list[int], audio_sizes: list[int], order: list[bool]
+) -> None:
+    bounds = sorted({0, *cuts, len(REPLY)})
+    deltas = [REPLY[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    audio = [bytes([i % 251]) * n for i, n in enumerate(audio_sizes)]
+    aligner = TranscriptAligner()
+    out: list[str | bytes] = []
+    d = a = 0
+    for take_text in order:
+        if take_text and d < len(deltas):
+            out += aligner.transcript(deltas[d])
+            d += 1
+        elif a < len(audio):
+            out += aligner.audio(audio[a])
+            a += 1
+    for delta in deltas[d:]:
+        out += aligner.transcript(delta)
+    for pcm in audio[a:]:
+        out += aligner.audio(pcm)
+    out += aligner.end()
+
+    chunker = SentenceChunker()
+    assert [x for x in out if isinstance(x, str)] == chunker.feed(REPLY) + chunker.flush()
+    assert isinstance(out[0], str)  # no audio before the first segment
+    assert b"".join(x for x in out if isinstance(x, bytes)) == b"".join(audio)
