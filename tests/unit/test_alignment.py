@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,7 +116,7 @@ def test_any_interleaving_keeps_the_segments_and_every_byte(
     cuts: list[int], audio_sizes: list[int], order: list[bool]
 ) -> None:
     bounds = sorted({0, *cuts, len(REPLY)})
-    deltas = [REPLY[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    deltas = [REPLY[a:b] for a, b in itertools.pairwise(bounds)]
     audio = [bytes([i % 251]) * n for i, n in enumerate(audio_sizes)]
     aligner = TranscriptAligner()
     out: list[str | bytes] = []
