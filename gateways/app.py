@@ -102,7 +102,7 @@ class App:
                 "demo": f"{'https' if s.tls_cert else 'http'}://{s.host}:{self.ws_port}/",
                 "metrics": f"http://{s.host}:{self.metrics_port}/metrics",
                 **s.describe_choice(),
-                "llm_model": self.synthesizer.chat.model,
+                "llm_model": self.synthesizer.reply_provider.model,
                 "tts_model": self.synthesizer.speech.model,
                 "auth": "api_keys" if self.synthesizer.keys.required else "open",
                 "log_text": s.log_text,

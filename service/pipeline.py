@@ -1,5 +1,7 @@
 """The synthesis pipeline: chat deltas → sentences → speech → one encoder → events.
 
+(Or, with a speaking model, its transcript and audio → segments → the same encoder.)
+
 A :class:`Synthesizer` is built once per process from the settings and the chosen
 providers; each request opens a :class:`SynthesisStream`, an async iterator of
 :mod:`service.model` events that owns every task and thread it starts::
@@ -18,7 +20,7 @@ import asyncio
 import logging
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from . import metrics
+from .alignment import TranscriptAligner
 from .audio import StreamEncoder, format_info, output_rate
 from .auth import KeyStore
 from .chunker import SentenceChunker
@@ -43,7 +46,7 @@ from .model import (
     SynthesisRequest,
     Voice,
 )
-from .providers.base import ChatProvider, SpeechEngine
+from .providers.base import ChatProvider, SpeakingModel, SpeechEngine
 from .resilience import Stage, guarded_stream
 from .settings import Settings
 
@@ -82,27 +85,42 @@ class _Plan:
 
 
 class Synthesizer:
-    """Serve synthesis requests with one chat provider and one speech engine."""
+    """Serve synthesis requests with the providers the settings chose.
 
-    def __init__(self, settings: Settings, chat: ChatProvider, speech: SpeechEngine) -> None:
+    Chat mode takes one of two shapes: a chat provider whose reply is cut into segments
+    and spoken by the speech engine, or a speaking model that writes and speaks the reply
+    in one upstream call. Speak mode always uses the speech engine.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        chat: ChatProvider | SpeakingModel,
+        speech: SpeechEngine,
+    ) -> None:
         self.settings = settings
-        self.chat = chat
         self.speech = speech
-        self.llm_stage = Stage.build(
-            "llm",
-            chat.name,
-            timeout_s=settings.llm_timeout_s,
-            retries=settings.upstream_retries,
-            breaker_failures=settings.breaker_failures,
-            breaker_cooldown_s=settings.breaker_cooldown_s,
-        )
-        self.tts_stage = Stage.build(
-            "tts",
-            speech.name,
-            timeout_s=settings.tts_timeout_s,
-            retries=settings.upstream_retries,
-            breaker_failures=settings.breaker_failures,
-            breaker_cooldown_s=settings.breaker_cooldown_s,
+        self.chat: ChatProvider | None = None
+        self.speaking: SpeakingModel | None = None
+        if isinstance(chat, SpeakingModel):
+            self.speaking = chat
+        else:
+            self.chat = chat
+
+        def stage(name: str, provider: str, timeout_s: float) -> Stage:
+            return Stage.build(
+                name,
+                provider,
+                timeout_s=timeout_s,
+                retries=settings.upstream_retries,
+                breaker_failures=settings.breaker_failures,
+                breaker_cooldown_s=settings.breaker_cooldown_s,
+            )
+
+        self.llm_stage = stage("llm", chat.name, settings.llm_timeout_s) if self.chat else None
+        self.tts_stage = stage("tts", speech.name, settings.tts_timeout_s)
+        self.realtime_stage = (
+            stage("realtime", chat.name, settings.llm_timeout_s) if self.speaking else None
         )
         # Encoding is CPU work: it runs here, never on the event loop.
         self._encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
@@ -116,6 +134,13 @@ class Synthesizer:
         self.draining = False
 
     # Lifecycle
+
+    @property
+    def reply_provider(self) -> ChatProvider | SpeakingModel:
+        """The chat provider, or the speaking model, that answers in chat mode."""
+        provider = self.chat if self.chat is not None else self.speaking
+        assert provider is not None
+        return provider
 
     @property
     def active_streams(self) -> int:
@@ -136,7 +161,7 @@ class Synthesizer:
 
     async def aclose(self) -> None:
         """Release providers and the encoder threads."""
-        await self.chat.aclose()
+        await self.reply_provider.aclose()
         await self.speech.aclose()
         self._encoders.shutdown(wait=True, cancel_futures=True)
 
@@ -207,21 +232,24 @@ class Synthesizer:
         if sum(len(t.content) for t in request.history) > s.max_input_chars * 8:
             raise TooLarge("history is too long: send fewer or shorter turns")
 
-        voice = request.voice or s.voice or self.speech.default_voice
-        if getattr(self.speech, "validates_voices", True):
-            names = {v.name.lower() for v in await self.voices()}
-            if voice.lower() not in names:
+        # The engine that speaks: the speaking model answers chat mode when there is one.
+        engine: SpeechEngine | SpeakingModel = self.speech
+        if request.mode is Mode.CHAT and self.speaking is not None:
+            engine = self.speaking
+        voice = request.voice or engine.default_voice
+        if getattr(engine, "validates_voices", True):
+            known = await (self.voices() if engine is self.speech else engine.voices())
+            if voice.lower() not in {v.name.lower() for v in known}:
                 raise InvalidRequest(
                     f"unknown voice {voice[:40]!r}: list voices with `voxrelay voices`"
                     " or ListVoices"
                 )
         fmt = request.format or s.format
-        rate = output_rate(fmt, self.speech.sample_rate, request.sample_rate_hz)
+        rate = output_rate(fmt, engine.sample_rate, request.sample_rate_hz)
         speed = request.speed or 1.0
-        if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
-            raise InvalidRequest(
-                f"speed {speed:g} is out of range {SPEED_RANGE[0]}–{SPEED_RANGE[1]}"
-            )
+        high = min(SPEED_RANGE[1], getattr(engine, "max_speed", SPEED_RANGE[1]))
+        if not SPEED_RANGE[0] <= speed <= high:
+            raise InvalidRequest(f"speed {speed:g} is out of range {SPEED_RANGE[0]}–{high:g}")
         messages: tuple[ChatMessage, ...] = ()
         if request.mode is Mode.CHAT:
             system = ChatMessage("system", request.instructions or DEFAULT_SYSTEM_PROMPT)
@@ -399,25 +427,57 @@ class SynthesisStream:
         def since() -> int:
             return max(0, round((loop.time() - t0) * 1000))
 
-        speech = owner.speech
-        info = format_info(plan.format)
-        encoder = StreamEncoder(plan.format, input_rate=speech.sample_rate, output_rate=plan.rate)
-        finished = StreamFinished()
-        emit = self._queue.put
-
-        await emit(
+        speaking = owner.speaking if plan.mode is Mode.CHAT else None
+        rate = speaking.sample_rate if speaking is not None else owner.speech.sample_rate
+        encoder = StreamEncoder(plan.format, input_rate=rate, output_rate=plan.rate)
+        passthrough = plan.format is AudioFormat.PCM and plan.rate == rate
+        out = _Output(
+            self._queue.put,
+            _Encoder(encoder, owner._encoders, inline=passthrough),
+            input_rate=rate,
+            since=since,
+        )
+        if speaking is not None:
+            llm_model = tts_model = speaking.model
+        else:
+            llm_model = owner.chat.model if plan.mode is Mode.CHAT and owner.chat else ""
+            tts_model = owner.speech.model
+        await out.emit(
             StreamStarted(
                 request_id=plan.request_id,
                 format=plan.format,
-                content_type=info.content_type,
+                content_type=format_info(plan.format).content_type,
                 sample_rate_hz=encoder.sample_rate,
                 channels=encoder.channels,
                 voice=plan.voice,
-                llm_model=owner.chat.model if plan.mode is Mode.CHAT else "",
-                tts_model=speech.model,
+                llm_model=llm_model,
+                tts_model=tts_model,
             )
         )
+        try:
+            if speaking is not None:
+                reply = await self._speak_reply(plan, speaking, out)
+            else:
+                reply = await self._write_and_speak(plan, out)
+            await out.flush()
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        finally:
+            out.close()
 
+        finished = out.finished
+        finished.reply_text = reply
+        finished.segments = out.index + 1
+        finished.audio_ms = out.audio_ms
+        finished.total_ms = since()
+        self.finished = finished
+        await out.emit(finished)
+
+    async def _write_and_speak(self, plan: _Plan, out: _Output) -> str:
+        """Chat provider (or the text itself) → chunker → speech engine, pipelined."""
+        owner = self._owner
+        speech = owner.speech
+        finished = out.finished
         segments: asyncio.Queue[str | None] = asyncio.Queue()
         lookahead = asyncio.Semaphore(owner.settings.lookahead_segments)
         ordered: asyncio.Queue[tuple[str, asyncio.Queue[bytes | None]] | None] = asyncio.Queue()
@@ -430,15 +490,15 @@ class SynthesisStream:
                     segments.put_nowait(seg)
                 segments.put_nowait(None)
                 return
-
-            tokens = metrics.UPSTREAM_TOKENS
+            chat, stage = owner.chat, owner.llm_stage
+            assert chat is not None and stage is not None  # chat mode, no speaking model
 
             def first_token() -> None:
-                finished.llm_first_token_ms = since()
+                finished.llm_first_token_ms = out.since()
 
             stream = guarded_stream(
-                owner.llm_stage,
-                lambda: owner.chat.stream(
+                stage,
+                lambda: chat.stream(
                     plan.messages,
                     max_tokens=owner.settings.max_reply_tokens,
                     timeout=owner.settings.llm_timeout_s or 600.0,
@@ -452,20 +512,15 @@ class SynthesisStream:
                         reply_parts.append(delta.text)
                         for seg in chunker.feed(delta.text):
                             segments.put_nowait(seg)
-                    if delta.prompt_tokens is not None:
-                        finished.prompt_tokens = delta.prompt_tokens
-                        tokens.labels(owner.chat.name, "prompt").inc(delta.prompt_tokens)
-                    if delta.completion_tokens is not None:
-                        finished.completion_tokens = delta.completion_tokens
-                        tokens.labels(owner.chat.name, "completion").inc(delta.completion_tokens)
+                    _count_usage(finished, chat.name, delta.prompt_tokens, delta.completion_tokens)
             for seg in chunker.flush():
                 segments.put_nowait(seg)
             segments.put_nowait(None)
 
-        async def speak_segment(text: str, out: asyncio.Queue[bytes | None]) -> None:
+        async def speak_segment(text: str, pcm: asyncio.Queue[bytes | None]) -> None:
             def first_byte() -> None:
                 if not finished.tts_first_byte_ms:
-                    finished.tts_first_byte_ms = since()
+                    finished.tts_first_byte_ms = out.since()
 
             metrics.UPSTREAM_CHARACTERS.labels(speech.name).inc(len(text))
             stream = guarded_stream(
@@ -480,68 +535,149 @@ class SynthesisStream:
                 deadline=self._deadline,
                 on_first=first_byte,
             )
-            async with aclosing(stream) as pcm:
-                async for chunk in pcm:
-                    out.put_nowait(chunk)
-            out.put_nowait(None)
+            async with aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    pcm.put_nowait(chunk)
+            pcm.put_nowait(None)
 
         async def schedule_speech(tg: asyncio.TaskGroup) -> None:
             # Start speaking segment k+1 while segment k is still being sent.
             while (text := await segments.get()) is not None:
                 await lookahead.acquire()
-                out: asyncio.Queue[bytes | None] = asyncio.Queue()
-                tg.create_task(speak_segment(text, out))
-                ordered.put_nowait((text, out))
+                pcm: asyncio.Queue[bytes | None] = asyncio.Queue()
+                tg.create_task(speak_segment(text, pcm))
+                ordered.put_nowait((text, pcm))
             ordered.put_nowait(None)
 
-        passthrough = plan.format is AudioFormat.PCM and plan.rate == speech.sample_rate
-        enc = _Encoder(encoder, owner._encoders, inline=passthrough)
-        seq = 0
-        samples = 0
-        index = -1
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(write_text())
-                tg.create_task(schedule_speech(tg))
-                while (item := await ordered.get()) is not None:
-                    text, pcm_queue = item
-                    index += 1
-                    await emit(SegmentStarted(index, text, samples * 1000 // speech.sample_rate))
-                    carry = b""
-                    ended = False
-                    while not ended and (pcm := await pcm_queue.get()) is not None:
-                        pcm, ended = _join_waiting(pcm, pcm_queue)
-                        pcm = carry + pcm
-                        if len(pcm) % 2:
-                            pcm, carry = pcm[:-1], pcm[-1:]
-                        else:
-                            carry = b""
-                        samples += len(pcm) // 2
-                        data = await enc.encode(pcm)
-                        if data:
-                            if seq == 0:
-                                finished.time_to_first_audio_ms = since()
-                            await emit(AudioChunk(index, seq, data))
-                            seq += 1
-                            finished.audio_bytes += len(data)
-                    lookahead.release()
-                tail = await enc.flush()
-                if tail:
-                    if seq == 0:
-                        finished.time_to_first_audio_ms = since()
-                    await emit(AudioChunk(max(index, 0), seq, tail))
-                    finished.audio_bytes += len(tail)
-        except BaseExceptionGroup as group:
-            raise _first_error(group) from None
-        finally:
-            enc.close()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(write_text())
+            tg.create_task(schedule_speech(tg))
+            while (item := await ordered.get()) is not None:
+                text, pcm_queue = item
+                await out.segment(text)
+                ended = False
+                while not ended and (pcm := await pcm_queue.get()) is not None:
+                    pcm, ended = _join_waiting(pcm, pcm_queue)
+                    await out.audio(pcm)
+                lookahead.release()
+        return plan.text if plan.mode is Mode.SPEAK else "".join(reply_parts)
 
-        finished.reply_text = plan.text if plan.mode is Mode.SPEAK else "".join(reply_parts)
-        finished.segments = index + 1
-        finished.audio_ms = samples * 1000 // speech.sample_rate
-        finished.total_ms = since()
-        self.finished = finished
-        await emit(finished)
+    async def _speak_reply(self, plan: _Plan, speaking: SpeakingModel, out: _Output) -> str:
+        """A speaking model writes and speaks the reply; its transcript is cut into segments."""
+        owner = self._owner
+        finished = out.finished
+        aligner = TranscriptAligner()
+        transcript: list[str] = []
+
+        def first_delta() -> None:
+            finished.llm_first_token_ms = out.since()
+
+        assert owner.realtime_stage is not None
+        stream = guarded_stream(
+            owner.realtime_stage,
+            lambda: speaking.respond(
+                plan.messages,
+                voice=plan.voice,
+                speed=plan.speed,
+                max_output_tokens=owner.settings.realtime_max_output_tokens,
+                timeout=owner.settings.llm_timeout_s or 600.0,
+            ),
+            deadline=self._deadline,
+            on_first=first_delta,
+        )
+        async with aclosing(stream) as deltas:
+            async for delta in deltas:
+                items: list[str | bytes] = []
+                if delta.text:
+                    transcript.append(delta.text)
+                    items = aligner.transcript(delta.text)
+                elif delta.pcm:
+                    if not finished.tts_first_byte_ms:
+                        finished.tts_first_byte_ms = out.since()
+                    items = aligner.audio(delta.pcm)
+                _count_usage(finished, speaking.name, delta.prompt_tokens, delta.completion_tokens)
+                await out.send(items)
+        await out.send(aligner.end())
+        return "".join(transcript)
+
+
+class _Output:
+    """The ordered end of a stream: segments and their audio through the one encoder."""
+
+    def __init__(
+        self,
+        emit: Callable[[Any], Awaitable[None]],
+        encoder: _Encoder,
+        *,
+        input_rate: int,
+        since: Callable[[], int],
+    ) -> None:
+        self.emit = emit
+        self.since = since
+        self.finished = StreamFinished()
+        self.index = -1
+        self._encoder = encoder
+        self._rate = input_rate
+        self._seq = 0
+        self._samples = 0
+        self._carry = b""
+
+    @property
+    def audio_ms(self) -> int:
+        return self._samples * 1000 // self._rate
+
+    async def segment(self, text: str) -> None:
+        """Announce the next segment; its audio starts where the stream's audio is now."""
+        self.index += 1
+        await self.emit(SegmentStarted(self.index, text, self.audio_ms))
+
+    async def audio(self, pcm: bytes) -> None:
+        """Encode PCM of the current segment and send what the encoder gives back."""
+        pcm = self._carry + pcm
+        if len(pcm) % 2:  # engines may split a sample across chunks
+            pcm, self._carry = pcm[:-1], pcm[-1:]
+        else:
+            self._carry = b""
+        if not pcm:
+            return
+        self._samples += len(pcm) // 2
+        await self._chunk(await self._encoder.encode(pcm))
+
+    async def send(self, items: list[str | bytes]) -> None:
+        """Send segment texts (``str``) and PCM (``bytes``) in the order given."""
+        for item in items:
+            if isinstance(item, str):
+                await self.segment(item)
+            else:
+                await self.audio(item)
+
+    async def flush(self) -> None:
+        """Send what the encoder still holds (the end of the file)."""
+        await self._chunk(await self._encoder.flush())
+
+    def close(self) -> None:
+        self._encoder.close()
+
+    async def _chunk(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._seq == 0:
+            self.finished.time_to_first_audio_ms = self.since()
+        await self.emit(AudioChunk(max(self.index, 0), self._seq, data))
+        self._seq += 1
+        self.finished.audio_bytes += len(data)
+
+
+def _count_usage(
+    finished: StreamFinished, provider: str, prompt: int | None, completion: int | None
+) -> None:
+    """Note the upstream's reported token usage in *finished* and the cost counters."""
+    if prompt is not None:
+        finished.prompt_tokens = prompt
+        metrics.UPSTREAM_TOKENS.labels(provider, "prompt").inc(prompt)
+    if completion is not None:
+        finished.completion_tokens = completion
+        metrics.UPSTREAM_TOKENS.labels(provider, "completion").inc(completion)
 
 
 def _join_waiting(first: bytes, queue: asyncio.Queue[bytes | None]) -> tuple[bytes, bool]:

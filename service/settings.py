@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     llm_model: str = "gpt-4o-mini"
     tts_model: str = "gpt-4o-mini-tts"
     realtime_model: str = "gpt-realtime-2.1-mini"
-    realtime_max_output_tokens: int = Field(4096, ge=0)
+    #: the Realtime API takes 1–4096 (audio tokens included); 0 asks for its maximum.
+    realtime_max_output_tokens: int = Field(4096, ge=0, le=4096)
     voice: str | None = None
     format: AudioFormat = AudioFormat.MP3
 
@@ -158,6 +159,17 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("tts", mode="before")
+    @classmethod
+    def _speech_engine(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "realtime":
+            raise ValueError(
+                "realtime is a speaking model, not a speech engine: set VOXRELAY_LLM=realtime"
+                " (it replaces the TTS stage in chat mode); VOXRELAY_TTS (openai or espeak)"
+                " still speaks speak mode"
+            )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,20 +1,21 @@
-"""The two small interfaces every upstream implements.
+"""The small interfaces every upstream implements.
 
 A chat provider streams text deltas of a reply; a speech engine streams PCM for one
-segment of text. Retries, timeouts, the circuit breaker and metrics live in the core
-around these calls, so a provider only translates between its upstream and these types
-and raises :mod:`service.errors` for failures.
+segment of text; a speaking model (OpenAI's Realtime API) does both at once, streaming
+the reply's transcript and its audio. Retries, timeouts, the circuit breaker and metrics
+live in the core around these calls, so a provider only translates between its upstream
+and these types and raises :mod:`service.errors` for failures.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..model import ChatMessage, Voice
 
-__all__ = ["ChatDelta", "ChatProvider", "SpeechEngine"]
+__all__ = ["ChatDelta", "ChatProvider", "SpeakingModel", "SpeechEngine", "SpokenDelta"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,4 +79,58 @@ class SpeechEngine(Protocol):
 
     async def aclose(self) -> None:
         """Release the engine."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SpokenDelta:
+    """A piece of a spoken reply: transcript text, PCM, or (at the end) the usage."""
+
+    text: str = ""
+    pcm: bytes = b""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@runtime_checkable
+class SpeakingModel(Protocol):
+    """Write and speak a reply to a conversation in one upstream call."""
+
+    #: closed-set provider name used in metrics and logs: "realtime".
+    name: str
+    #: model reported to callers in ``started`` (as both the LLM and the TTS model).
+    model: str
+    #: native rate of the PCM it yields (signed 16-bit little-endian mono).
+    sample_rate: int
+    #: the voice used when the caller names none.
+    default_voice: str
+    #: the fastest ``speed`` it accepts.
+    max_speed: float
+    #: whether :meth:`voices` is the whole list (else unknown names go to the upstream).
+    validates_voices: bool
+
+    async def voices(self) -> list[Voice]:
+        """List the voices this model speaks with."""
+        ...
+
+    def respond(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        voice: str,
+        speed: float,
+        max_output_tokens: int,
+        timeout: float,
+    ) -> AsyncGenerator[SpokenDelta, None]:
+        """Yield the reply's transcript and PCM as they are produced, then the usage.
+
+        *messages* is the whole conversation (system, history, user). Transcript deltas
+        come a little ahead of the audio that speaks them. *max_output_tokens* 0 means no
+        cap; *timeout* caps one network wait. The iterator must stop the upstream response
+        and release its session when it is closed early (``aclose``) or cancelled.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and other resources."""
         ...

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import cast
 
@@ -29,7 +29,15 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..model import ChatMessage
 from .base import ChatDelta
 
-__all__ = ["OpenAIChat", "build_client", "call_timeout", "upstream_errors"]
+__all__ = [
+    "OpenAIChat",
+    "build_client",
+    "call_timeout",
+    "redact",
+    "retry_after",
+    "status_error",
+    "upstream_errors",
+]
 
 # Transport failures the SDK lets through unwrapped (mid-body reads, TLS, anyio streams).
 _TRANSPORT_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream, ConnectionError)
@@ -61,13 +69,14 @@ def call_timeout(timeout: float, connect_timeout: float) -> openai.Timeout:
     return openai.Timeout(timeout, connect=min(timeout, connect_timeout))
 
 
-def _redact(text: str, api_key: str) -> str:
+def redact(text: str, api_key: str) -> str:
+    """Remove *api_key* and anything shaped like a key from *text* an upstream sent."""
     if api_key:
         text = text.replace(api_key, "[redacted]")
     return _SECRET.sub("[redacted]", text)
 
 
-def _retry_after(headers: httpx2.Headers) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """Return the wait the upstream asked for (``retry-after-ms`` first), in seconds."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
@@ -82,6 +91,20 @@ def _retry_after(headers: httpx2.Headers) -> float | None:
     return None
 
 
+def status_error(stage: str, status: int, detail: str, headers: Mapping[str, str]) -> UpstreamError:
+    """Return the error for an upstream's HTTP *status*: retryable for 429, 5xx, 408, 409."""
+    if status == 429 or status >= 500 or status in (408, 409):
+        return UpstreamError(
+            f"{stage} upstream is unavailable: {detail}",
+            retryable=True,
+            status=status,
+            retry_after_s=retry_after(headers),
+        )
+    return UpstreamError(
+        f"{stage} upstream rejected the request: {detail}", retryable=False, status=status
+    )
+
+
 def _status_error(stage: str, exc: openai.APIStatusError, api_key: str) -> UpstreamError:
     status = exc.status_code
     detail = f"{status}"
@@ -90,17 +113,8 @@ def _status_error(stage: str, exc: openai.APIStatusError, api_key: str) -> Upstr
     # OpenAI nests {"error": {...}} (the SDK unwraps it); others send a flat object or text.
     message = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
     if isinstance(message, str) and message.strip():
-        detail += f": {_redact(' '.join(message.split()), api_key)[:300]}"
-    if status == 429 or status >= 500 or status in (408, 409):
-        return UpstreamError(
-            f"{stage} upstream is unavailable: {detail}",
-            retryable=True,
-            status=status,
-            retry_after_s=_retry_after(exc.response.headers),
-        )
-    return UpstreamError(
-        f"{stage} upstream rejected the request: {detail}", retryable=False, status=status
-    )
+        detail += f": {redact(' '.join(message.split()), api_key)[:300]}"
+    return status_error(stage, status, detail, exc.response.headers)
 
 
 @contextmanager
@@ -127,7 +141,7 @@ def upstream_errors(stage: str, api_key: str) -> Iterator[None]:
         raise UpstreamError(f"{stage} upstream sent a malformed reply", retryable=False) from exc
     except openai.APIError as exc:
         # An error event inside a 200 stream: the upstream failed after it began to answer.
-        message = _redact(exc.message, api_key)[:300]
+        message = redact(exc.message, api_key)[:300]
         raise UpstreamError(f"{stage} upstream failed mid-stream: {message}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UpstreamError(f"{stage} upstream sent a malformed reply", retryable=False) from exc

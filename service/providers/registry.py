@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from ..settings import Settings
-from .base import ChatProvider, SpeechEngine
+from .base import ChatProvider, SpeakingModel, SpeechEngine
 
 __all__ = ["make_chat", "make_speech"]
 
 
-def make_chat(settings: Settings) -> ChatProvider:
-    """Return the chat provider in force (``echo`` needs no key)."""
+def make_chat(settings: Settings) -> ChatProvider | SpeakingModel:
+    """Return what answers in chat mode: a chat provider (``echo`` needs no key), or the
+    ``realtime`` speaking model, which writes and speaks the reply itself."""
     name = settings.chat_provider
     if name == "echo":
         from .echo import EchoChat
@@ -26,6 +27,18 @@ def make_chat(settings: Settings) -> ChatProvider:
             model=settings.llm_model,
             connect_timeout=settings.connect_timeout_s,
             max_connections=max(settings.max_streams, 16),
+        )
+    if name == "realtime":
+        from .openai_realtime import OpenAIRealtime
+
+        api_key, base_url = settings.llm_credentials
+        assert api_key is not None
+        return OpenAIRealtime(
+            api_key=api_key,
+            base_url=base_url,
+            model=settings.realtime_model,
+            default_voice=settings.voice or "alloy",
+            connect_timeout=settings.connect_timeout_s,
         )
     raise ValueError(f"chat provider {name!r} is not available in this build")
 
