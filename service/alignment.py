@@ -17,22 +17,32 @@ segment's audio runs from where its first delta arrived to where the first delta
 its last character arrived. Audio that comes before its segment is complete is held
 back, so no audio precedes its segment; audio of a segment already announced flows at
 once. Nothing is dropped: audio left at the end belongs to the last segment.
+
+The first segment is the exception that keeps the first audio fast: when audio is
+waiting and no sentence is complete yet, the words complete so far become the first
+segment (a caption cut short costs a speaking model nothing, unlike a TTS engine, whose
+intonation needs the whole clause). From there on the chunker cuts as usual.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 from .chunker import SentenceChunker
 
 __all__ = ["TranscriptAligner"]
 
+#: The longest start of a text that ends a word: its last non-space before a space.
+_COMPLETE_WORDS = re.compile(r"\s*(.*\S)\s", re.DOTALL)
+
 
 class TranscriptAligner:
     """Interleave transcript segments (``str``) and their PCM (``bytes``) in speaking order."""
 
-    def __init__(self, chunker: SentenceChunker | None = None) -> None:
-        self._chunker = chunker if chunker is not None else SentenceChunker()
+    def __init__(self, *, eager_first: bool = True) -> None:
+        self._chunker = SentenceChunker()
+        self._eager_first = eager_first
         # The transcript not yet matched to segments, from character offset ``_base``.
         self._text = ""
         self._base = 0
@@ -99,6 +109,16 @@ class TranscriptAligner:
         self._text = self._text[cut:]
         self._base = end
 
+    def _cut_first_words(self) -> None:
+        """Make the words complete so far the first segment; restart the chunker after them."""
+        match = _COMPLETE_WORDS.match(self._text)
+        if match is None:
+            return  # no word is complete yet (or the script has no spaces)
+        self._queue(match.group(1))
+        self._chunker = SentenceChunker()
+        for segment in self._chunker.feed(self._text):
+            self._queue(segment)
+
     def _boundary(self, end: int) -> int | None:
         """Return the audio offset where the segment ending at *end* stops, if known yet."""
         marks = self._marks
@@ -110,6 +130,8 @@ class TranscriptAligner:
         out: list[str | bytes] = []
         while True:
             if self._current_end is None:
+                if not self._pending and self._held and not self._announced and self._eager_first:
+                    self._cut_first_words()
                 if not self._pending:
                     return out
                 text, self._current_end = self._pending.popleft()

@@ -35,9 +35,9 @@ def split(items: list[str | bytes]) -> list[tuple[str, bytes]]:
     return groups
 
 
-def speak(tokens: list[str], *, lead: int = 0) -> list[str | bytes]:
+def speak(tokens: list[str], *, lead: int = 0, eager_first: bool = True) -> list[str | bytes]:
     """Feed each token's transcript *lead* tokens ahead of its audio, like a speaking model."""
-    aligner = TranscriptAligner()
+    aligner = TranscriptAligner(eager_first=eager_first)
     out: list[str | bytes] = []
     for i in range(len(tokens) + lead):
         if i < len(tokens):
@@ -47,12 +47,13 @@ def speak(tokens: list[str], *, lead: int = 0) -> list[str | bytes]:
     return out + aligner.end()
 
 
-def test_each_segment_gets_the_audio_of_its_own_words() -> None:
-    tokens = tokenize(REPLY)
-    groups = split(speak(tokens))
+def sentences(text: str) -> list[str]:
     chunker = SentenceChunker()
-    assert [text for text, _ in groups] == chunker.feed(REPLY) + chunker.flush()
-    # Give each token to the segment its last character falls in.
+    return chunker.feed(text) + chunker.flush()
+
+
+def owners(groups: list[tuple[str, bytes]], tokens: list[str]) -> list[bytes]:
+    """The audio each segment should get: that of the tokens whose last character it holds."""
     ends = []
     position = 0
     for text, _ in groups:
@@ -63,18 +64,50 @@ def test_each_segment_gets_the_audio_of_its_own_words() -> None:
     for token in tokens:
         position += len(token)
         expected[next(i for i, end in enumerate(ends) if position <= end)] += audio_of(token)
-    assert [audio for _, audio in groups] == expected
+    return expected
+
+
+def test_each_segment_gets_the_audio_of_its_own_words() -> None:
+    tokens = tokenize(REPLY)
+    groups = split(speak(tokens, eager_first=False))
+    assert [text for text, _ in groups] == sentences(REPLY)
+    assert [audio for _, audio in groups] == owners(groups, tokens)
+
+
+def test_waiting_audio_makes_the_first_complete_words_the_first_segment() -> None:
+    tokens = tokenize(REPLY)
+    groups = split(speak(tokens))
+    # "Sure," is complete once " here" arrives, and its audio is waiting by then.
+    assert groups[0][0] == "Sure,"
+    assert [text for text, _ in groups[1:]] == sentences(REPLY.removeprefix("Sure,"))
+    assert [audio for _, audio in groups] == owners(groups, tokens)
 
 
 def test_audio_streams_as_soon_as_its_segment_is_announced() -> None:
-    aligner = TranscriptAligner()
+    aligner = TranscriptAligner(eager_first=False)
     assert aligner.transcript("Hello there, my friend.") == []  # the sentence is not certain yet
     assert aligner.audio(b"ab") == []  # held: its segment is not announced
     released = aligner.transcript(" How")
     assert released == ["Hello there, my friend.", b"ab"]
-    # More audio of the announced segment flows at once, up to where " How" came in.
-    assert aligner.audio(b"cd") == []  # " How" arrived after b"ab": this is the next segment's
+    # " How" arrived after b"ab": what comes now is the next segment's.
+    assert aligner.audio(b"cd") == []
     assert aligner.end() == ["How", b"cd"]
+
+
+def test_the_first_segment_is_cut_early_only_when_audio_waits() -> None:
+    aligner = TranscriptAligner()
+    assert aligner.transcript("Hello there, my fri") == []  # no audio waits: no cut
+    assert aligner.audio(b"ab") == ["Hello there, my", b"ab"]  # "fri" is not a whole word
+    assert aligner.transcript("end. How") == []
+    assert aligner.audio(b"cd") == []  # after "end. How" came: the next segment's audio
+    assert aligner.end() == ["friend. How", b"cd"]  # too short alone: joined
+
+
+def test_a_script_without_spaces_waits_for_its_sentence_end() -> None:
+    aligner = TranscriptAligner()
+    assert aligner.transcript("今日は") == []
+    assert aligner.audio(b"ab") == []
+    assert aligner.transcript("晴れです。明日") == ["今日は晴れです。", b"ab"]
 
 
 def test_audio_before_any_transcript_waits_for_the_first_segment() -> None:
@@ -111,14 +144,15 @@ def test_a_transcript_far_ahead_of_the_audio_keeps_every_byte_in_order() -> None
     cuts=st.lists(st.integers(min_value=1, max_value=len(REPLY) - 1), max_size=30),
     audio_sizes=st.lists(st.integers(min_value=1, max_value=97), min_size=1, max_size=40),
     order=st.lists(st.booleans(), min_size=70, max_size=70),
+    eager_first=st.booleans(),
 )
-def test_any_interleaving_keeps_the_segments_and_every_byte(
-    cuts: list[int], audio_sizes: list[int], order: list[bool]
+def test_any_interleaving_keeps_the_words_and_every_byte(
+    cuts: list[int], audio_sizes: list[int], order: list[bool], eager_first: bool
 ) -> None:
     bounds = sorted({0, *cuts, len(REPLY)})
     deltas = [REPLY[a:b] for a, b in itertools.pairwise(bounds)]
     audio = [bytes([i % 251]) * n for i, n in enumerate(audio_sizes)]
-    aligner = TranscriptAligner()
+    aligner = TranscriptAligner(eager_first=eager_first)
     out: list[str | bytes] = []
     d = a = 0
     for take_text in order:
@@ -134,7 +168,13 @@ def test_any_interleaving_keeps_the_segments_and_every_byte(
         out += aligner.audio(pcm)
     out += aligner.end()
 
-    chunker = SentenceChunker()
-    assert [x for x in out if isinstance(x, str)] == chunker.feed(REPLY) + chunker.flush()
+    texts = [x for x in out if isinstance(x, str)]
+    assert all(texts) and aligner.segments == len(texts)
+    if eager_first:
+        # The first segment may be cut short; the rest are the chunker's from there on.
+        assert REPLY.startswith(texts[0])
+        assert texts[1:] == sentences(REPLY.removeprefix(texts[0]))
+    else:
+        assert texts == sentences(REPLY)
     assert isinstance(out[0], str)  # no audio before the first segment
     assert b"".join(x for x in out if isinstance(x, bytes)) == b"".join(audio)
