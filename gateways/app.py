@@ -72,6 +72,7 @@ class App:
         self._metrics: tuple[WSGIServer, threading.Thread] | None = None
         self.metrics_port = 0
         self._stop = asyncio.Event()
+        self._forced = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
 
     @property
@@ -138,15 +139,23 @@ class App:
         self.synthesizer.begin_drain()
         self.ws.begin_drain()
         await self.grpc.begin_drain()
-        try:
-            async with asyncio.timeout(s.drain_s):
-                await self.synthesizer.wait_idle()
-        except TimeoutError:
+        idle = asyncio.ensure_future(self.synthesizer.wait_idle())
+        forced = asyncio.ensure_future(self._forced.wait())
+        await asyncio.wait({idle, forced}, timeout=s.drain_s, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not idle.done():
+            idle.cancel()
             left = self.synthesizer.active_streams
-            log.warning("drain window over; ending %d streams", left, extra={"event": "drain"})
+            why = "interrupted again" if self._forced.is_set() else "drain window over"
+            log.warning("%s; ending %d streams", why, left, extra={"event": "drain"})
             self.synthesizer.abort_all(
                 Unavailable("voxrelay is shutting down: retry", retry_after_s=1.0)
             )
+        await self._close()
+        log.info("stopped", extra={"event": "shutdown"})
+
+    async def _close(self) -> None:
+        """Close the doors, the core and the metrics listener (whatever was opened)."""
         await self.ws.close_all()
         await self.grpc.stop(grace=1.0)
         await self.ws.stop()
@@ -156,27 +165,48 @@ class App:
             server.shutdown()
             server.server_close()
             thread.join(timeout=5)
-        log.info("stopped", extra={"event": "shutdown"})
+            self._metrics = None
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        """SIGTERM/SIGINT: drain and stop; a second SIGINT (Ctrl-C) ends the drain at once.
+
+        A second SIGTERM is ignored: ``make`` passes its own on to the server, so killing
+        the process group of ``make run`` delivers two, and the drain must go on.
+        """
+        if not self._stop.is_set():
+            self.request_stop()
+        elif sig == signal.SIGINT and not self._forced.is_set():
+            self._forced.set()
+        else:
+            log.info("%s again: the drain goes on", sig.name, extra={"event": "drain"})
 
     async def run(self, *, on_ready: Callable[[App], Any] | None = None) -> None:
-        """Serve until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the keys."""
+        """Serve until SIGTERM or SIGINT, then drain and stop; SIGHUP reloads the keys.
+
+        The handlers stay in place through the drain and are restored afterwards.
+        """
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {sig: signal.getsignal(sig) for sig in signals}
-        for sig in signals:
-            loop.add_signal_handler(
-                sig, self.reload_keys if sig == signal.SIGHUP else self.request_stop
-            )
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        started = False
         try:
             await self.start()
+            started = True
             if on_ready is not None:
                 on_ready(self)
             await self.wait_stopped()
+            await self.drain_and_stop()
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, previous[sig])
-            await self.drain_and_stop()
+            if started:
+                await self.drain_and_stop()  # a no-op after a normal stop
+            else:
+                await self._close()  # start-up failed: nothing was served, nothing to drain
 
 
 async def serve(settings: Settings) -> None:

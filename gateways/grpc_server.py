@@ -8,6 +8,7 @@ core events back out as protobuf; core errors become status codes through
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +27,7 @@ from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from service import metrics, model
 from service.auth import KeyStore, bearer_token
 from service.errors import Internal, InvalidRequest, VoxrelayError
-from service.pipeline import Synthesizer
+from service.pipeline import SynthesisStream, Synthesizer
 from service.telemetry import StreamRecord
 
 from .errors import GRPC_STATUS
@@ -145,7 +146,7 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         context: grpc.aio.ServicerContext[pb.SynthesizeRequest, pb.SynthesizeResponse],
     ) -> AsyncIterator[pb.SynthesizeResponse]:
         # Read the peer now: grpcio has crashed reading it after the client cancelled.
-        peer = context.peer()
+        peer = _peer(context.peer())
         settings = self.synthesizer.settings
         metadata = {k: v for k, v in (context.invocation_metadata() or ())}
         header_id = metadata.get("x-request-id", "")
@@ -157,24 +158,21 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + remaining if remaining is not None else None
         record: StreamRecord | None = None
+        stream: SynthesisStream | None = None
         outcome = "cancelled"
         error: VoxrelayError | None = None
-        finished: model.StreamFinished | None = None
         try:
             # The interceptor refused bad keys already; this names the caller for limits.
             caller = self.synthesizer.keys.authenticate(_token(metadata.items()))
             core_request = to_request(request, request_id)
             record = StreamRecord("grpc", peer, core_request, log_text=settings.log_text)
-            async with self.synthesizer.stream(
-                core_request, deadline=deadline, caller=caller
-            ) as events:
+            stream = self.synthesizer.stream(core_request, deadline=deadline, caller=caller)
+            async with stream as events:
                 async for event in events:
                     if isinstance(event, model.StreamStarted):
                         record.started_stream(event.request_id, event.voice, event.format)
                     elif isinstance(event, model.AudioChunk):
                         record.audio(len(event.data))
-                    elif isinstance(event, model.StreamFinished):
-                        finished = event
                     yield to_response(event)
             outcome = "ok"
         except VoxrelayError as exc:
@@ -194,7 +192,11 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
                         request_id=request_id,
                     ),
                 )
-            record.end(outcome, finished, error)
+            reason = None
+            if outcome == "cancelled":
+                late = deadline is not None and loop.time() >= deadline
+                reason = "deadline" if late else "client"
+            record.end(outcome, stream.figures if stream else None, error, reason=reason)
         if error is not None:
             await context.abort_with_status(to_status(error))
 
@@ -207,6 +209,14 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         return pb.ListVoicesResponse(
             voices=[pb.Voice(name=v.name, language=v.language) for v in voices]
         )
+
+
+def _peer(peer: str) -> str:
+    """Name a gRPC peer as the WebSocket door does: ``ipv4:1.2.3.4:5`` → ``1.2.3.4:5``."""
+    for prefix in ("ipv4:", "ipv6:"):
+        if peer.startswith(prefix):
+            return peer.removeprefix(prefix)
+    return peer
 
 
 _Req = TypeVar("_Req")
@@ -308,17 +318,22 @@ class GrpcDoor:
                 ),
                 self.server,
             )
-        address = f"{settings.host}:{settings.grpc_port}"
-        if settings.tls_cert and settings.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
-            )
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        self.port = 0
 
     async def start(self) -> None:
-        """Start serving and report SERVING for the server and the Synthesizer."""
+        """Bind, start serving and report SERVING for the server and the Synthesizer."""
+        settings = self.synthesizer.settings
+        address = f"{settings.host}:{settings.grpc_port}"
+        try:
+            if settings.tls_cert and settings.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+                )
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's only word for "cannot bind"
+            raise OSError(errno.EADDRINUSE, f"cannot listen for gRPC on {address} ({exc})") from exc
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -55,6 +55,7 @@ class ServerProcess:
         self.lines: list[dict[str, Any]] = []
         self._reader: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+        self._line = asyncio.Event()
 
     async def __aenter__(self) -> ServerProcess:
         self.proc = await asyncio.create_subprocess_exec(
@@ -85,9 +86,20 @@ class ServerProcess:
             except ValueError:
                 line = {"raw": raw.decode(errors="replace").rstrip()}
             self.lines.append(line)
+            self._line.set()
+            self._line = asyncio.Event()
             if line.get("event") == "startup":
                 self.startup = line
                 self._started.set()
+
+    async def wait_for_event(self, event: str, limit: float = 30) -> dict[str, Any]:
+        """Wait for the first log line whose ``event`` is *event*; return it."""
+        async with asyncio.timeout(limit):
+            while True:
+                for line in self.lines:
+                    if line.get("event") == event:
+                        return line
+                await self._line.wait()
 
     @property
     def grpc_target(self) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import av
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
@@ -82,6 +83,46 @@ async def test_sigterm_drains_a_stream_in_flight() -> None:
         assert await server.wait() == 0
         events = [line.get("event") for line in server.lines]
         assert "drain" in events and "shutdown" in events
+
+
+async def test_a_second_sigterm_does_not_cut_the_drain_short() -> None:
+    # `kill -TERM -PGID` of `make run` delivers two: make passes its own on to the server.
+    async with serve_process(VOXRELAY_DRAIN_S="30") as server:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            call = pb_grpc.SynthesizerStub(channel).Synthesize(
+                pb.SynthesizeRequest(text=LONG, mode=pb.MODE_SPEAK), timeout=60
+            )
+            assert (await call.read()).HasField("started")
+            server.signal(signal.SIGTERM)
+            await server.wait_for_event("drain")
+            server.signal(signal.SIGTERM)
+            rest = []
+            while (response := await call.read()) is not grpc.aio.EOF:
+                rest.append(response)
+        assert rest[-1].HasField("finished")
+        assert await server.wait() == 0
+        events = [line.get("event") for line in server.lines]
+        assert "drain" in events and events[-1] == "shutdown"
+
+
+async def test_a_second_ctrl_c_ends_the_drain_at_once() -> None:
+    async with serve_process(VOXRELAY_DRAIN_S="60") as server:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            call = pb_grpc.SynthesizerStub(channel).Synthesize(
+                pb.SynthesizeRequest(text=LONG, mode=pb.MODE_SPEAK), timeout=60
+            )
+            assert (await call.read()).HasField("started")
+            server.signal(signal.SIGINT)
+            await server.wait_for_event("drain")
+            server.signal(signal.SIGINT)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await server.wait() == 0
+        messages = [line.get("msg", "") for line in server.lines]
+        assert any(m.startswith("interrupted again; ending 1 streams") for m in messages)
+        assert server.lines[-1].get("event") == "shutdown"
 
 
 async def test_bad_setting_stops_startup_with_one_line() -> None:
