@@ -4,240 +4,205 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import ssl
-import sys
-import time
-from pathlib import Path
-from typing import Any, BinaryIO
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
 
-import grpc
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
-
+from service import __version__
 from service.logs import configure_logging
 from service.model import AudioFormat, Mode
 from service.settings import ConfigError, load_settings
 
+from .say import EXIT_INTERRUPTED, cmd_say, cmd_voices
+from .say import fail as _fail
+
 __all__ = ["main"]
 
-GRPC_FORMATS = {f: getattr(pb, f"AUDIO_FORMAT_{f.name}") for f in AudioFormat}
-GRPC_MODES = {Mode.CHAT: pb.MODE_CHAT, Mode.SPEAK: pb.MODE_SPEAK}
+log = logging.getLogger("voxrelay")
 
-
-def _fail(message: str, code: int = 1) -> int:
-    print(f"voxrelay: {message}", file=sys.stderr)
-    return code
+# serve
 
 
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
-    """Run the server until SIGTERM/SIGINT."""
+    """Run the server until SIGTERM/SIGINT (a second Ctrl-C cuts the drain short)."""
     try:
         settings = load_settings(cli_args=rest)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     configure_logging(settings.log_level)
-    from .app import serve  # imported late: building providers is start-up work
+    from .app import App  # imported late: building providers is start-up work
+
+    async def run() -> None:
+        await App(settings).run()  # built in the loop: grpc.aio binds to it
 
     try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        pass
+        asyncio.run(run())
+    except KeyboardInterrupt:  # Ctrl-C before the app's own handlers were in place
+        return EXIT_INTERRUPTED
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return _fail(_port_in_use(settings, exc))
         return _fail(f"cannot start: {exc}")
     return 0
 
 
-def _target(args: argparse.Namespace, default_port: int) -> str:
-    return args.server or f"127.0.0.1:{default_port}"
-
-
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if not args.tls and not args.ca:
-        return None
-    root = Path(args.ca).read_bytes() if args.ca else None
-    return grpc.ssl_channel_credentials(root_certificates=root)
-
-
-def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
-
-
-async def _say_grpc(args: argparse.Namespace, out: BinaryIO) -> dict[str, Any]:
-    target = _target(args, 50051)
-    creds = _credentials(args)
-    channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
-    request = pb.SynthesizeRequest(
-        text=args.text,
-        mode=GRPC_MODES[Mode(args.mode)],
-        voice=args.voice or "",
-        format=(
-            GRPC_FORMATS[AudioFormat(args.format)] if args.format else pb.AUDIO_FORMAT_UNSPECIFIED
-        ),
-        sample_rate_hz=args.sample_rate,
-        instructions=args.instructions or "",
-        speed=args.speed,
-    )
-    started = time.perf_counter()
-    first_audio: float | None = None
-    result: dict[str, Any] = {}
-    async with channel:
-        stub = pb_grpc.SynthesizerStub(channel)
-        call = stub.Synthesize(request, timeout=args.timeout, metadata=_metadata(args))
-        async for response in call:
-            kind = response.WhichOneof("event")
-            if kind == "started":
-                result["started"] = response.started
-            elif kind == "segment" and args.verbose:
-                print(f"  [{response.segment.index}] {response.segment.text}", file=sys.stderr)
-            elif kind == "audio":
-                if first_audio is None:
-                    first_audio = time.perf_counter()
-                out.write(response.audio.data)
-                out.flush()
-            elif kind == "finished":
-                f = response.finished
-                result.update(
-                    reply_text=f.reply_text,
-                    segments=f.segments,
-                    audio_bytes=f.audio_bytes,
-                    audio_ms=f.audio_ms,
-                    time_to_first_audio_ms=f.time_to_first_audio_ms,
-                    total_ms=f.total_ms,
-                )
-    ended = time.perf_counter()
-    result["client_ttfa_ms"] = round(((first_audio or ended) - started) * 1000)
-    result["client_total_ms"] = round((ended - started) * 1000)
-    return result
-
-
-def cmd_say(args: argparse.Namespace, rest: list[str]) -> int:
-    """Speak TEXT through a running server and write the audio to a file or stdout."""
-    if rest:
-        return _fail(f"unknown arguments: {' '.join(rest)}", 2)
-    if args.output in (None, "-") and sys.stdout.isatty():
-        return _fail("refusing to write audio to a terminal: use -o FILE (or pipe it)", 2)
-    out: BinaryIO = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")  # noqa: SIM115 - closed below
-    try:
-        if args.via == "ws":
-            from .ws_client import say_ws
-
-            scheme = "wss" if (args.tls or args.ca) else "ws"
-            url = f"{scheme}://{_target(args, 8765)}/v1/stream"
-            ctx = None
-            if scheme == "wss":
-                ctx = (
-                    ssl.create_default_context(cafile=args.ca)
-                    if args.ca
-                    else ssl.create_default_context()
-                )
-            result = asyncio.run(
-                say_ws(
-                    url,
-                    text=args.text,
-                    mode=args.mode,
-                    voice=args.voice or "",
-                    format=args.format or "",
-                    sample_rate_hz=args.sample_rate,
-                    instructions=args.instructions or "",
-                    speed=args.speed,
-                    out=out,
-                    token=args.api_key,
-                    ssl=ctx,
-                )
-            )
-        else:
-            result = asyncio.run(_say_grpc(args, out))
-    except grpc.aio.AioRpcError as exc:
-        return _fail(f"{exc.code().name}: {exc.details()}")
-    except (OSError, ConnectionError) as exc:
-        return _fail(f"cannot reach the server: {exc}")
-    except Exception as exc:  # the WebSocket client's typed errors
-        return _fail(str(exc))
-    finally:
-        if out is not sys.stdout.buffer:
-            out.close()
-    summary = {k: v for k, v in result.items() if k != "started"}
-    where = args.output if args.output not in (None, "-") else "stdout"
-    print(
-        f"time to first audio {result.get('client_ttfa_ms')} ms, total "
-        f"{result.get('client_total_ms')} ms, {result.get('audio_ms', 0) / 1000:.2f} s of audio"
-        f" in {result.get('segments', 0)} segments, {result.get('audio_bytes', 0)} bytes"
-        f" → {where}",
-        file=sys.stderr,
-    )
-    if args.json:
-        print(json.dumps(summary), file=sys.stderr)
-    return 0
-
-
-async def _voices(args: argparse.Namespace) -> list[tuple[str, str]]:
-    target = _target(args, 50051)
-    creds = _credentials(args)
-    channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
-    async with channel:
-        reply = await pb_grpc.SynthesizerStub(channel).ListVoices(
-            pb.ListVoicesRequest(language=args.language or ""),
-            timeout=args.timeout,
-            metadata=_metadata(args),
+def _port_in_use(settings: Any, error: OSError) -> str:
+    """Name the listener whose port is taken (the OSError itself may not say)."""
+    if "gRPC" in str(error):
+        return (
+            f"cannot start: the gRPC port {settings.host}:{settings.grpc_port} is in use"
+            " (another voxrelay?): stop it, or set VOXRELAY_GRPC_PORT (0 picks a free port)"
         )
-    return [(v.name, v.language) for v in reply.voices]
-
-
-def cmd_voices(args: argparse.Namespace, rest: list[str]) -> int:
-    """List the voices of a running server's speech engine."""
-    if rest:
-        return _fail(f"unknown arguments: {' '.join(rest)}", 2)
-    try:
-        voices = asyncio.run(_voices(args))
-    except grpc.aio.AioRpcError as exc:
-        return _fail(f"{exc.code().name}: {exc.details()}")
-    width = max((len(n) for n, _ in voices), default=4)
-    for name, language in voices:
-        print(f"{name:<{width}}  {language}")
-    return 0
-
-
-def _client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--server", help="HOST:PORT of the server (default 127.0.0.1 and the door's default port)"
+    taken = []
+    for name, setting, port in (
+        ("WebSocket", "VOXRELAY_WS_PORT", settings.ws_port),
+        ("metrics", "VOXRELAY_METRICS_PORT", settings.metrics_port),
+    ):
+        if not port:
+            continue
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                settings.host, port, type=socket.SOCK_STREAM
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+                probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                taken.append(f"the {name} port {settings.host}:{port} ({setting})")
+    if not taken:
+        return "cannot start: an address is already in use"
+    verb = "is" if len(taken) == 1 else "are"
+    return (
+        f"cannot start: {' and '.join(taken)} {verb} in use (another voxrelay?): stop it,"
+        " or set the variable (0 picks a free port)"
     )
-    p.add_argument("--api-key", help="sent as 'authorization: Bearer KEY'")
-    p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--ca", help="CA certificate file to trust (implies --tls)")
-    p.add_argument("--timeout", type=float, default=120.0, help="give up after SECONDS")
+
+
+# The parser
+
+EPILOG = """\
+examples:
+  voxrelay serve                                    # gRPC :50051, WebSocket :8765, metrics :9464
+  voxrelay say --mode speak "Hello world." -o hello.mp3
+  voxrelay say "Tell me a story" -o story.wav       # chat mode; the format follows the name
+  voxrelay say --via ws --format opus "Hi" | ffplay -nodisp -autoexit -
+  voxrelay voices --language en
+
+Demo page: http://127.0.0.1:8765/ while the server runs.
+"""
+
+SAY_EPILOG = """\
+The format is --format, else the output file's extension (.wav .mp3 .opus/.ogg .flac .aac
+.pcm .mulaw .alaw), else the server's default (VOXRELAY_FORMAT, mp3 unless set).
+pcm, mulaw and alaw are headerless: play them with `ffplay -f s16le -ar 22050 -ch_layout
+mono FILE` (pcm at espeak's rate) or `ffplay -f mulaw -ar 8000 -ch_layout mono FILE`.
+
+It prints the time to the first audio byte and the total time, as this client saw them.
+Exit codes: 0 done, 1 refused or failed (one line on stderr), 2 bad usage, 130 interrupted.
+"""
+
+
+def _client_options(p: argparse.ArgumentParser, *, both_doors: bool) -> None:
+    group = p.add_argument_group("connection")
+    group.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="where the server listens (default 127.0.0.1:50051"
+        + (" for gRPC, 127.0.0.1:8765 with --via ws)" if both_doors else ", its gRPC port)"),
+    )
+    group.add_argument(
+        "--api-key", metavar="KEY", help="sent as 'authorization: Bearer KEY' (if keys are on)"
+    )
+    group.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    group.add_argument("--ca", metavar="PEM", help="trust this CA certificate (implies --tls)")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="give up after this long (default: %(default)g)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="voxrelay", description="A streaming speech gateway over gRPC and WebSocket."
+        prog="voxrelay",
+        description="voxrelay: a streaming speech gateway over gRPC and WebSocket.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"voxrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
         "serve",
-        help="run the server",
+        help="run the server (gRPC, WebSocket + demo page, metrics)",
         add_help=False,
         description="Run the server. Every VOXRELAY_* setting is also a flag, e.g."
         " --grpc-port 0 --log-level debug (see README).",
     )
     serve.set_defaults(func=cmd_serve)
-    say = sub.add_parser("say", help="speak TEXT through a running server")
-    say.add_argument("text")
-    say.add_argument("--via", choices=["grpc", "ws"], default="grpc")
-    say.add_argument("--mode", choices=[m.value for m in Mode], default="chat")
-    say.add_argument("--voice")
-    say.add_argument("--format", choices=[f.value for f in AudioFormat])
-    say.add_argument("--sample-rate", type=int, default=0)
-    say.add_argument("--instructions")
-    say.add_argument("--speed", type=float, default=0.0)
-    say.add_argument("-o", "--output", help="write audio here ('-' = stdout)")
-    say.add_argument("-v", "--verbose", action="store_true", help="print segments")
-    say.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    _client_options(say)
+    say = sub.add_parser(
+        "say",
+        help="speak TEXT through a running server, write the audio to a file",
+        description="Send TEXT to a running voxrelay and write the streamed audio to a"
+        " file (or stdout).",
+        epilog=SAY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    say.add_argument(
+        "text", metavar="TEXT", help="what to answer (chat) or read aloud (speak); '-' reads stdin"
+    )
+    say.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the audio here; '-' or none = stdout (when it is not a terminal)",
+    )
+    say.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default="chat",
+        help="chat: the LLM answers TEXT (default); speak: TEXT itself is spoken",
+    )
+    say.add_argument(
+        "--via", choices=["grpc", "ws"], default="grpc", help="which door (default: grpc)"
+    )
+    say.add_argument(
+        "--format",
+        choices=[f.value for f in AudioFormat],
+        help="audio format (default: from the file name, else the server's)",
+    )
+    say.add_argument("--voice", help="a voice name (see `voxrelay voices`; default: the server's)")
+    say.add_argument(
+        "--sample-rate",
+        type=int,
+        default=0,
+        metavar="HZ",
+        help="output sample rate (default 0: the engine's own; opus is always 48000)",
+    )
+    say.add_argument("--speed", type=float, default=0.0, help="0.25 to 4.0 (default: 1.0)")
+    say.add_argument("--instructions", metavar="TEXT", help="how to speak (OpenAI voices)")
+    say.add_argument(
+        "-v", "--verbose", action="store_true", help="print the stream and its segments"
+    )
+    say.add_argument(
+        "--json",
+        action="store_true",
+        help="also print the stream's figures as one JSON line (to stdout, or to stderr"
+        " when the audio goes to stdout)",
+    )
+    _client_options(say, both_doors=True)
     say.set_defaults(func=cmd_say)
-    voices = sub.add_parser("voices", help="list the server's voices")
-    voices.add_argument("--language", help="only voices of this language, e.g. en")
-    _client_options(voices)
+    voices = sub.add_parser(
+        "voices",
+        help="list the server's voices",
+        description="List the voices of a running server's speech engine (over gRPC).",
+    )
+    voices.add_argument("--language", metavar="LANG", help="only this language, e.g. en or en-us")
+    _client_options(voices, both_doors=False)
     voices.set_defaults(func=cmd_voices)
     return parser
 
@@ -245,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    code: int = args.func(args, rest)
-    return code
+    func: Callable[[argparse.Namespace, list[str]], int] = args.func
+    return func(args, rest)
 
 
 if __name__ == "__main__":

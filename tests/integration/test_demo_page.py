@@ -51,7 +51,8 @@ STATE = "return window.voxrelay"
 class ServerThread:
     """voxrelay's real App on an event loop of its own, for a synchronous test."""
 
-    def __init__(self) -> None:
+    def __init__(self, **overrides: Any) -> None:
+        self.overrides = overrides
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="voxrelay", daemon=True)
         self.app: Any = None
@@ -63,8 +64,7 @@ class ServerThread:
         from gateways.app import App
         from service.settings import Settings
 
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
+        values: dict[str, Any] = dict(
             host="127.0.0.1",
             grpc_port=0,
             ws_port=0,
@@ -74,6 +74,8 @@ class ServerThread:
             api_keys=[],
             allowed_origins=[],
         )
+        values.update(self.overrides)
+        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
         async def boot() -> Any:
             app = App(settings)  # built on the server's loop
@@ -267,5 +269,78 @@ def test_stop_silences_pcm_playback(browser: Any, base_url: str) -> None:
     state = browser.execute_script(STATE)
     assert state["playing"] is False
     assert state["state"] == "finished" and state["error"] is None
-    assert status_text(browser) == "Stopped."
+    assert status_text(browser).startswith("Stopped")  # "Stopped at 0.4 s of 12.0 s."
     assert not browser.find_element(By.ID, "stop").is_enabled()
+
+
+def test_a_refusal_reads_well_and_leaves_the_page_usable(browser: Any, base_url: str) -> None:
+    open_page(browser, base_url, text="Hello.", mode="speak", fmt="pcm")
+    browser.find_element(By.ID, "voice").send_keys("nobody")
+    click(browser, "speak")
+    wait(browser, 30).until(lambda d: d.execute_script("return window.voxrelay.error !== null"))
+    state = browser.execute_script(STATE)
+    assert state["state"] == "error" and state["error"]["code"] == "invalid_request"
+    text = status_text(browser)
+    assert "nobody" in text and "Error: invalid_request" not in text  # a sentence, then the code
+    assert browser.find_element(By.CSS_SELECTOR, "#status code").text == "invalid_request"
+    assert "Nothing was spoken" in browser.find_element(By.ID, "transcript").text
+    assert browser.find_element(By.ID, "speak").is_enabled()
+    assert not browser.find_element(By.ID, "stop").is_enabled()
+    # An open server never shows the API-key field.
+    assert not browser.find_element(By.ID, "keyRow").is_displayed()
+
+
+def test_mobile_width_fits_without_sideways_scrolling(browser: Any, base_url: str) -> None:
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True},
+    )
+    try:
+        open_page(browser, base_url, text="Hello there. Short and sweet.", mode="speak", fmt="pcm")
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        assert width <= 390
+        speak = browser.find_element(By.ID, "speak").rect
+        stop = browser.find_element(By.ID, "stop").rect
+        assert speak["x"] >= 0 and stop["x"] + stop["width"] <= 390
+        assert speak["width"] >= 120  # a button a thumb can hit
+        click(browser, "speak")
+        assert wait_done(browser)["state"] == "finished"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "demo_page_mobile.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+@pytest.fixture(scope="module")
+def keyed_url() -> Iterator[str]:
+    server = ServerThread(api_keys=["k1"])
+    try:
+        port = server.start()
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.stop()
+
+
+def test_api_key_field_appears_when_the_server_requires_one(browser: Any, keyed_url: str) -> None:
+    open_page(browser, keyed_url, text="Hello there.", mode="speak", fmt="pcm")
+    key_row = browser.find_element(By.ID, "keyRow")
+    assert not key_row.is_displayed()  # nothing to fill in until the server asks
+
+    click(browser, "speak")
+    wait(browser, 30).until(lambda d: d.execute_script("return window.voxrelay.error !== null"))
+    state = browser.execute_script(STATE)
+    assert state["error"]["code"] == "unauthorized" and state["needsKey"] is True
+    assert key_row.is_displayed()
+    assert "requires an API key" in status_text(browser)
+    assert browser.switch_to.active_element.get_attribute("id") == "key"
+
+    key = browser.find_element(By.ID, "key")
+    key.send_keys("wrong")
+    click(browser, "speak")
+    wait(browser, 30).until(lambda d: d.execute_script("return window.voxrelay.error !== null"))
+    assert "refused this API key" in status_text(browser)
+
+    key.clear()
+    key.send_keys("k1", Keys.ENTER)  # Enter in the key field speaks too
+    state = wait_done(browser)
+    assert state["state"] == "finished" and state["bytesReceived"] > 0
