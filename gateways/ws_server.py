@@ -110,6 +110,8 @@ class _Flight:
     id: str
     clock: AudioClock = dataclasses.field(default_factory=AudioClock)
     task: asyncio.Task[None] | None = None
+    #: why it would be cancelled now: a ``cancel`` frame, or the connection ending.
+    cancel_reason: str = "client"
 
 
 def _peer_address(connection: ServerConnection) -> tuple[str, int | None]:
@@ -368,8 +370,9 @@ class _Session:
         buffered: list[bytes] | None = None if streaming else []
         finished: model.StreamFinished | None = None
         error: VoxrelayError | None = None
+        stream = self.synthesizer.stream(request, caller=self.caller)
         try:
-            async with self.synthesizer.stream(request, caller=self.caller) as events:
+            async with stream as events:
                 async for event in events:
                     if isinstance(event, model.AudioChunk):
                         if buffered is not None:
@@ -392,10 +395,11 @@ class _Session:
         except (ConnectionClosed, _SendStalled):
             # The client went away: nothing more can reach it.
             self._release(flight)
-            record.end("cancelled", audio_ms=clock.audio_ms)
+            record.end("cancelled", stream.figures, audio_ms=clock.audio_ms, reason="disconnect")
             return
         except asyncio.CancelledError:
-            record.end("cancelled", audio_ms=clock.audio_ms)
+            reason = flight.cancel_reason
+            record.end("cancelled", stream.figures, audio_ms=clock.audio_ms, reason=reason)
             raise
         except Exception:
             log.exception("internal error in WebSocket stream %s", flight.id)
@@ -407,7 +411,7 @@ class _Session:
         self._release(flight)
         last: list[str | bytes] = []
         if error is not None:
-            record.end(error.code, error=error)
+            record.end(error.code, stream.figures, error=error)
             last.append(_dumps(error_frame(flight.id, error)))
         else:
             assert finished is not None
@@ -427,6 +431,8 @@ class _Session:
 
     async def _stop_tasks(self) -> None:
         """Cancel this connection's stream and wait until its upstream calls are closed."""
+        if self.flight is not None:
+            self.flight.cancel_reason = "disconnect"
         self.flight = None
         tasks = list(self.tasks)
         for task in tasks:

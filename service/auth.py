@@ -90,7 +90,8 @@ class KeyStore:
             )
             return False
         self._digests = tuple(dict.fromkeys(_digest(k) for k in keys))
-        log.info("API keys loaded", extra={"event": "keys", "count": len(self._digests)})
+        if self._digests:
+            log.info("API keys loaded", extra={"event": "keys", "count": len(self._digests)})
         return True
 
     def verify(self, token: str | None) -> str | None:
@@ -113,8 +114,9 @@ class KeyStore:
             return None
         caller = self.verify(token)
         if caller is None:
-            what = "missing" if token is None else "not a valid key"
-            raise Unauthorized(f"an API key is required and the one presented is {what}")
+            if token is None:
+                raise Unauthorized("an API key is required: send 'authorization: Bearer KEY'")
+            raise Unauthorized("the API key presented is not valid")
         return caller
 
 

@@ -17,6 +17,7 @@ the upstream calls at once and waits until they are closed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import unicodedata
 import uuid
@@ -335,6 +336,7 @@ class SynthesisStream:
         self._closed = False
         self.plan: _Plan | None = None
         self.finished: StreamFinished | None = None
+        self._output: _Output | None = None
         self.started_at = 0.0
 
     async def __aenter__(self) -> SynthesisStream:
@@ -383,6 +385,17 @@ class SynthesisStream:
                     self._owner._unregister(self)
                     raise
         self._owner._unregister(self)
+
+    @property
+    def figures(self) -> StreamFinished | None:
+        """Return the stream's figures: final once finished, else those known so far.
+
+        A stream that was cancelled or failed still has figures worth logging (segments
+        and audio sent, first token and first byte, usage reported before the end).
+        """
+        if self.finished is not None or self._output is None:
+            return self.finished
+        return self._output.figures()
 
     def abort(self, error: VoxrelayError) -> None:
         """Stop producing and make *error* the next thing the consumer gets."""
@@ -437,6 +450,7 @@ class SynthesisStream:
             input_rate=rate,
             since=since,
         )
+        self._output = out
         if speaking is not None:
             llm_model = tts_model = speaking.model
         else:
@@ -465,11 +479,7 @@ class SynthesisStream:
         finally:
             out.close()
 
-        finished = out.finished
-        finished.reply_text = reply
-        finished.segments = out.index + 1
-        finished.audio_ms = out.audio_ms
-        finished.total_ms = since()
+        finished = out.figures(reply)
         self.finished = finished
         await out.emit(finished)
 
@@ -625,6 +635,16 @@ class _Output:
     @property
     def audio_ms(self) -> int:
         return self._samples * 1000 // self._rate
+
+    def figures(self, reply_text: str = "") -> StreamFinished:
+        """Return the stream's figures as they stand."""
+        return dataclasses.replace(
+            self.finished,
+            reply_text=reply_text,
+            segments=self.index + 1,
+            audio_ms=self.audio_ms,
+            total_ms=self.since(),
+        )
 
     async def segment(self, text: str) -> None:
         """Announce the next segment; its audio starts where the stream's audio is now."""

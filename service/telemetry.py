@@ -5,7 +5,7 @@ stream are counted and logged alike::
 
     record = StreamRecord("grpc", peer, request, log_text=settings.log_text)
     ...                                  # record.started_stream(...), record.audio(n)
-    record.end("ok", finished)           # or end("cancelled") / end(error.code, error=error)
+    record.end("ok", finished)           # or end("cancelled", figures) / end(code, error=error)
 
 Label values are from closed sets only; values that came from the client (request id,
 voice) are shortened before they are logged, and user text is logged only with
@@ -90,9 +90,13 @@ class StreamRecord:
         finished: StreamFinished | None = None,
         error: VoxrelayError | None = None,
         audio_ms: int | None = None,
+        reason: str | None = None,
     ) -> None:
         """Count the outcome (``ok``, ``cancelled`` or an error code) and log the line.
 
+        *finished* holds the stream's figures (for a stream that did not finish, those
+        known so far); *audio_ms*, when given, is the audio the client got, and wins.
+        *reason* says more about a cancel (``deadline``, ``client``, ``disconnect``).
         Only the first call counts: a door may call it from more than one path.
         """
         if self._ended:
@@ -104,7 +108,7 @@ class StreamRecord:
         if error is not None:
             code = metrics.closed(error.code, metrics.ERROR_CODES, "internal")
             metrics.ERRORS.labels(self.protocol, code).inc()
-        if finished is not None:
+        if audio_ms is None and finished is not None:
             audio_ms = finished.audio_ms
         if audio_ms:
             metrics.AUDIO_SECONDS.labels(self.protocol).inc(audio_ms / 1000)
@@ -129,20 +133,26 @@ class StreamRecord:
             "audio_bytes": self.audio_bytes,
             "segments": finished.segments if finished else None,
             "llm_first_token_ms": (
-                finished.llm_first_token_ms if finished and self.mode == "chat" else None
+                _happened(finished.llm_first_token_ms, outcome)
+                if finished and self.mode == "chat"
+                else None
             ),
-            "tts_first_byte_ms": finished.tts_first_byte_ms if finished else None,
+            "tts_first_byte_ms": (
+                _happened(finished.tts_first_byte_ms, outcome) if finished else None
+            ),
             "prompt_tokens": finished.prompt_tokens if finished else None,
             "completion_tokens": finished.completion_tokens if finished else None,
             "text_chars": len(self.request.text),
         }
+        if reason is not None:
+            fields["reason"] = reason
         if error is not None:
             fields["error"] = shorten(error.message, MAX_LOGGED_ERROR)
         if self.log_text:
             fields["text"] = self.request.text
             if self.request.instructions:
                 fields["instructions"] = self.request.instructions
-            if finished is not None:
+            if finished is not None and finished.reply_text:
                 fields["reply_text"] = finished.reply_text
         if outcome == "internal":
             level = logging.ERROR
@@ -160,3 +170,8 @@ class StreamRecord:
         # Ended from another task than the one that opened it: that context is not ours.
         with contextlib.suppress(ValueError):
             REQUEST_ID.reset(token)
+
+
+def _happened(ms: int, outcome: str) -> int | None:
+    """A stream that did not finish reports 0 for a moment that never came: say None."""
+    return ms if ms or outcome == "ok" else None

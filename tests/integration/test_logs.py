@@ -229,6 +229,42 @@ async def test_a_stream_cancelled_at_once_still_ends_with_one_line(app: App, log
     assert sorted(line["request_id"] for line in ends) == sorted(f"quick-{i}" for i in range(20))
 
 
+async def test_a_cancelled_stream_logs_what_it_had_done_and_why(
+    app: App, fake: FakeOpenAI, stub: pb_grpc.SynthesizerStub, log: Captured
+) -> None:
+    text = "Hello there. This text goes on for a while, sentence after sentence. " * 8
+    request = pb.SynthesizeRequest(text=text, mode=pb.MODE_SPEAK, request_id="c-client")
+    call = stub.Synthesize(request, timeout=WAIT)
+    async for response in call:
+        if response.HasField("audio"):
+            break
+    call.cancel()
+    fake.chat_faults.append(hang())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        late_call = stub.Synthesize(
+            pb.SynthesizeRequest(text="Hi.", request_id="c-late"), timeout=0.3
+        )
+        async for _ in late_call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    async with open_ws(app) as ws:
+        await send(ws, type="synthesize", id="c-gone", text=text, mode="speak")
+        while not isinstance(await receive(ws), bytes):
+            pass
+    await log.wait_ends(3)
+
+    by_client = log.end_of("c-client")
+    assert by_client["outcome"] == "cancelled" and by_client["reason"] == "client"
+    assert by_client["segments"] >= 1 and by_client["audio_ms"] > 0
+    assert by_client["tts_first_byte_ms"] is not None and by_client["ttfa_ms"] is not None
+    late = log.end_of("c-late")
+    assert late["outcome"] == "cancelled" and late["reason"] == "deadline"
+    assert late["segments"] == 0 and late["llm_first_token_ms"] is None
+    gone = log.end_of("c-gone")
+    assert gone["outcome"] == "cancelled" and gone["reason"] == "disconnect"
+    assert gone["segments"] >= 1 and gone["tts_first_byte_ms"] is not None
+
+
 async def until_end_or_started(ws: ClientConnection) -> dict[str, Any]:
     while True:
         frame = await receive(ws)
