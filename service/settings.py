@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSuppress, NoDecode, SettingsConfigDict
 
 from .model import AudioFormat
 
@@ -55,9 +55,12 @@ def read_list_file(path: Path) -> list[str]:
 
 
 class Settings(BaseSettings):
-    """Every knob of SPEC's configuration and limits tables."""
+    """Serve voxrelay; every option is also an environment variable or a .env line."""
 
     model_config = SettingsConfigDict(
+        use_attribute_docstrings=True,
+        cli_hide_none_type=True,
+        cli_show_env_vars=True,
         env_prefix="VOXRELAY_",
         env_file=".env",
         env_file_encoding="utf-8",
@@ -70,73 +73,121 @@ class Settings(BaseSettings):
 
     # Listeners
     host: str = "127.0.0.1"
+    """bind address of all listeners"""
     grpc_port: int = Field(50051, ge=0, le=65535)
+    """gRPC port (0 = pick a free one and log it)"""
     ws_port: int = Field(8765, ge=0, le=65535)
+    """WebSocket + small HTTP port (0 = pick)"""
     metrics_port: int = Field(9464, ge=0, le=65535)
+    """Prometheus /metrics port (0 = pick)"""
 
     # Providers
     llm: ChatProviderName | None = None
+    """chat provider: openai, echo or realtime; unset: openai with a key, else echo"""
     tts: SpeechProviderName | None = None
-    openai_api_key: SecretStr | None = Field(
+    """speech engine: openai or espeak; unset: openai with a key, else espeak"""
+    openai_api_key: CliSuppress[SecretStr | None] = Field(
         None, validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
     )
+    """the OpenAI key (environment only: never on a command line)"""
     openai_base_url: str | None = Field(
         None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
     )
+    """an OpenAI-compatible server for both stages"""
     llm_base_url: str | None = None
-    llm_api_key: SecretStr | None = None
+    """the chat (or realtime) upstream only, e.g. a local Ollama"""
+    llm_api_key: CliSuppress[SecretStr | None] = None
+    """the chat (or realtime) upstream's key (env only)"""
     tts_base_url: str | None = None
-    tts_api_key: SecretStr | None = None
+    """the speech upstream only, e.g. Kokoro or LocalAI"""
+    tts_api_key: CliSuppress[SecretStr | None] = None
+    """the speech upstream's key (env only)"""
     llm_model: str = "gpt-4o-mini"
+    """chat model"""
     tts_model: str = "gpt-4o-mini-tts"
+    """speech model"""
     realtime_model: str = "gpt-realtime-2.1-mini"
+    """model of the realtime provider"""
     #: the Realtime API takes 1–4096 (audio tokens included); 0 asks for its maximum.
     realtime_max_output_tokens: int = Field(4096, ge=0, le=4096)
+    """realtime output cap per reply, audio tokens included (0 = max)"""
     voice: str | None = None
+    """default voice; unset: alloy (openai, realtime), en-us (espeak)"""
     format: AudioFormat = AudioFormat.MP3
+    """default audio format: pcm, wav, mp3, opus, flac, aac, mulaw or alaw"""
 
     # Pipeline
     lookahead_segments: int = Field(2, ge=1, le=16)
+    """segments synthesised at once (the one playing + look-ahead)"""
     memory_turns: int = Field(8, ge=0)
+    """turns a WebSocket connection remembers in chat mode"""
 
     # Logging
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """debug, info, warning or error"""
     log_text: bool = False
+    """log user text and replies (off: never)"""
 
     # Auth and origins
-    api_keys: CommaList = Field(default_factory=list)
+    api_keys: CliSuppress[CommaList] = Field(default_factory=list)
+    """comma-separated caller keys (unset = open; env only)"""
     api_keys_file: Path | None = None
+    """a file of caller keys, one per line (reloaded on SIGHUP)"""
     allowed_origins: CommaList = Field(default_factory=list)
+    """browser origins allowed on the WebSocket (default: own origin)"""
     #: Proxies whose X-Forwarded-For the WebSocket door believes (IPs or CIDRs).
     trusted_proxies: CommaList = Field(default_factory=list)
+    """IPs/CIDRs whose X-Forwarded-For is believed"""
 
     # Limits
     max_input_chars: int = Field(4096, ge=1)
+    """longest text accepted; longer is refused, never truncated"""
     rate_limit_per_min: int = Field(60, ge=0)
+    """requests per minute per caller (0 = off)"""
     chars_per_min: int = Field(20000, ge=0)
+    """input characters per minute per caller (0 = off)"""
     max_streams_per_key: int = Field(4, ge=0)
+    """concurrent streams per caller (0 = off)"""
     max_streams: int = Field(256, ge=0)
+    """concurrent streams in all (0 = off)"""
     max_connections: int = Field(4096, ge=0)
+    """WebSocket connections in all (0 = off)"""
     max_connections_per_ip: int = Field(64, ge=0)
+    """WebSocket connections per client address (0 = off)"""
     ws_max_message_bytes: int = Field(65536, ge=0)
+    """largest frame or gRPC message accepted (0 = off)"""
     idle_timeout_s: float = Field(300, ge=0)
+    """close a WebSocket silent this long (0 = never)"""
     send_stall_s: float = Field(30, ge=0)
+    """drop a client that stops reading this long (0 = never)"""
 
     # Timeouts and resilience
     llm_timeout_s: float = Field(30, ge=0)
+    """chat stage budget for its first byte and any later gap"""
     tts_timeout_s: float = Field(30, ge=0)
+    """speech stage budget for its first byte and any later gap"""
     connect_timeout_s: float = Field(5, gt=0)
+    """upstream connect timeout"""
     upstream_retries: int = Field(2, ge=0, le=10)
+    """retries before a segment's first byte"""
     max_reply_tokens: int = Field(512, ge=0)
+    """the LLM's max_tokens, a cost guard (0 = off)"""
     breaker_failures: int = Field(5, ge=0)
+    """consecutive upstream failures that open its breaker (0 = off)"""
     breaker_cooldown_s: float = Field(10, ge=0)
+    """how long an open breaker refuses calls"""
     drain_s: float = Field(20, ge=0)
+    """on SIGTERM, how long streams in flight may finish"""
 
     # Transport security and extras
     tls_cert: Path | None = None
+    """PEM certificate: both doors serve TLS"""
     tls_key: Path | None = None
+    """PEM private key of the certificate"""
     grpc_reflection: bool = False
+    """gRPC server reflection (for development)"""
     redis_url: str | None = None
+    """(planned) shared rate limits across replicas"""
 
     @field_validator("api_keys", "allowed_origins", "trusted_proxies", mode="before")
     @classmethod
