@@ -177,6 +177,9 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             outcome = "ok"
         except VoxrelayError as exc:
             outcome, error = exc.code, exc
+            if exc.code == "upstream_timeout" and deadline is not None and loop.time() >= deadline:
+                # The caller's own deadline ran out first: its choice, not an upstream fault.
+                outcome = "cancelled"
         except Exception:
             log.exception("internal error in gRPC stream %s", request_id[:128])
             error = Internal(f"internal error (request {request_id[:128]})")
@@ -196,7 +199,8 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             if outcome == "cancelled":
                 late = deadline is not None and loop.time() >= deadline
                 reason = "deadline" if late else "client"
-            record.end(outcome, stream.figures if stream else None, error, reason=reason)
+            figures = stream.figures if stream else None
+            record.end(outcome, figures, None if outcome == "cancelled" else error, reason=reason)
         if error is not None:
             await context.abort_with_status(to_status(error))
 

@@ -35,9 +35,9 @@ def test_verify_returns_a_stable_id_that_is_not_the_key() -> None:
     assert keys.verify("alph") is None and keys.verify("alphax") is None
     assert keys.verify("") is None and keys.verify(None) is None
     assert keys.authenticate("beta") == key_id("beta")
-    with pytest.raises(Unauthorized, match="missing"):
+    with pytest.raises(Unauthorized, match="is required"):
         keys.authenticate(None)
-    with pytest.raises(Unauthorized, match="not a valid key") as wrong:
+    with pytest.raises(Unauthorized, match="not valid") as wrong:
         keys.authenticate("gamma")
     assert "gamma" not in wrong.value.message
 
