@@ -17,12 +17,11 @@ the upstream calls at once and waits until they are closed.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from types import TracebackType
@@ -36,17 +35,16 @@ from .chunker import SentenceChunker
 from .errors import Busy, Internal, InvalidRequest, TooLarge, Unavailable, VoxrelayError
 from .limits import Admission, AdmissionControl, Lease
 from .model import (
-    AudioChunk,
     AudioFormat,
     ChatMessage,
     Event,
     Mode,
-    SegmentStarted,
     StreamFinished,
     StreamStarted,
     SynthesisRequest,
     Voice,
 )
+from .output import EncoderRunner, EventQueue, StreamOutput
 from .providers.base import ChatProvider, SpeakingModel, SpeechEngine
 from .resilience import Stage, guarded_stream
 from .settings import Settings
@@ -277,45 +275,6 @@ def _check_controls(text: str, what: str) -> None:
             )
 
 
-class _Encoder:
-    """Run one :class:`StreamEncoder` in worker threads, one call at a time.
-
-    With *inline*, calls run on the event loop instead: for raw PCM at the engine's rate
-    the encoder only copies bytes, and a thread hop per chunk would cost far more.
-    """
-
-    def __init__(
-        self, encoder: StreamEncoder, executor: ThreadPoolExecutor, *, inline: bool = False
-    ) -> None:
-        self._encoder = encoder
-        self._executor = executor
-        self._inline = inline
-        self._pending: Future[bytes] | None = None
-
-    async def _run(self, fn: Callable[..., bytes], *args: Any) -> bytes:
-        if self._inline:
-            return fn(*args)
-        self._pending = self._executor.submit(fn, *args)
-        return await asyncio.wrap_future(self._pending)
-
-    async def encode(self, pcm: bytes) -> bytes:
-        return await self._run(self._encoder.encode, pcm)
-
-    async def flush(self) -> bytes:
-        return await self._run(self._encoder.flush)
-
-    def close(self) -> None:
-        """Close now, or — if a worker is still encoding — right after it finishes.
-
-        Closing a PyAV encoder while another thread encodes with it crashes the process.
-        """
-        pending = self._pending
-        if pending is None or pending.done():
-            self._encoder.close()
-        else:
-            pending.add_done_callback(lambda _: self._encoder.close())
-
-
 class SynthesisStream:
     """One request's events, produced by tasks this object owns."""
 
@@ -331,12 +290,12 @@ class SynthesisStream:
         self._deadline = deadline
         self._caller = caller
         self._lease = Lease()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
+        self._queue = EventQueue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.plan: _Plan | None = None
         self.finished: StreamFinished | None = None
-        self._output: _Output | None = None
+        self._output: StreamOutput | None = None
         self.started_at = 0.0
 
     async def __aenter__(self) -> SynthesisStream:
@@ -402,9 +361,7 @@ class SynthesisStream:
         task = self._task
         if task is not None and not task.done():
             task.cancel()
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(error)
+        self._queue.replace_all(error)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self
@@ -412,10 +369,10 @@ class SynthesisStream:
     async def __anext__(self) -> Event:
         item = await self._queue.get()
         if item is _DONE:
-            self._queue.put_nowait(_DONE)
+            self._queue.push_back(_DONE)
             raise StopAsyncIteration
         if isinstance(item, BaseException):
-            self._queue.put_nowait(_DONE)
+            self._queue.push_back(_DONE)
             raise item
         event: Event = item
         return event
@@ -444,9 +401,9 @@ class SynthesisStream:
         rate = speaking.sample_rate if speaking is not None else owner.speech.sample_rate
         encoder = StreamEncoder(plan.format, input_rate=rate, output_rate=plan.rate)
         passthrough = plan.format is AudioFormat.PCM and plan.rate == rate
-        out = _Output(
-            self._queue.put,
-            _Encoder(encoder, owner._encoders, inline=passthrough),
+        out = StreamOutput(
+            self._queue,
+            EncoderRunner(encoder, owner._encoders, inline=passthrough),
             input_rate=rate,
             since=since,
         )
@@ -483,7 +440,7 @@ class SynthesisStream:
         self.finished = finished
         await out.emit(finished)
 
-    async def _write_and_speak(self, plan: _Plan, out: _Output) -> str:
+    async def _write_and_speak(self, plan: _Plan, out: StreamOutput) -> str:
         """Chat provider (or the text itself) → chunker → speech engine, pipelined."""
         owner = self._owner
         speech = owner.speech
@@ -572,7 +529,7 @@ class SynthesisStream:
                 lookahead.release()
         return plan.text if plan.mode is Mode.SPEAK else "".join(reply_parts)
 
-    async def _speak_reply(self, plan: _Plan, speaking: SpeakingModel, out: _Output) -> str:
+    async def _speak_reply(self, plan: _Plan, speaking: SpeakingModel, out: StreamOutput) -> str:
         """A speaking model writes and speaks the reply; its transcript is cut into segments."""
         owner = self._owner
         finished = out.finished
@@ -609,83 +566,6 @@ class SynthesisStream:
                 await out.send(items)
         await out.send(aligner.end())
         return "".join(transcript)
-
-
-class _Output:
-    """The ordered end of a stream: segments and their audio through the one encoder."""
-
-    def __init__(
-        self,
-        emit: Callable[[Any], Awaitable[None]],
-        encoder: _Encoder,
-        *,
-        input_rate: int,
-        since: Callable[[], int],
-    ) -> None:
-        self.emit = emit
-        self.since = since
-        self.finished = StreamFinished()
-        self.index = -1
-        self._encoder = encoder
-        self._rate = input_rate
-        self._seq = 0
-        self._samples = 0
-        self._carry = b""
-
-    @property
-    def audio_ms(self) -> int:
-        return self._samples * 1000 // self._rate
-
-    def figures(self, reply_text: str = "") -> StreamFinished:
-        """Return the stream's figures as they stand."""
-        return dataclasses.replace(
-            self.finished,
-            reply_text=reply_text,
-            segments=self.index + 1,
-            audio_ms=self.audio_ms,
-            total_ms=self.since(),
-        )
-
-    async def segment(self, text: str) -> None:
-        """Announce the next segment; its audio starts where the stream's audio is now."""
-        self.index += 1
-        await self.emit(SegmentStarted(self.index, text, self.audio_ms))
-
-    async def audio(self, pcm: bytes) -> None:
-        """Encode PCM of the current segment and send what the encoder gives back."""
-        pcm = self._carry + pcm
-        if len(pcm) % 2:  # engines may split a sample across chunks
-            pcm, self._carry = pcm[:-1], pcm[-1:]
-        else:
-            self._carry = b""
-        if not pcm:
-            return
-        self._samples += len(pcm) // 2
-        await self._chunk(await self._encoder.encode(pcm))
-
-    async def send(self, items: list[str | bytes]) -> None:
-        """Send segment texts (``str``) and PCM (``bytes``) in the order given."""
-        for item in items:
-            if isinstance(item, str):
-                await self.segment(item)
-            else:
-                await self.audio(item)
-
-    async def flush(self) -> None:
-        """Send what the encoder still holds (the end of the file)."""
-        await self._chunk(await self._encoder.flush())
-
-    def close(self) -> None:
-        self._encoder.close()
-
-    async def _chunk(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._seq == 0:
-            self.finished.time_to_first_audio_ms = self.since()
-        await self.emit(AudioChunk(max(self.index, 0), self._seq, data))
-        self._seq += 1
-        self.finished.audio_bytes += len(data)
 
 
 def _count_usage(

@@ -26,7 +26,13 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 from openai.types.websocket_connection_options import WebSocketConnectionOptions
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidStatus,
+    InvalidURI,
+)
 
 from ..errors import UpstreamError, UpstreamTimeout
 from ..model import ChatMessage, Voice
@@ -77,6 +83,9 @@ def realtime_errors(api_key: str) -> Iterator[None]:
         if body.strip():
             detail += f": {redact(' '.join(body.split()), api_key)[:300]}"
         raise status_error("realtime", response.status_code, detail, response.headers) from exc
+    except InvalidMessage as exc:
+        # The connection broke during the handshake (a reset, a proxy hanging up).
+        raise UpstreamError("realtime upstream connection failed during the handshake") from exc
     except (InvalidURI, InvalidHandshake) as exc:
         raise UpstreamError(
             f"realtime upstream refused the WebSocket handshake ({type(exc).__name__})",

@@ -48,7 +48,6 @@ Run ``python -m tests.fakes.openai_realtime --port 8001`` to serve until Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -84,6 +83,7 @@ from tests.fakes.openai_upstream import (
     malformed,
     pcm_duration_s,
     reset_after,
+    serve_from_command_line,
     slow_first_byte,
     status,
     tokenize,
@@ -1222,40 +1222,15 @@ def _check_item(item: Any) -> str | None:
 # Command line
 
 
-async def _serve_forever(fake: FakeRealtime) -> None:
-    async with fake:
-        print(f"fake OpenAI Realtime on {fake.base_url} ({fake.latency})", flush=True)
-        await asyncio.Event().wait()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve the fake until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m tests.fakes.openai_realtime")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--ttft-ms", type=float, default=200.0, help="time to response.created")
-    parser.add_argument("--token-ms", type=float, default=20.0, help="delay between tokens")
-    parser.add_argument("--tts-first-byte-ms", type=float, default=150.0)
-    parser.add_argument("--tts-rtf", type=float, default=0.2, help="speech real-time factor")
-    parser.add_argument("--reply", default=DEFAULT_REPLY, help="the reply text")
-    parser.add_argument("--api-key", default=None, help="refuse other bearer tokens with 401")
-    args = parser.parse_args(argv)
-    latency = Latency(
-        ttft_s=args.ttft_ms / 1000,
-        token_s=args.token_ms / 1000,
-        tts_first_byte_s=args.tts_first_byte_ms / 1000,
-        tts_rtf=args.tts_rtf,
+    serve_from_command_line(
+        FakeRealtime,
+        argv,
+        prog="python -m tests.fakes.openai_realtime",
+        port=8001,
+        title="fake OpenAI Realtime",
     )
-    fake = FakeRealtime(
-        latency=latency,
-        reply=args.reply,
-        api_key=args.api_key,
-        host=args.host,
-        port=args.port,
-        keep_history=False,
-    )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(fake))
 
 
 if __name__ == "__main__":

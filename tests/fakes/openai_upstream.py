@@ -59,6 +59,7 @@ __all__ = [
     "malformed",
     "pcm_duration_s",
     "reset_after",
+    "serve_from_command_line",
     "slow_first_byte",
     "status",
     "tokenize",
@@ -911,22 +912,24 @@ def _check_speech(body: Any) -> str | None:
 # Command line
 
 
-async def _serve_forever(fake: FakeOpenAI) -> None:
+async def _serve_forever(fake: Any, title: str) -> None:
     async with fake:
-        print(f"fake OpenAI upstream on {fake.base_url} ({fake.latency})", flush=True)
+        print(f"{title} on {fake.base_url} ({fake.latency})", flush=True)
         await asyncio.Event().wait()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Serve the fake until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m tests.fakes.openai_upstream")
+def serve_from_command_line(
+    make: Callable[..., Any], argv: Sequence[str] | None, *, prog: str, port: int, title: str
+) -> None:
+    """Parse the fakes' common options, build the fake with *make* and serve until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--ttft-ms", type=float, default=200.0, help="chat time to first token")
-    parser.add_argument("--token-ms", type=float, default=20.0, help="chat delay between tokens")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--ttft-ms", type=float, default=200.0, help="time to the first token")
+    parser.add_argument("--token-ms", type=float, default=20.0, help="delay between tokens")
     parser.add_argument("--tts-first-byte-ms", type=float, default=150.0)
     parser.add_argument("--tts-rtf", type=float, default=0.2, help="speech real-time factor")
-    parser.add_argument("--reply", default=DEFAULT_REPLY, help="the chat reply text")
+    parser.add_argument("--reply", default=DEFAULT_REPLY, help="the reply text")
     parser.add_argument("--api-key", default=None, help="refuse other bearer tokens with 401")
     args = parser.parse_args(argv)
     latency = Latency(
@@ -935,7 +938,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tts_first_byte_s=args.tts_first_byte_ms / 1000,
         tts_rtf=args.tts_rtf,
     )
-    fake = FakeOpenAI(
+    fake = make(
         latency=latency,
         reply=args.reply,
         api_key=args.api_key,
@@ -944,7 +947,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         keep_history=False,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(fake))
+        asyncio.run(_serve_forever(fake, title))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve the fake until Ctrl-C."""
+    serve_from_command_line(
+        FakeOpenAI,
+        argv,
+        prog="python -m tests.fakes.openai_upstream",
+        port=8000,
+        title="fake OpenAI upstream",
+    )
 
 
 if __name__ == "__main__":

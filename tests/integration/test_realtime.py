@@ -504,6 +504,7 @@ FAULTS: list[tuple[str, str, list[Fault], grpc.StatusCode, str]] = [
     ("malformed event", "response", [malformed()], UNAVAILABLE, "malformed"),
     ("hang", "response", [hang()], grpc.StatusCode.DEADLINE_EXCEEDED, "sent nothing"),
     ("handshake hang", "connect", [hang()], grpc.StatusCode.DEADLINE_EXCEEDED, "sent nothing"),
+    ("handshake reset", "connect", [reset_after(0)] * 3, UNAVAILABLE, "during the handshake"),
 ]
 
 

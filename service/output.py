@@ -1,0 +1,221 @@
+"""The ordered end of a stream: its one encoder, its event numbering, its queue to a door.
+
+Whatever shape produced the audio (chat → sentences → speech, or a speaking model), it
+ends here: :class:`StreamOutput` announces segments, feeds PCM through the stream's one
+:class:`~service.audio.StreamEncoder` (in a worker thread unless it only copies bytes) and
+puts the events on an :class:`EventQueue`, which a door drains at its own pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from .audio import StreamEncoder
+from .model import AudioChunk, Event, SegmentStarted, StreamFinished
+
+__all__ = ["EncoderRunner", "EventQueue", "StreamOutput"]
+
+
+class EncoderRunner:
+    """Run one :class:`StreamEncoder` in worker threads, one call at a time.
+
+    With *inline*, calls run on the event loop instead: for raw PCM at the engine's rate
+    the encoder only copies bytes, and a thread hop per chunk would cost far more.
+    """
+
+    def __init__(
+        self, encoder: StreamEncoder, executor: ThreadPoolExecutor, *, inline: bool = False
+    ) -> None:
+        self._encoder = encoder
+        self._executor = executor
+        self._inline = inline
+        self._pending: Future[bytes] | None = None
+
+    async def _run(self, fn: Callable[..., bytes], *args: Any) -> bytes:
+        if self._inline:
+            return fn(*args)
+        self._pending = self._executor.submit(fn, *args)
+        return await asyncio.wrap_future(self._pending)
+
+    async def encode(self, pcm: bytes) -> bytes:
+        return await self._run(self._encoder.encode, pcm)
+
+    async def flush(self) -> bytes:
+        return await self._run(self._encoder.flush)
+
+    def close(self) -> None:
+        """Close now, or — if a worker is still encoding — right after it finishes.
+
+        Closing a PyAV encoder while another thread encodes with it crashes the process.
+        """
+        pending = self._pending
+        if pending is None or pending.done():
+            self._encoder.close()
+        else:
+            pending.add_done_callback(lambda _: self._encoder.close())
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Audio:
+    """Audio of one segment not yet taken by the door: its pieces, joined when taken."""
+
+    segment_index: int
+    parts: list[bytes]
+    size: int
+
+
+class EventQueue:
+    """A bounded queue of a stream's events that merges audio a busy door has not taken.
+
+    While the door keeps up, every audio chunk goes out as it came. When it falls behind,
+    a chunk joins the audio of the same segment still waiting at the tail (up to
+    *max_audio_bytes*), so the door pays its per-message cost (a gRPC message, a
+    WebSocket frame) once for many chunks, and never waits longer for it. ``seq`` is
+    numbered as the door takes the chunks, so it counts up by one on the wire.
+    Anything else (and merged audio past the bound) waits for room: the producer slows
+    down to the door's pace.
+    """
+
+    def __init__(self, maxsize: int = 8, *, max_audio_bytes: int = 64 * 1024) -> None:
+        self._items: deque[Any] = deque()
+        self._maxsize = maxsize
+        self._max_audio = max_audio_bytes
+        self._seq = 0
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: Any) -> None:
+        """Add an event (or a sentinel); wait while the queue is full."""
+        while len(self._items) >= self._maxsize:
+            self._writable.clear()
+            await self._writable.wait()
+        self._append(item)
+
+    async def put_audio(self, segment_index: int, data: bytes) -> None:
+        """Add audio of *segment_index*, merged into the waiting tail when it fits."""
+        if self._items:
+            tail = self._items[-1]
+            if (
+                isinstance(tail, _Audio)
+                and tail.segment_index == segment_index
+                and tail.size + len(data) <= self._max_audio
+            ):
+                tail.parts.append(data)
+                tail.size += len(data)
+                return
+        await self.put(_Audio(segment_index, [data], len(data)))
+
+    def replace_all(self, item: Any) -> None:
+        """Drop everything waiting and make *item* the next thing taken."""
+        self._items.clear()
+        self._append(item)
+
+    async def get(self) -> Any:
+        """Take the next item, waiting for one; merged audio comes out as one chunk."""
+        while not self._items:
+            self._readable.clear()
+            await self._readable.wait()
+        item = self._items.popleft()
+        self._writable.set()
+        if isinstance(item, _Audio):
+            data = item.parts[0] if len(item.parts) == 1 else b"".join(item.parts)
+            item = AudioChunk(item.segment_index, self._seq, data)
+            self._seq += 1
+        return item
+
+    def push_back(self, item: Any) -> None:
+        """Put *item* back at the head (a sentinel the next taker must see too)."""
+        self._items.appendleft(item)
+        self._readable.set()
+
+    def _append(self, item: Any) -> None:
+        self._items.append(item)
+        self._readable.set()
+
+
+class StreamOutput:
+    """Announce segments and encode their audio, in order, onto the stream's queue."""
+
+    def __init__(
+        self,
+        queue: EventQueue,
+        encoder: EncoderRunner,
+        *,
+        input_rate: int,
+        since: Callable[[], int],
+    ) -> None:
+        self.since = since
+        self.finished = StreamFinished()
+        self.index = -1
+        self._queue = queue
+        self._encoder = encoder
+        self._rate = input_rate
+        self._samples = 0
+        self._carry = b""
+
+    @property
+    def audio_ms(self) -> int:
+        return self._samples * 1000 // self._rate
+
+    def figures(self, reply_text: str = "") -> StreamFinished:
+        """Return the stream's figures as they stand."""
+        return dataclasses.replace(
+            self.finished,
+            reply_text=reply_text,
+            segments=self.index + 1,
+            audio_ms=self.audio_ms,
+            total_ms=self.since(),
+        )
+
+    async def emit(self, event: Event) -> None:
+        """Put an event other than audio on the queue."""
+        await self._queue.put(event)
+
+    async def segment(self, text: str) -> None:
+        """Announce the next segment; its audio starts where the stream's audio is now."""
+        self.index += 1
+        await self._queue.put(SegmentStarted(self.index, text, self.audio_ms))
+
+    async def audio(self, pcm: bytes) -> None:
+        """Encode PCM of the current segment and send what the encoder gives back."""
+        pcm = self._carry + pcm
+        if len(pcm) % 2:  # engines may split a sample across chunks
+            pcm, self._carry = pcm[:-1], pcm[-1:]
+        else:
+            self._carry = b""
+        if not pcm:
+            return
+        self._samples += len(pcm) // 2
+        await self._chunk(await self._encoder.encode(pcm))
+
+    async def send(self, items: list[str | bytes]) -> None:
+        """Send segment texts (``str``) and PCM (``bytes``) in the order given."""
+        for item in items:
+            if isinstance(item, str):
+                await self.segment(item)
+            else:
+                await self.audio(item)
+
+    async def flush(self) -> None:
+        """Send what the encoder still holds (the end of the file)."""
+        await self._chunk(await self._encoder.flush())
+
+    def close(self) -> None:
+        self._encoder.close()
+
+    async def _chunk(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self.finished.audio_bytes:
+            self.finished.time_to_first_audio_ms = self.since()
+        self.finished.audio_bytes += len(data)
+        await self._queue.put_audio(max(self.index, 0), data)
