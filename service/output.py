@@ -9,6 +9,7 @@ puts the events on an :class:`EventQueue`, which a door drains at its own pace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections import deque
 from collections.abc import Callable
@@ -18,7 +19,16 @@ from typing import Any
 from .audio import StreamEncoder
 from .model import AudioChunk, Event, SegmentStarted, StreamFinished
 
-__all__ = ["EncoderRunner", "EventQueue", "StreamOutput"]
+__all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamOutput"]
+
+# Limits
+#: PCM of a segment relayed as one piece at most (~0.7 s at 24 kHz).
+MAX_JOINED_PCM_BYTES = 32 * 1024
+#: Once the listener has this much audio in hand beyond what has played, small chunks
+#: may wait to go out together ...
+HOLD_LEAD_MS = 400
+#: ... but never longer than this.
+MAX_HOLD_S = 0.1
 
 
 class EncoderRunner:
@@ -58,6 +68,54 @@ class EncoderRunner:
             self._encoder.close()
         else:
             pending.add_done_callback(lambda _: self._encoder.close())
+
+
+class PcmFeed:
+    """PCM of one segment on its way from the speech engine to the stream's output.
+
+    The engine's task puts chunks as they come and ends the feed; the output takes what
+    has gathered. Taking waits for the first chunk, and — when the caller says the
+    listener has audio enough in hand — a little longer, so that many small chunks go
+    out as one (one encode call, one event, one gRPC message or WebSocket frame) while
+    the listener notices nothing.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._ended = False
+        self._ready = asyncio.Event()
+        self._done = asyncio.Event()
+
+    def put(self, pcm: bytes) -> None:
+        if pcm:
+            self._parts.append(pcm)
+            self._ready.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._ready.set()
+        self._done.set()
+
+    async def take(self, *, hold_s: float = 0.0) -> bytes | None:
+        """Return the PCM gathered (waiting for some), or None once the segment is over.
+
+        With *hold_s*, first wait that long for more, unless the segment ends sooner.
+        """
+        if hold_s > 0 and not self._ended:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(hold_s):
+                    await self._done.wait()
+        while not self._parts:
+            if self._ended:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        count = size = 0
+        while count < len(self._parts) and size < MAX_JOINED_PCM_BYTES:
+            size += len(self._parts[count])
+            count += 1
+        taken, self._parts = self._parts[:count], self._parts[count:]
+        return taken[0] if count == 1 else b"".join(taken)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -165,6 +223,20 @@ class StreamOutput:
     @property
     def audio_ms(self) -> int:
         return self._samples * 1000 // self._rate
+
+    def hold_s(self) -> float:
+        """Return how long the next audio may wait to go out with more.
+
+        Zero until the listener is :data:`HOLD_LEAD_MS` ahead of playback (counted from
+        the first audio byte, as if it played at once), then a share of the lead beyond
+        that, up to :data:`MAX_HOLD_S`: the first audio and a listener short of audio
+        never wait.
+        """
+        if not self.finished.audio_bytes:
+            return 0.0
+        played_ms = self.since() - self.finished.time_to_first_audio_ms
+        spare_ms = self.audio_ms - played_ms - HOLD_LEAD_MS
+        return 0.0 if spare_ms <= 0 else min(MAX_HOLD_S, spare_ms / 2000)
 
     def figures(self, reply_text: str = "") -> StreamFinished:
         """Return the stream's figures as they stand."""

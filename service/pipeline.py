@@ -44,7 +44,7 @@ from .model import (
     SynthesisRequest,
     Voice,
 )
-from .output import EncoderRunner, EventQueue, StreamOutput
+from .output import EncoderRunner, EventQueue, PcmFeed, StreamOutput
 from .providers.base import ChatProvider, SpeakingModel, SpeechEngine
 from .resilience import Stage, guarded_stream
 from .settings import Settings
@@ -61,10 +61,8 @@ SPEED_RANGE = (0.25, 4.0)
 MAX_HISTORY = 100
 HISTORY_ROLES = frozenset({"system", "user", "assistant"})
 ALLOWED_CONTROLS = frozenset("\n\t\r")
-#: When several PCM chunks of a segment are already waiting, relay up to this much of
-#: them as one (~0.7 s at 24 kHz): under load, per-chunk costs (an encode call, an
-#: event, a gRPC message or WebSocket frame) are paid once, and nothing waits for it.
-MAX_JOINED_PCM_BYTES = 32 * 1024
+#: A read that took longer than this found the upstream's socket empty.
+READ_WAITED_S = 0.001
 _DONE = object()
 
 
@@ -447,7 +445,7 @@ class SynthesisStream:
         finished = out.finished
         segments: asyncio.Queue[str | None] = asyncio.Queue()
         lookahead = asyncio.Semaphore(owner.settings.lookahead_segments)
-        ordered: asyncio.Queue[tuple[str, asyncio.Queue[bytes | None]] | None] = asyncio.Queue()
+        ordered: asyncio.Queue[tuple[str, PcmFeed] | None] = asyncio.Queue()
         reply_parts: list[str] = []
 
         async def write_text() -> None:
@@ -484,7 +482,9 @@ class SynthesisStream:
                 segments.put_nowait(seg)
             segments.put_nowait(None)
 
-        async def speak_segment(text: str, pcm: asyncio.Queue[bytes | None]) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def speak_segment(text: str, feed: PcmFeed) -> None:
             def first_byte() -> None:
                 if not finished.tts_first_byte_ms:
                     finished.tts_first_byte_ms = out.since()
@@ -503,28 +503,35 @@ class SynthesisStream:
                 on_first=first_byte,
             )
             async with aclosing(stream) as chunks:
-                async for chunk in chunks:
-                    pcm.put_nowait(chunk)
-            pcm.put_nowait(None)
+                while True:
+                    began = loop.time()
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    feed.put(chunk)
+                    # The socket ran dry. While the listener has audio in hand, let the next
+                    # chunks gather there and read them in one go: one wake-up, not one each.
+                    if loop.time() - began > READ_WAITED_S and (hold := out.hold_s()) > 0:
+                        await asyncio.sleep(hold)
+            feed.end()
 
         async def schedule_speech(tg: asyncio.TaskGroup) -> None:
             # Start speaking segment k+1 while segment k is still being sent.
             while (text := await segments.get()) is not None:
                 await lookahead.acquire()
-                pcm: asyncio.Queue[bytes | None] = asyncio.Queue()
-                tg.create_task(speak_segment(text, pcm))
-                ordered.put_nowait((text, pcm))
+                feed = PcmFeed()
+                tg.create_task(speak_segment(text, feed))
+                ordered.put_nowait((text, feed))
             ordered.put_nowait(None)
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(write_text())
             tg.create_task(schedule_speech(tg))
             while (item := await ordered.get()) is not None:
-                text, pcm_queue = item
+                text, feed = item
                 await out.segment(text)
-                ended = False
-                while not ended and (pcm := await pcm_queue.get()) is not None:
-                    pcm, ended = _join_waiting(pcm, pcm_queue)
+                while (pcm := await feed.take(hold_s=out.hold_s())) is not None:
                     await out.audio(pcm)
                 lookahead.release()
         return plan.text if plan.mode is Mode.SPEAK else "".join(reply_parts)
@@ -578,24 +585,6 @@ def _count_usage(
     if completion is not None:
         finished.completion_tokens = completion
         metrics.UPSTREAM_TOKENS.labels(provider, "completion").inc(completion)
-
-
-def _join_waiting(first: bytes, queue: asyncio.Queue[bytes | None]) -> tuple[bytes, bool]:
-    """Join *first* with the chunks already waiting in *queue*, up to a bound.
-
-    Return the PCM and whether the end of the segment (``None``) was taken with it.
-    """
-    if queue.empty():
-        return first, False
-    parts = [first]
-    size = len(first)
-    while size < MAX_JOINED_PCM_BYTES and not queue.empty():
-        item = queue.get_nowait()
-        if item is None:
-            return b"".join(parts), True
-        parts.append(item)
-        size += len(item)
-    return b"".join(parts), False
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
