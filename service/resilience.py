@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -19,7 +19,7 @@ from typing import TypeVar
 from . import metrics
 from .errors import Unavailable, UpstreamError, UpstreamTimeout, VoxrelayError
 
-__all__ = ["CircuitBreaker", "Stage", "guarded_stream"]
+__all__ = ["CircuitBreaker", "GapTimer", "Stage", "guarded_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,69 @@ def _is_failure(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamTimeout)
 
 
+class GapTimer:
+    """Bound each wait for an upstream's next item by *gap_s* and by *deadline*.
+
+    The same as ``asyncio.timeout_at(...)`` around every wait, without a timer per item:
+    a stream relays hundreds of chunks a second, and scheduling and cancelling a loop
+    timer for each costs more than the chunk. Each wait enters a timeout with no
+    deadline (no timer); one timer per stream looks in at the earliest moment a wait
+    could be over its bound and, if it is, expires that wait's timeout.
+    """
+
+    def __init__(self, gap_s: float, deadline: float | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._gap = gap_s if gap_s > 0 else None
+        self._deadline = deadline
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0
+        self._current: asyncio.Timeout | None = None
+        self._since = 0.0
+
+    def _limit(self) -> float | None:
+        end = self._since + self._gap if self._gap is not None else None
+        if self._deadline is not None:
+            end = self._deadline if end is None else min(end, self._deadline)
+        return end
+
+    async def wait(self, awaitable: Awaitable[T]) -> T:
+        """Await *awaitable*; raise :class:`TimeoutError` if it outlasts its bound."""
+        self._since = self._loop.time()
+        limit = self._limit()
+        if limit is None:
+            return await awaitable
+        async with asyncio.timeout(None) as timeout:
+            if self._handle is None or self._armed_for > limit:
+                self._arm(limit)
+            self._current = timeout
+            try:
+                return await awaitable
+            finally:
+                self._current = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self, when: float) -> None:
+        self.close()
+        self._armed_for = when
+        self._handle = self._loop.call_at(when, self._check)
+
+    def _check(self) -> None:
+        self._handle = None
+        timeout = self._current
+        if timeout is None:
+            return  # not waiting now: the next wait arms the timer again
+        limit = self._limit()
+        now = self._loop.time()
+        if limit is not None and now >= limit:
+            timeout.reschedule(now)  # expire the wait in progress
+        elif limit is not None:
+            self._arm(limit)
+
+
 async def _trial_ended(breaker: CircuitBreaker, limit: float | None) -> bool:
     """Wait for the breaker's trial call to end; return False if *limit* comes first."""
     try:
@@ -239,18 +302,18 @@ async def guarded_stream(
                 if on_first is not None:
                     on_first()
                 yield first
-                while True:
-                    gap_end = loop.time() + stage.timeout_s if stage.timeout_s > 0 else None
-                    if deadline is not None:
-                        gap_end = deadline if gap_end is None else min(gap_end, deadline)
-                    try:
-                        async with asyncio.timeout_at(gap_end):
-                            item = await anext(upstream)
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        raise UpstreamTimeout(f"{stage.label} stalled mid-stream") from None
-                    yield item
+                gaps = GapTimer(stage.timeout_s, deadline)
+                try:
+                    while True:
+                        try:
+                            item = await gaps.wait(anext(upstream))
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            raise UpstreamTimeout(f"{stage.label} stalled mid-stream") from None
+                        yield item
+                finally:
+                    gaps.close()
                 metrics.UPSTREAM_SECONDS.labels(*labels).observe(loop.time() - call_started)
                 return
         except VoxrelayError as exc:
