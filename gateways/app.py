@@ -107,6 +107,7 @@ class App:
                 "tts_model": self.synthesizer.speech.model,
                 "auth": "api_keys" if self.synthesizer.keys.required else "open",
                 "log_text": s.log_text,
+                "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             },
         )
 

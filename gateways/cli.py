@@ -38,7 +38,8 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
         await App(settings).run()  # built in the loop: grpc.aio binds to it
 
     try:
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(run())
     except KeyboardInterrupt:  # Ctrl-C before the app's own handlers were in place
         return EXIT_INTERRUPTED
     except OSError as exc:
@@ -46,6 +47,16 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
             return _fail(_port_in_use(settings, exc))
         return _fail(f"cannot start: {exc}")
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return uvloop's loop factory where it is installed (a faster loop), else None."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _port_in_use(settings: Any, error: OSError) -> str:
