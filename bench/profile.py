@@ -87,8 +87,32 @@ class Profiler:
         return self.path.exists()
 
 
+#: Where a sample's CPU went, by the first of these its stack holds (most specific first).
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("encoding", ("service/audio.py", "EncoderRunner", "(av/")),
+    (
+        "framing",
+        ("gateways/grpc_server.py", "gateways/ws_server.py", "gateways/ws_frames.py",
+         "grpc/aio/", "grpc/_cython", "websockets/", "_poll_wrapper"),
+    ),  # fmt: skip
+    ("chat parsing", ("openai_chat.py", "write_text", "service/chunker.py")),
+    ("tts relay", ("openai_speech.py", "speak_segment")),
+    ("pipeline", ("service/pipeline.py", "service/output.py", "service/resilience.py")),
+)
+OTHER_STAGE = "event loop and other"
+
+
+def stage_of(frames: Sequence[str]) -> str:
+    """Name the stage a sample's stack belongs to (:data:`STAGES`)."""
+    for name, markers in STAGES:
+        if any(marker in frame for frame in frames for marker in markers):
+            return name
+    return OTHER_STAGE
+
+
 def summarise(path: Path, top: int = 30) -> dict[str, Any]:
-    """Read collapsed stacks; return the heaviest frames, inclusive and self, in %."""
+    """Read collapsed stacks; return stage shares and the heaviest frames, in %."""
+    stages: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     leaf: Counter[str] = Counter()
     threads: Counter[str] = Counter()
@@ -100,6 +124,7 @@ def summarise(path: Path, top: int = 30) -> dict[str, Any]:
         n = int(count)
         frames = stack.split(";")
         total += n
+        stages[stage_of(frames)] += n
         threads[re.sub(r"\s*\(\d+\)", "", frames[0])] += n
         leaf[frames[-1]] += n
         seen = set()
@@ -115,6 +140,10 @@ def summarise(path: Path, top: int = 30) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "stages": [
+            {"stage": name, "pct": round(100 * stages[name] / total, 1) if total else 0.0}
+            for name in [*(n for n, _ in STAGES), OTHER_STAGE]
+        ],
         "threads": rows(threads) if total else [],
         "inclusive": rows(inclusive) if total else [],
         "self": rows(leaf) if total else [],

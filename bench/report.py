@@ -374,7 +374,12 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["profile"]:
         p = doc["profile"]
         lines += ["", f"## Profile: voxrelay, {p['protocol']} at {p['streams']} streams", ""]
-        lines += ["| share of samples | where (inclusive) |", "|--:|---|"]
+        lines += ["| stage | share of samples | CPU ms per audio s |", "|---|--:|--:|"]
+        lines += [
+            f"| {row['stage']} | {row['pct']:.1f}% | {_num(row.get('cpu_ms_per_audio_s'))} |"
+            for row in p.get("stages", [])
+        ]
+        lines += ["", "| share of samples | where (inclusive) |", "|--:|---|"]
         lines += [f"| {row['pct']:.1f}% | {row['frame']} |" for row in p["inclusive"][:25]]
     lines += [
         "",

@@ -348,6 +348,12 @@ class Bench:
                         **summarise(profiler.path),
                     }
                 vox_row = self._row(protocol, phase, "listeners")
+                if self.profile is not None and self.profile["streams"] == streams:
+                    per_s = (vox_row["voxrelay"] or {}).get("cpu_ms_per_audio_s")
+                    self.profile["cpu_ms_per_audio_s"] = per_s
+                    for stage in self.profile["stages"]:
+                        share = stage["pct"] / 100
+                        stage["cpu_ms_per_audio_s"] = round(share * per_s, 2) if per_s else None
                 lim_row = self._row("limit", phase, f"beside_{protocol}", keep=False)
                 naive_row = (
                     self._row("naive", phase, f"beside_{protocol}", keep=False)
