@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "Playback",
     "Sample",
     "WsClient",
+    "whole_sentence_chunker",
 ]
 
 PROMPT = "How much is a ticket, and how often do the trains run?"
@@ -122,6 +124,11 @@ def _messages() -> list[Any]:
     ]
 
 
+def whole_sentence_chunker() -> SentenceChunker:
+    """A chunker that never releases the first segment early: it waits for its sentence."""
+    return SentenceChunker(first_max_chars=300)  # its max_chars: no early cut before that
+
+
 def sdk_client(base_url: str, connections: int) -> openai.AsyncOpenAI:
     """Return an SDK client configured as voxrelay configures its own."""
     return openai.AsyncOpenAI(
@@ -142,8 +149,18 @@ class LimitClient:
 
     kind = "limit"
 
-    def __init__(self, base_url: str, streams: int) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        streams: int,
+        *,
+        chunker: Callable[[], SentenceChunker] = SentenceChunker,
+        kind: str = "limit",
+    ) -> None:
         self.client = sdk_client(base_url, max(16, streams * (LOOKAHEAD + 1)))
+        #: how segments are cut: voxrelay's chunker, or one that waits for a whole sentence.
+        self.chunker = chunker
+        self.kind = kind
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -169,7 +186,7 @@ class LimitClient:
         del fmt  # the upstream only speaks pcm; formats are voxrelay's work
         probe = sample.probe
         sample.started = time.perf_counter()
-        chunker = SentenceChunker()
+        chunker = self.chunker()
         lookahead = asyncio.Semaphore(LOOKAHEAD)
         speakers: list[asyncio.Task[int]] = []
 

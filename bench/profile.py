@@ -88,13 +88,18 @@ class Profiler:
 
 
 #: Where a sample's CPU went, by the first of these its stack holds (most specific first).
+_FRAMING = (
+    "gateways/grpc_server.py",
+    "gateways/ws_server.py",
+    "gateways/ws_frames.py",
+    "grpc/aio/",
+    "grpc/_cython",
+    "websockets/",
+    "_poll_wrapper",
+)
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("encoding", ("service/audio.py", "EncoderRunner", "(av/")),
-    (
-        "framing",
-        ("gateways/grpc_server.py", "gateways/ws_server.py", "gateways/ws_frames.py",
-         "grpc/aio/", "grpc/_cython", "websockets/", "_poll_wrapper"),
-    ),  # fmt: skip
+    ("framing", _FRAMING),
     ("chat parsing", ("openai_chat.py", "write_text", "service/chunker.py")),
     ("tts relay", ("openai_speech.py", "speak_segment")),
     ("pipeline", ("service/pipeline.py", "service/output.py", "service/resilience.py")),

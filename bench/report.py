@@ -32,7 +32,7 @@ SCHEMA = "voxrelay-bench/1"
 JSON_KEYS = (
     "schema", "quick", "started_at", "elapsed_s", "machine", "config", "latency_model", "levels",
     "runs", "comparisons", "capacity", "formats", "encoders", "espeak", "idle",
-    "profile", "targets", "notes",
+    "early_release", "profile", "targets", "notes",
 )  # fmt: skip
 #: A stream whose player waited longer than this, in all, did not keep up with real time.
 STALL_LIMIT_MS = 50.0
@@ -243,6 +243,14 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             kib,
             kib <= TARGETS["idle_kib_per_connection"],
         )
+    early = doc.get("early_release")
+    if early and early.get("beats_whole_sentence") is not None:
+        add(
+            "first segment released early beats waiting for the whole first sentence",
+            "voxrelay TTFA < limit with a whole-sentence splitter",
+            f"{early['grpc']['p50']} vs {early['limit_sentence']['p50']} ms",
+            early["beats_whole_sentence"],
+        )
     espeak = doc.get("espeak")
     if espeak and espeak.get("rtf") is not None:
         add(
@@ -370,6 +378,27 @@ def markdown(doc: dict[str, Any]) -> str:
             f"streaming: TTFA p50 {_ms(s['ttfa_ms']['p50'])} / p99 {_ms(s['ttfa_ms']['p99'])} ms, "
             f"{s['errors']} errors, {_num(s['stalled_streams'])} stalled, "
             f"peak RSS {i['rss_streaming_max_mib']} MiB.",
+        ]
+    early = doc.get("early_release")
+    if early:
+        lines += [
+            "",
+            "## A long first sentence: its first clause early, or the whole sentence",
+            "",
+            "| client | TTFA p50 | p95 | p99 |",
+            "|---|--:|--:|--:|",
+        ]
+        for key, name in (
+            ("limit", "limit, first clause released early (as voxrelay cuts)"),
+            ("limit_sentence", "limit, waiting for the whole first sentence"),
+            ("grpc", "voxrelay over gRPC"),
+        ):
+            t = early[key]
+            lines.append(f"| {name} | {_ms(t['p50'])} | {_ms(t['p95'])} | {_ms(t['p99'])} |")
+        lines += [
+            "",
+            f"Early release gains {_num(early['gain_ms'])} ms at p50; voxrelay is "
+            f"{_num(early['overhead_over_early_limit_ms'])} ms over its own limit.",
         ]
     if doc["profile"]:
         p = doc["profile"]

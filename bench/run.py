@@ -34,9 +34,16 @@ from service.chunker import SentenceChunker
 from tests.fakes.openai_upstream import DEFAULT_REPLY, tokenize
 
 from . import report
-from .clients import GrpcClient, LimitClient, NaiveClient, Sample, WsClient
+from .clients import (
+    GrpcClient,
+    LimitClient,
+    NaiveClient,
+    Sample,
+    WsClient,
+    whole_sentence_chunker,
+)
 from .idle import idle_connections
-from .load import Client, Group, Meter, PhaseResult, run_sequence, run_window
+from .load import Client, Group, Meter, PhaseResult, percentiles, run_sequence, run_window
 from .micro import encoder_costs, espeak_rtf
 from .procs import (
     ChildProcess,
@@ -51,6 +58,12 @@ from .profile import Profiler, summarise
 __all__ = ["Config", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: A reply whose first sentence is long: the chunker releases its first clause early.
+LONG_FIRST_SENTENCE = (
+    "Sure thing, let me look that up for you, and while the timetable loads I can tell you"
+    " that the trains on this line are nearly always on time in the mornings. "
+    "A single ticket costs $3.50 for adults. Have a pleasant trip."
+)
 
 
 @dataclass(slots=True)
@@ -285,6 +298,57 @@ class Bench:
         if cycles:
             self.cycle_s = round(cycles[len(cycles) // 2], 1)
 
+    async def early_release(self) -> dict[str, Any]:
+        """One stream, a reply with a long first sentence: its first clause vs the sentence.
+
+        A fake of its own answers with :data:`LONG_FIRST_SENTENCE`. The limit is measured
+        twice, cutting the first segment as voxrelay does (its first clause) and as a
+        splitter that waits for the whole first sentence would; voxrelay is measured
+        beside them.
+        """
+        cfg = self.cfg
+        fake = await fake_process(
+            self.pinning,
+            ttft_ms=cfg.ttft_ms,
+            token_ms=cfg.token_ms,
+            tts_first_byte_ms=cfg.tts_first_byte_ms,
+            tts_rtf=cfg.tts_rtf,
+            reply=LONG_FIRST_SENTENCE,
+        )
+        try:
+            vox = await voxrelay_process(self.pinning, str(fake.info["base_url"]))
+            base = str(fake.info["base_url"])
+            clients: list[Client] = [
+                LimitClient(base, 1),
+                LimitClient(base, 1, chunker=whole_sentence_chunker, kind="limit_sentence"),
+                GrpcClient(str(vox.info["grpc"]), 1),
+            ]
+            result: dict[str, Any] = {"reply": LONG_FIRST_SENTENCE}
+            try:
+                async with Meter(vox, fake) as meter:
+                    for client in clients:
+                        await client.request(Sample(probe=True))  # warm up
+                        phase = await run_sequence(client, probes=cfg.probes, full=0, meter=meter)
+                        samples = [s.ttfa for s in phase.samples[client.kind] if s.ttfa]
+                        result[client.kind] = percentiles(samples)
+            finally:
+                for client in clients:
+                    await client.aclose()
+                await vox.stop()
+        finally:
+            await fake.stop()
+        early, whole, vox_ms = (result[k]["p50"] for k in ("limit", "limit_sentence", "grpc"))
+        result["gain_ms"] = (
+            round(whole - vox_ms, 1) if whole is not None and vox_ms is not None else None
+        )
+        result["beats_whole_sentence"] = (
+            vox_ms < whole if vox_ms is not None and whole is not None else None
+        )
+        result["overhead_over_early_limit_ms"] = (
+            round(vox_ms - early, 1) if vox_ms is not None and early is not None else None
+        )
+        return result
+
     @staticmethod
     def _format_row(fmt: str, row: dict[str, Any], pcm: dict[str, Any]) -> dict[str, Any]:
         t, base = row["ttfa_ms"], pcm["ttfa_ms"]
@@ -451,6 +515,8 @@ class Bench:
             idle = await self.idle(fake)
         finally:
             await fake.stop()
+        _say("1 stream: a long first sentence (early release vs the whole sentence)")
+        early = await self.early_release()
         _say("encoders and espeak, in process")
         encoders = encoder_costs(seconds=3.0 if cfg.quick else 10.0, repeats=1 if cfg.quick else 3)
         swallowed = {e["format"]: e["first_output_after_audio_ms"] for e in encoders}
@@ -494,6 +560,7 @@ class Bench:
             "encoders": encoders,
             "espeak": espeak,
             "idle": idle,
+            "early_release": early,
             "profile": self.profile,
             "targets": [],
             "notes": self.notes,

@@ -66,7 +66,11 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert {e["format"] for e in doc["encoders"]} >= {"pcm", "mp3", "opus", "aac"}
     assert doc["espeak"]["rtf"] is not None
     assert doc["idle"] is None  # quick mode skips the 1,000-connection test
+    early = doc["early_release"]
+    assert {"limit", "limit_sentence", "grpc", "gain_ms", "beats_whole_sentence"} <= set(early)
+    assert early["grpc"]["p50"] is not None and early["limit_sentence"]["p50"] is not None
     assert {t["name"] for t in doc["targets"]} >= {
         "TTFA overhead p50, 1 stream, pcm (grpc)",
+        "first segment released early beats waiting for the whole first sentence",
         "embedded espeak real-time factor",
     }
