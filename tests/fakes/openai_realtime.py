@@ -60,7 +60,6 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -68,6 +67,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from tests.fakes.base import FakeServer
 from tests.fakes.openai_upstream import (
     DEFAULT_REPLY,
     MS_PER_CHAR,
@@ -311,7 +311,7 @@ def _abort(conn: ServerConnection) -> None:
 # The server
 
 
-class FakeRealtime:
+class FakeRealtime(FakeServer):
     """A local OpenAI Realtime API speaking real WebSocket frames."""
 
     def __init__(
@@ -324,6 +324,7 @@ class FakeRealtime:
         port: int = 0,
         keep_history: bool = True,
     ) -> None:
+        super().__init__()
         self.latency = latency if latency is not None else Latency()
         #: the reply, or a function of the conversation (``{"role", "content"}`` dicts).
         self.reply: Reply = reply
@@ -348,7 +349,6 @@ class FakeRealtime:
         self._server: Server | None = None
         self._live: set[_Live] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._changed = asyncio.Event()
         self._stopping = False
         self._ids = itertools.count(1)
         self._event_ids = itertools.count(1)
@@ -406,36 +406,7 @@ class FakeRealtime:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> FakeRealtime:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     # Waiting for things to happen
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_for(
-        self,
-        predicate: Callable[[], bool],
-        timeout: float = 5.0,  # noqa: ASYNC109 - the spelling tests expect
-    ) -> None:
-        """Return once *predicate* holds; raise :class:`TimeoutError` after *timeout*."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    await self._changed.wait()
-        except TimeoutError:
-            raise TimeoutError(f"condition not met within {timeout} s") from None
 
     async def wait_for_event(
         self,

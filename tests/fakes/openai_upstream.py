@@ -40,8 +40,9 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
+
+from tests.fakes.base import FakeServer
 
 __all__ = [
     "CHUNK_MS",
@@ -488,7 +489,7 @@ def _voice_pcm(samples: int) -> bytes:
 Reply = str | Callable[[Sequence[Mapping[str, Any]]], str]
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeServer):
     """A local OpenAI-compatible upstream speaking real HTTP/1.1 and SSE."""
 
     def __init__(
@@ -501,6 +502,7 @@ class FakeOpenAI:
         port: int = 0,
         keep_history: bool = True,
     ) -> None:
+        super().__init__()
         self.latency = latency if latency is not None else Latency()
         #: the chat reply, or a function of the request's messages that returns it.
         self.reply: Reply = reply
@@ -520,7 +522,6 @@ class FakeOpenAI:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._changed = asyncio.Event()
         self._ids = itertools.count(1)
         self._request_ids = itertools.count()
 
@@ -559,36 +560,7 @@ class FakeOpenAI:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> FakeOpenAI:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     # Waiting for things to happen
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_for(
-        self,
-        predicate: Callable[[], bool],
-        timeout: float = 5.0,  # noqa: ASYNC109 - the spelling tests expect
-    ) -> None:
-        """Return once *predicate* holds; raise :class:`TimeoutError` after *timeout*."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    await self._changed.wait()
-        except TimeoutError:
-            raise TimeoutError(f"condition not met within {timeout} s") from None
 
     async def wait_for_event(
         self,
