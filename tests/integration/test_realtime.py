@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import random
 import socket
@@ -20,11 +19,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import av
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.asyncio.client import ClientConnection, connect
@@ -48,6 +44,8 @@ from tests.fakes.openai_realtime import (
     status,
 )
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.integration.test_grpc import decode_seconds, retry_delay_ms
+from tests.integration.test_openai_pipeline import wait_until
 from tests.servers import running_app
 
 REALTIME_KEY = "sk-realtime-5c1e9a7d3b2f48e0a6d4"
@@ -100,12 +98,6 @@ class Rig:
         await self.realtime.wait_for(lambda: self.realtime.open_connections == 0)
 
 
-async def wait_until(predicate: Callable[[], bool], within: float = 2.0) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the app has no event for these states
-            await asyncio.sleep(0.005)
-
-
 @asynccontextmanager
 async def rig(
     latency: Latency | None = None, *, reply: Any = DEFAULT_REPLY, **overrides: Any
@@ -154,24 +146,6 @@ def kinds(responses: list[pb.SynthesizeResponse]) -> list[str]:
 
 def audio(responses: list[pb.SynthesizeResponse]) -> bytes:
     return b"".join(r.audio.data for r in responses if r.HasField("audio"))
-
-
-def decode_seconds(data: bytes, fmt: str, **options: str) -> float:
-    with av.open(io.BytesIO(data), mode="r", format=fmt, options=options) as container:
-        samples = rate = 0
-        for frame in container.decode(audio=0):
-            samples += frame.samples
-            rate = frame.sample_rate
-    return samples / rate
-
-
-def retry_delay_ms(error: grpc.aio.AioRpcError) -> int | None:
-    status_ = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status_.details if status_ is not None else ():
-        info = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            return int(info.retry_delay.ToMilliseconds())
-    return None
 
 
 # Chat mode end to end
