@@ -25,6 +25,7 @@ from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
+from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from openai.types.websocket_connection_options import WebSocketConnectionOptions
 from websockets.exceptions import (
     ConnectionClosed,
@@ -116,6 +117,25 @@ def _error(error: Any, api_key: str, *, context: str) -> UpstreamError:
     return UpstreamError(f"realtime upstream {context}: {detail}", retryable=retryable)
 
 
+async def _close(conn: AsyncRealtimeConnection) -> None:
+    """Close the session; a cancel that arrives meanwhile waits for it to be closed.
+
+    An interrupted close could leave the socket open (and websockets' keepalive task
+    running) with nobody left to close it.
+    """
+    closing = asyncio.ensure_future(conn.close())
+    try:
+        await asyncio.shield(closing)
+    except asyncio.CancelledError:
+        await asyncio.wait([closing])
+        raise
+    except Exception:  # already closed or broken: nothing is left to release
+        return
+    finally:
+        if closing.done() and not closing.cancelled():
+            closing.exception()  # retrieved: a failed close is not worth a warning
+
+
 def _item(message: ChatMessage) -> dict[str, Any]:
     part = "output_text" if message.role == "assistant" else "input_text"
     return {
@@ -204,49 +224,49 @@ class OpenAIRealtime:
         """Yield the transcript and PCM of one response as they come, then its usage."""
         session, items = self._session(messages, voice, speed, max_output_tokens)
         with realtime_errors(self._api_key):
-            manager = self._client.realtime.connect(
+            conn = await self._client.realtime.connect(
                 model=self.model, websocket_connection_options=self._ws_options
-            )
-            async with manager as conn:
-                done = False
-                try:
-                    # Sent back to back: the upstream handles a session's events in order.
-                    await conn.session.update(session=cast(Any, session))
-                    for item in items:
-                        await conn.conversation.item.create(item=cast(Any, item))
-                    await conn.response.create()
-                    while True:
-                        # Raw JSON: audio deltas are large and only two fields are read.
-                        event = json.loads(await conn.recv_bytes())
-                        kind = event.get("type") if isinstance(event, dict) else None
-                        if kind in _AUDIO_DELTAS:
-                            pcm = base64.b64decode(event.get("delta") or "", validate=True)
-                            if pcm:
-                                yield SpokenDelta(pcm=pcm)
-                        elif kind in _TRANSCRIPT_DELTAS:
-                            text = event.get("delta")
-                            if isinstance(text, str) and text:
-                                yield SpokenDelta(text=text)
-                        elif kind == "response.done":
-                            done = True
-                            usage = self._finish(event.get("response"))
-                            if usage is not None:
-                                yield usage
-                            return
-                        elif kind == "error":
-                            done = True  # nothing runs upstream after an error of ours
-                            raise _error(event.get("error"), self._api_key, context="failed")
-                        elif kind is None:
-                            raise UpstreamError(
-                                "realtime upstream sent a malformed event", retryable=False
-                            )
-                finally:
-                    if not done:
-                        # Stop the model at once; closing the session (on the way out of
-                        # ``async with``) would stop it too, a round trip later.
-                        with contextlib.suppress(Exception):
-                            async with asyncio.timeout(CANCEL_SEND_S):
-                                await conn.response.cancel()
+            ).enter()
+            done = False
+            try:
+                # Sent back to back: the upstream handles a session's events in order.
+                await conn.session.update(session=cast(Any, session))
+                for item in items:
+                    await conn.conversation.item.create(item=cast(Any, item))
+                await conn.response.create()
+                while True:
+                    # Raw JSON: audio deltas are large and only two fields are read.
+                    event = json.loads(await conn.recv_bytes())
+                    kind = event.get("type") if isinstance(event, dict) else None
+                    if kind in _AUDIO_DELTAS:
+                        pcm = base64.b64decode(event.get("delta") or "", validate=True)
+                        if pcm:
+                            yield SpokenDelta(pcm=pcm)
+                    elif kind in _TRANSCRIPT_DELTAS:
+                        text = event.get("delta")
+                        if isinstance(text, str) and text:
+                            yield SpokenDelta(text=text)
+                    elif kind == "response.done":
+                        done = True
+                        usage = self._finish(event.get("response"))
+                        if usage is not None:
+                            yield usage
+                        return
+                    elif kind == "error":
+                        done = True  # nothing runs upstream after an error of ours
+                        raise _error(event.get("error"), self._api_key, context="failed")
+                    elif kind is None:
+                        raise UpstreamError(
+                            "realtime upstream sent a malformed event", retryable=False
+                        )
+            finally:
+                if not done:
+                    # Stop the model at once; closing the session would stop it too, a
+                    # round trip later.
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(CANCEL_SEND_S):
+                            await conn.response.cancel()
+                await _close(conn)
 
     def _finish(self, response: Any) -> SpokenDelta | None:
         """Check how a response ended; return its usage (raise if it failed)."""
