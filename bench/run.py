@@ -298,6 +298,18 @@ class Bench:
         if cycles:
             self.cycle_s = round(cycles[len(cycles) // 2], 1)
 
+    async def _fake(self, reply: str | None = None) -> ChildProcess:
+        """Start the fake upstream with the run's latency model (and *reply*, if given)."""
+        cfg = self.cfg
+        return await fake_process(
+            self.pinning,
+            ttft_ms=cfg.ttft_ms,
+            token_ms=cfg.token_ms,
+            tts_first_byte_ms=cfg.tts_first_byte_ms,
+            tts_rtf=cfg.tts_rtf,
+            reply=reply,
+        )
+
     async def early_release(self) -> dict[str, Any]:
         """One stream, a reply with a long first sentence: its first clause vs the sentence.
 
@@ -307,14 +319,7 @@ class Bench:
         beside them.
         """
         cfg = self.cfg
-        fake = await fake_process(
-            self.pinning,
-            ttft_ms=cfg.ttft_ms,
-            token_ms=cfg.token_ms,
-            tts_first_byte_ms=cfg.tts_first_byte_ms,
-            tts_rtf=cfg.tts_rtf,
-            reply=LONG_FIRST_SENTENCE,
-        )
+        fake = await self._fake(LONG_FIRST_SENTENCE)
         try:
             vox = await voxrelay_process(self.pinning, str(fake.info["base_url"]))
             base = str(fake.info["base_url"])
@@ -489,14 +494,7 @@ class Bench:
             _say(message)
             self.notes.append(message)
         _say(f"starting the fake upstream and voxrelay ({self.pinning.note or 'pinned'})")
-        fake = await fake_process(
-            self.pinning,
-            ttft_ms=cfg.ttft_ms,
-            token_ms=cfg.token_ms,
-            tts_first_byte_ms=cfg.tts_first_byte_ms,
-            tts_rtf=cfg.tts_rtf,
-            reply=None,
-        )
+        fake = await self._fake()
         idle: dict[str, Any] | None = None
         try:
             vox = await voxrelay_process(self.pinning, str(fake.info["base_url"]))
