@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from . import metrics
 from .errors import Unavailable, UpstreamError, UpstreamTimeout, VoxrelayError
@@ -177,20 +177,23 @@ def _is_failure(exc: BaseException) -> bool:
 class GapTimer:
     """Bound each wait for an upstream's next item by *gap_s* and by *deadline*.
 
-    The same as ``asyncio.timeout_at(...)`` around every wait, without a timer per item:
-    a stream relays hundreds of chunks a second, and scheduling and cancelling a loop
-    timer for each costs more than the chunk. Each wait enters a timeout with no
-    deadline (no timer); one timer per stream looks in at the earliest moment a wait
-    could be over its bound and, if it is, expires that wait's timeout.
+    The same as ``asyncio.timeout_at(...)`` around every wait, for much less: a stream
+    relays hundreds of chunks a second, and a timeout context per chunk (and a loop timer
+    for each) costs more than the chunk. One timer per stream looks in at the earliest
+    moment a wait could be over its bound; if a wait is, the timer cancels the waiting
+    task, and the wait turns that cancellation into :class:`TimeoutError` — exactly as
+    :class:`asyncio.Timeout` does, so a cancellation from anywhere else still wins.
     """
 
     def __init__(self, gap_s: float, deadline: float | None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[Any] | None = None
         self._gap = gap_s if gap_s > 0 else None
         self._deadline = deadline
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
-        self._current: asyncio.Timeout | None = None
+        self._waiting = False
+        self._expired = False
         self._since = 0.0
 
     def _limit(self) -> float | None:
@@ -201,18 +204,25 @@ class GapTimer:
 
     async def wait(self, awaitable: Awaitable[T]) -> T:
         """Await *awaitable*; raise :class:`TimeoutError` if it outlasts its bound."""
+        task = self._task = asyncio.current_task()
         self._since = self._loop.time()
         limit = self._limit()
-        if limit is None:
+        if limit is None or task is None:
             return await awaitable
-        async with asyncio.timeout(None) as timeout:
-            if self._handle is None or self._armed_for > limit:
-                self._arm(limit)
-            self._current = timeout
-            try:
-                return await awaitable
-            finally:
-                self._current = None
+        if self._handle is None or self._armed_for > limit:
+            self._arm(limit)
+        cancelling = task.cancelling()
+        self._waiting = True
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._expired:
+                self._expired = False
+                if task.uncancel() <= cancelling:
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._waiting = False
 
     def close(self) -> None:
         if self._handle is not None:
@@ -226,13 +236,14 @@ class GapTimer:
 
     def _check(self) -> None:
         self._handle = None
-        timeout = self._current
-        if timeout is None:
+        if not self._waiting or self._task is None:
             return  # not waiting now: the next wait arms the timer again
         limit = self._limit()
         now = self._loop.time()
         if limit is not None and now >= limit:
-            timeout.reschedule(now)  # expire the wait in progress
+            if not self._expired:
+                self._expired = True
+                self._task.cancel()  # end the wait in progress
         elif limit is not None:
             self._arm(limit)
 

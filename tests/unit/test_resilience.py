@@ -561,3 +561,77 @@ async def test_closed_on_every_failure() -> None:
         with pytest.raises((UpstreamError, UpstreamTimeout, RuntimeError)):
             await drain(guarded_stream(make_stage(timeout_s=0.1, retries=2), script))
         assert script.all_closed(), script.calls
+
+
+# GapTimer: one loop timer per stream, a timeout per wait
+
+
+async def test_gap_timer_times_out_a_stalled_wait_and_the_next_wait_works() -> None:
+    gaps = resilience.GapTimer(0.02, None)
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(TimeoutError):
+        await gaps.wait(never)
+    assert never.cancelled()
+    assert await gaps.wait(asyncio.sleep(0, "next")) == "next"
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0  # nothing left to uncancel
+    gaps.close()
+
+
+async def test_gap_timer_gives_each_wait_the_whole_gap() -> None:
+    gaps = resilience.GapTimer(0.05, None)
+    for _ in range(6):  # 6 x 20 ms: over the gap in sum, never in one wait
+        await gaps.wait(asyncio.sleep(0.02))
+    gaps.close()
+
+
+async def test_gap_timer_is_capped_by_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    gaps = resilience.GapTimer(10.0, loop.time() + 0.03)
+    await gaps.wait(asyncio.sleep(0.01))
+    with pytest.raises(TimeoutError):
+        await gaps.wait(asyncio.sleep(1))
+    gaps.close()
+
+
+async def test_gap_timer_lets_a_cancellation_from_elsewhere_through() -> None:
+    started = asyncio.Event()
+
+    async def waiter() -> None:
+        gaps = resilience.GapTimer(10.0, None)
+        started.set()
+        try:
+            await gaps.wait(asyncio.sleep(1))
+        finally:
+            gaps.close()
+
+    task = asyncio.create_task(waiter())
+    await started.wait()
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_gap_timer_timeout_that_meets_an_outside_cancel_stays_a_cancel() -> None:
+    async def waiter() -> None:
+        gaps = resilience.GapTimer(0.01, None)
+        await gaps.wait(asyncio.sleep(1))
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0)
+    # Expire the wait and cancel it from outside in the same loop iteration.
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    loop.call_later(0.01, lambda: (task.cancel(), done.set()))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done.is_set()
+
+
+async def test_gap_timer_does_nothing_while_not_waiting() -> None:
+    gaps = resilience.GapTimer(0.01, None)
+    await gaps.wait(asyncio.sleep(0))
+    await asyncio.sleep(0.05)  # the consumer is busy: its timer fires, finds no wait
+    assert await gaps.wait(asyncio.sleep(0, "fine")) == "fine"
+    gaps.close()
