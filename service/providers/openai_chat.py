@@ -2,6 +2,11 @@
 
 One :class:`openai.AsyncOpenAI` client per provider, with the SDK's own retries off: the
 core retries, backs off and trips the breaker, so there is exactly one retry mechanism.
+Its HTTP transport is the SDK's aiohttp one (``openai[aiohttp]``): aiohttp parses responses
+in C and hands over all the body that has arrived in one read, where the default httpx
+stack walks every HTTP chunk through several Python layers. A speech stream is hundreds
+of small chunks a second, so that is most of what relaying costs (see the README's
+"Performance").
 
 The request carries ``max_tokens``, not ``max_completion_tokens``: it is the field every
 compatible server (Ollama, vLLM, llama.cpp, LocalAI) accepts, some of them ignore the newer
@@ -19,6 +24,7 @@ from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import cast
 
+import aiohttp
 import anyio
 import httpx2
 import openai
@@ -39,21 +45,28 @@ __all__ = [
     "upstream_errors",
 ]
 
-# Transport failures the SDK lets through unwrapped (mid-body reads, TLS, anyio streams).
-_TRANSPORT_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream, ConnectionError)
+# Transport failures the SDK lets through unwrapped (mid-body reads: those the aiohttp
+# transport maps to httpx errors and those it does not, TLS, anyio streams).
+_TRANSPORT_ERRORS = (
+    httpx2.RequestError,
+    aiohttp.ClientError,
+    ssl.SSLError,
+    anyio.EndOfStream,
+    ConnectionError,
+)
 _SECRET = re.compile(r"\b(?:sk|rk|pk|key)[-_][\w*.-]+|\*{3}\w*", re.IGNORECASE)
 
 
 def build_client(
     *, api_key: str, base_url: str | None, connect_timeout: float, max_connections: int
 ) -> openai.AsyncOpenAI:
-    """Return an SDK client with its own retries off and a pool sized for our streams."""
+    """Return an SDK client on aiohttp, its own retries off, its pool sized for our streams."""
     return openai.AsyncOpenAI(
         api_key=api_key,
         # The settings already resolved OPENAI_BASE_URL; do not let the SDK read it again.
         base_url=base_url or "https://api.openai.com/v1",
         max_retries=0,
-        http_client=openai.DefaultAsyncHttpxClient(
+        http_client=openai.DefaultAioHttpClient(
             # Limits
             limits=httpx2.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections

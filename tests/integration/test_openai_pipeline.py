@@ -588,9 +588,23 @@ def open_sockets() -> int:
     return count
 
 
-def pool(provider: object) -> Any:
-    """The SDK's connection pool (AsyncOpenAI → httpx2 → httpcore2)."""
-    return provider._client._client._transport._pool  # type: ignore[attr-defined]
+class Pool:
+    """The SDK's connection pool: AsyncOpenAI → httpx2 → aiohttp's connector."""
+
+    def __init__(self, provider: object) -> None:
+        self._transport = provider._client._client._transport  # type: ignore[attr-defined]
+
+    @property
+    def _connector(self) -> Any:
+        return self._transport.client.connector
+
+    @property
+    def idle(self) -> int:
+        return sum(len(idle) for idle in self._connector._conns.values())
+
+    @property
+    def in_use(self) -> int:
+        return len(self._connector._acquired)
 
 
 async def test_random_cancels_leave_nothing_behind(record_property: RecordProperty) -> None:
@@ -598,18 +612,17 @@ async def test_random_cancels_leave_nothing_behind(record_property: RecordProper
     reply = "Hi there. How are you doing today? Bye for now."
     async with rig(latency, reply=reply, llm_timeout_s=5, tts_timeout_s=5) as r:
         synth = r.app.synthesizer
-        chat_pool, speech_pool = pool(synth.chat), pool(synth.speech)
+        chat_pool, speech_pool = Pool(synth.chat), Pool(synth.speech)
 
         def idle() -> int:
             # An idle keep-alive connection is two sockets here (both ends are in this
             # process) and one task in the fake; the pools may keep them, nothing else.
-            return len(chat_pool.connections) + len(speech_pool.connections)
+            return chat_pool.idle + speech_pool.idle
 
         async def quiet() -> None:
             await r.settled()
             await wait_until(lambda: r.chat.open_connections + r.tts.open_connections == idle())
-            assert not chat_pool._requests and not speech_pool._requests
-            assert all(c.is_idle() for c in chat_pool.connections + speech_pool.connections)
+            assert chat_pool.in_use == speech_pool.in_use == 0
 
         def snapshot() -> dict[str, int]:
             n = idle()
@@ -623,7 +636,7 @@ async def test_random_cancels_leave_nothing_behind(record_property: RecordProper
         await asyncio.gather(*(synthesize(r.stub) for _ in range(workers)))  # warm up
         await quiet()
         baseline = snapshot()
-        baseline_pools = (len(chat_pool.connections), len(speech_pool.connections))
+        baseline_pools = (chat_pool.idle, speech_pool.idle)
         outcomes: dict[str, int] = {}
 
         async def one(i: int) -> None:
@@ -662,7 +675,7 @@ async def test_random_cancels_leave_nothing_behind(record_property: RecordProper
         with contextlib.suppress(TimeoutError):
             await wait_until(lambda: snapshot() == baseline, within=5)
         after = snapshot()
-        pools = (len(chat_pool.connections), len(speech_pool.connections))
+        pools = (chat_pool.idle, speech_pool.idle)
         gone = sum(q.client_gone_at is not None for q in r.upstream_requests)
         print(
             f"\n200 requests with random cancels in {elapsed:.1f} s ({outcomes}); "

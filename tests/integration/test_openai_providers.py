@@ -83,8 +83,10 @@ def gone(request: RecordedRequest) -> Callable[[], bool]:
 
 
 def pool_size(provider: OpenAIChat | OpenAISpeech) -> int:
-    """Count the SDK pool's open connections (httpx2 → httpcore2 internals)."""
-    return len(provider._client._client._transport._pool.connections)  # type: ignore[attr-defined]
+    """Count the SDK pool's open connections (its aiohttp connector's internals)."""
+    session = provider._client._client._transport.client  # type: ignore[attr-defined]
+    connector = session.connector
+    return len(connector._acquired) + sum(len(idle) for idle in connector._conns.values())
 
 
 # Chat
