@@ -135,7 +135,7 @@ def sdk_client(base_url: str, connections: int) -> openai.AsyncOpenAI:
         api_key="bench",
         base_url=base_url,
         max_retries=0,
-        http_client=openai.DefaultAsyncHttpxClient(
+        http_client=openai.DefaultAioHttpClient(
             limits=httpx2.Limits(
                 max_connections=connections, max_keepalive_connections=connections
             ),

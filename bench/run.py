@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from service.chunker import SentenceChunker
 from tests.fakes.openai_upstream import DEFAULT_REPLY, tokenize
 
@@ -573,7 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     pinning = Pinning.detect() if cfg.pin else Pinning.none("--no-pin")
     pin_self(pinning)
-    doc = asyncio.run(Bench(cfg, pinning).run())
+    # uvloop, as voxrelay runs: the generator shares its core with the fake upstream.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        doc = runner.run(Bench(cfg, pinning).run())
     paths = report.write(doc, cfg.out)
     text = paths["markdown"].read_text()
     print(text)

@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import uvloop
+
 from tests.fakes.base import FakeServer
 
 __all__ = [
@@ -918,8 +920,12 @@ def serve_from_command_line(
         port=args.port,
         keep_history=False,
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(fake, title))
+    # uvloop, as voxrelay runs: the fake shares a core with the benchmark's load generator.
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as r,
+    ):
+        r.run(_serve_forever(fake, title))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
