@@ -216,13 +216,11 @@ class GapTimer:
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self._expired:
-                self._expired = False
-                if task.uncancel() <= cancelling:
-                    raise TimeoutError from None
+            if self._expired and task.uncancel() <= cancelling:
+                raise TimeoutError from None
             raise
         finally:
-            self._waiting = False
+            self._waiting = self._expired = False
 
     def close(self) -> None:
         if self._handle is not None:
