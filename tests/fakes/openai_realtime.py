@@ -67,15 +67,13 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tests.fakes.base import FakeServer
+from tests.fakes.base import FakeServer, Latency, Reply
 from tests.fakes.openai_upstream import (
     DEFAULT_REPLY,
     MS_PER_CHAR,
     SAMPLE_RATE,
     Fault,
     FaultQueue,
-    Latency,
-    Reply,
     _error_body,
     _voice_pcm,
     expected_pcm_bytes,
@@ -324,26 +322,19 @@ class FakeRealtime(FakeServer):
         port: int = 0,
         keep_history: bool = True,
     ) -> None:
-        super().__init__()
-        self.latency = latency if latency is not None else Latency()
-        #: the reply, or a function of the conversation (``{"role", "content"}`` dicts).
-        self.reply: Reply = reply
-        #: when set, any other bearer token gets a 401 at the handshake.
-        self.api_key = api_key
-        self.host = host
-        self.port = port
-        #: record sessions and events (off for long benchmark runs, so memory stays flat).
-        self.keep_history = keep_history
+        super().__init__(
+            latency=latency,
+            reply=reply,
+            api_key=api_key,
+            host=host,
+            port=port,
+            keep_history=keep_history,
+        )
         #: applied to the HTTP upgrade, one per connection.
         self.connect_faults = FaultQueue()
         #: applied to responses, one per accepted ``response.create``.
         self.response_faults = FaultQueue()
         self.sessions: list[RecordedSession] = []
-        #: every event of every session: (time, kind, session index).
-        self.events: list[tuple[float, str, int]] = []
-        #: TCP connections open now (including ones still in, or refused at, the handshake).
-        self.open_connections = 0
-        self.connections_total = 0
         self.responses_active = 0
         self.responses_total = 0
         self._server: Server | None = None

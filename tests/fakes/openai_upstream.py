@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import uvloop
 
-from tests.fakes.base import FakeServer
+from tests.fakes.base import FakeServer, Latency, Reply
 
 __all__ = [
     "CHUNK_MS",
@@ -116,25 +116,6 @@ def expected_pcm_bytes(text: str, speed: float = 1.0) -> int:
 
 
 # Timing and faults
-
-
-@dataclass(slots=True)
-class Latency:
-    """How slowly the fake answers; replace ``fake.latency`` to change it mid-test."""
-
-    #: chat: from the request to the first token.
-    ttft_s: float = 0.2
-    #: chat: between two tokens.
-    token_s: float = 0.02
-    #: speech: from the request to the first audio byte.
-    tts_first_byte_s: float = 0.15
-    #: speech: seconds spent per second of audio after the first byte (0.2 = 5× real time).
-    tts_rtf: float = 0.2
-
-    @classmethod
-    def zero(cls) -> Latency:
-        """Return a latency model that never waits, for fast unit tests."""
-        return cls(ttft_s=0.0, token_s=0.0, tts_first_byte_s=0.0, tts_rtf=0.0)
 
 
 FaultKind = Literal["status", "reset_after", "hang", "malformed", "slow_first_byte"]
@@ -488,9 +469,6 @@ def _voice_pcm(samples: int) -> bytes:
 # The server
 
 
-Reply = str | Callable[[Sequence[Mapping[str, Any]]], str]
-
-
 class FakeOpenAI(FakeServer):
     """A local OpenAI-compatible upstream speaking real HTTP/1.1 and SSE."""
 
@@ -504,23 +482,17 @@ class FakeOpenAI(FakeServer):
         port: int = 0,
         keep_history: bool = True,
     ) -> None:
-        super().__init__()
-        self.latency = latency if latency is not None else Latency()
-        #: the chat reply, or a function of the request's messages that returns it.
-        self.reply: Reply = reply
-        #: when set, any other bearer token gets a 401.
-        self.api_key = api_key
-        self.host = host
-        self.port = port
-        #: record requests and events (off for long benchmark runs, so memory stays flat).
-        self.keep_history = keep_history
+        super().__init__(
+            latency=latency,
+            reply=reply,
+            api_key=api_key,
+            host=host,
+            port=port,
+            keep_history=keep_history,
+        )
         self.chat_faults = FaultQueue()
         self.speech_faults = FaultQueue()
         self.requests: list[RecordedRequest] = []
-        #: every event of every request: (time, kind, request index).
-        self.events: list[tuple[float, str, int]] = []
-        self.open_connections = 0
-        self.connections_total = 0
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
