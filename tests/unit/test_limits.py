@@ -12,19 +12,7 @@ from hypothesis import strategies as st
 from service.errors import Busy, RateLimited, TooLarge
 from service.limits import Admission, ConnectionLimits, Lease, TokenBucket
 from tests.servers import make_settings
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.unit.clock import Clock
 
 
 def admission(clock: Clock, rpm: int = 0, cpm: int = 0, streams: int = 0) -> Admission:

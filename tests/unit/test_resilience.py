@@ -12,19 +12,7 @@ import pytest
 from service import resilience
 from service.errors import Unavailable, UpstreamError, UpstreamTimeout
 from service.resilience import CircuitBreaker, Stage, backoff_s, guarded_stream
-
-
-class Clock:
-    """A clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.unit.clock import Clock
 
 
 @pytest.fixture
