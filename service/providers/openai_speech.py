@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-import openai
+import httpx2
 
 from ..errors import UpstreamError
 from ..model import Voice
@@ -79,19 +79,33 @@ class OpenAISpeech:
         ``speed`` 0 or 1.0 and empty ``instructions`` are left out of the request, so
         servers that know neither still answer.
         """
+        body: dict[str, object] = {
+            "model": self.model,
+            "voice": voice or self.default_voice,
+            "input": text,
+            "response_format": "pcm",
+        }
+        if speed and speed != 1.0:
+            body["speed"] = speed
+        if instructions:
+            body["instructions"] = instructions
         with upstream_errors("speech", self._api_key):
-            request = self._client.audio.speech.with_streaming_response.create(
-                model=self.model,
-                voice=voice or self.default_voice,
-                input=text,
-                response_format="pcm",
-                speed=speed if speed and speed != 1.0 else openai.omit,
-                instructions=instructions or openai.omit,
-                timeout=call_timeout(timeout, self._connect_timeout),
+            # The SDK's request and errors, and the body as it streams in: what
+            # ``audio.speech.with_streaming_response.create`` does, less its typed-params
+            # transform and response wrappers, a fifth of the CPU of a sentence's request.
+            response = await self._client.post(
+                "/audio/speech",
+                body=body,
+                cast_to=httpx2.Response,
+                options={
+                    "headers": {"Accept": "application/octet-stream"},
+                    "timeout": call_timeout(timeout, self._connect_timeout),
+                },
+                stream=True,
             )
-            # Read inside ``async with``: leaving it (aclose, cancel, error) closes the
-            # HTTP response, and with it the connection, at once.
-            async with request as response:
+            # Leaving (aclose, cancel, error) closes the HTTP response, and with it the
+            # connection, at once.
+            try:
                 content_type = response.headers.get("content-type", "").lower()
                 if content_type.startswith(_NOT_AUDIO):
                     raise UpstreamError(
@@ -99,9 +113,11 @@ class OpenAISpeech:
                         retryable=False,
                         status=response.status_code,
                     )
-                async for chunk in response.iter_bytes():
+                async for chunk in response.aiter_bytes():
                     if chunk:
                         yield chunk
+            finally:
+                await response.aclose()
 
     async def aclose(self) -> None:
         """Close the connection pool."""
