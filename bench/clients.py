@@ -144,6 +144,26 @@ def sdk_client(base_url: str, connections: int) -> openai.AsyncOpenAI:
     )
 
 
+async def _speech_response(client: openai.AsyncOpenAI, text: str) -> httpx2.Response:
+    """Ask for *text* spoken as pcm, the way voxrelay's speech engine asks; the body streams."""
+    return await client.post(
+        "/audio/speech",
+        body={"model": TTS_MODEL, "voice": VOICE, "input": text, "response_format": "pcm"},
+        cast_to=httpx2.Response,
+        options={"headers": {"Accept": "application/octet-stream"}},
+        stream=True,
+    )
+
+
+def _chunk_text(chunk: object) -> str:
+    """Return the content of a chat stream chunk, read as JSON the way voxrelay reads it."""
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        return ""
+    content = (choices[0].get("delta") or {}).get("content")
+    return content if isinstance(content, str) else ""
+
+
 class LimitClient:
     """voxrelay's upstream calls made directly, with no gateway in between."""
 
@@ -167,11 +187,9 @@ class LimitClient:
 
     async def _speak(self, text: str, *, first: bool, sample: Sample, probe: bool) -> int:
         nbytes = 0
-        request = self.client.audio.speech.with_streaming_response.create(
-            model=TTS_MODEL, voice=VOICE, input=text, response_format="pcm"
-        )
-        async with request as response:
-            async for chunk in response.iter_bytes():
+        response = await _speech_response(self.client, text)
+        try:
+            async for chunk in response.aiter_bytes():
                 if not chunk:
                     continue
                 if first and sample.ttfa is None:
@@ -179,6 +197,8 @@ class LimitClient:
                     if probe:
                         break
                 nbytes += len(chunk)
+        finally:
+            await response.aclose()
         return nbytes
 
     async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
@@ -201,17 +221,22 @@ class LimitClient:
             speakers.append(asyncio.create_task(speak(segment, len(speakers))))
 
         try:
-            stream = await self.client.chat.completions.create(
-                model=LLM_MODEL,
-                messages=_messages(),
+            stream = await self.client.post(
+                "/chat/completions",
+                body={
+                    "model": LLM_MODEL,
+                    "messages": _messages(),
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "max_tokens": MAX_TOKENS,
+                },
+                cast_to=object,
                 stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=MAX_TOKENS,
+                stream_cls=openai.AsyncStream[object],
             )
             async with stream:
                 async for chunk in stream:
-                    text = chunk.choices[0].delta.content if chunk.choices else None
-                    for segment in chunker.feed(text or ""):
+                    for segment in chunker.feed(_chunk_text(chunk)):
                         await start(segment)
                     if probe and speakers:
                         break  # the first segment is known: the rest of the reply is moot
@@ -256,16 +281,16 @@ class NaiveClient:
             )
             text = reply.choices[0].message.content or ""
             nbytes = 0
-            request = self.client.audio.speech.with_streaming_response.create(
-                model=TTS_MODEL, voice=VOICE, input=text, response_format="pcm"
-            )
-            async with request as response:
-                async for chunk in response.iter_bytes():
+            response = await _speech_response(self.client, text)
+            try:
+                async for chunk in response.aiter_bytes():
                     if sample.ttfa is None and chunk:
                         sample.ttfa = time.perf_counter() - sample.started
                         if probe:
                             break
                     nbytes += len(chunk)
+            finally:
+                await response.aclose()
             if not probe:
                 sample.audio_s = nbytes / PCM_BYTES_PER_S
                 sample.total = time.perf_counter() - sample.started
