@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import socket
 from collections.abc import Callable
@@ -35,7 +36,7 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     from .app import App  # imported late: building providers is start-up work
 
     async def run() -> None:
-        await App(settings).run()  # built in the loop: grpc.aio binds to it
+        await App(settings).run(on_ready=_freeze_heap)  # built in the loop: grpc.aio binds to it
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -47,6 +48,17 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
             return _fail(_port_in_use(settings, exc))
         return _fail(f"cannot start: {exc}")
     return 0
+
+
+def _freeze_heap(_app: object) -> None:
+    """Leave what start-up built (modules, SDK and protobuf types) out of the collector's scans.
+
+    A full collection walks every tracked object: with the start-up heap that took up to
+    90 ms, a pause every stream in flight felt at once (as a stall where a listener held
+    only its first 20 ms of audio). Frozen, the collector only walks what serving made.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
