@@ -52,6 +52,7 @@ class FakeServer:
         keep_history: bool,
     ) -> None:
         self._changed = asyncio.Event()
+        self._waiters = 0  # tasks in wait_for
         self.latency = latency if latency is not None else Latency()
         self.reply: Reply = reply
         #: when set, any other bearer token is refused with a 401.
@@ -85,8 +86,10 @@ class FakeServer:
         await self.stop()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # A new Event only when someone waits on this one: events come per audio chunk.
+        if self._waiters:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def wait_for(
         self,
@@ -97,6 +100,10 @@ class FakeServer:
         try:
             async with asyncio.timeout(timeout):
                 while not predicate():
-                    await self._changed.wait()
+                    self._waiters += 1
+                    try:
+                        await self._changed.wait()
+                    finally:
+                        self._waiters -= 1
         except TimeoutError:
             raise TimeoutError(f"condition not met within {timeout} s") from None

@@ -267,6 +267,7 @@ class _Connection:
         self.aborted = False
         self._buffer = bytearray()
         self._watcher: asyncio.Task[None] | None = None
+        self._sleeper: asyncio.Future[None] | None = None  # the pause in progress
         self._on_gone = on_gone
 
     async def _fill(self) -> bool:
@@ -359,6 +360,8 @@ class _Connection:
     def _mark_gone(self) -> None:
         if not self.gone.is_set():
             self.gone.set()
+            if self._sleeper is not None:
+                _wake(self._sleeper)
             self._on_gone(time.monotonic())
 
     # Writing
@@ -376,11 +379,20 @@ class _Connection:
         return True
 
     async def pause(self, seconds: float) -> bool:
-        """Wait *seconds*, waking early if the client leaves; return whether it stayed."""
+        """Wait *seconds*, waking early if the client leaves; return whether it stayed.
+
+        A bare future and one timer, as :func:`asyncio.sleep` does it: a speech response
+        pauses before each 20 ms chunk, hundreds of times a second in a benchmark.
+        """
         if seconds > 0 and not self.gone.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    await self.gone.wait()
+            loop = asyncio.get_running_loop()
+            self._sleeper = wake = loop.create_future()
+            timer = loop.call_later(seconds, _wake, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+                self._sleeper = None
         return not self.gone.is_set()
 
     async def flush(self) -> None:
@@ -404,6 +416,11 @@ def _head(code: int, headers: Mapping[str, str]) -> bytes:
     lines = [f"HTTP/1.1 {code} {_REASONS.get(code, 'Unknown')}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _chunk(data: bytes) -> bytes:
