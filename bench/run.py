@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gc
 import os
 import platform
 import resource
@@ -575,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     pinning = Pinning.detect() if cfg.pin else Pinning.none("--no-pin")
     pin_self(pinning)
+    # The generator times arrivals: a full collection walking the start-up heap would
+    # pause it for tens of ms, and every stream would seem to stall at once.
+    gc.collect()
+    gc.freeze()
     # uvloop, as voxrelay runs: the generator shares its core with the fake upstream.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         doc = runner.run(Bench(cfg, pinning).run())
