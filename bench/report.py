@@ -403,6 +403,7 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["profile"]:
         p = doc["profile"]
         lines += ["", f"## Profile: voxrelay, {p['protocol']} at {p['streams']} streams", ""]
+        lines += ["py-spy sampled a pass of its own at that load, after the measured ones.", ""]
         lines += ["| stage | share of samples | CPU ms per audio s |", "|---|--:|--:|"]
         lines += [
             f"| {row['stage']} | {row['pct']:.1f}% | {_num(row.get('cpu_ms_per_audio_s'))} |"

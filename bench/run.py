@@ -379,9 +379,18 @@ class Bench:
         limit = LimitClient(base, cfg.limit_probers)
         naive = NaiveClient(base, cfg.naive_probers)
         beside: dict[str, list[PhaseResult]] = {"limit": [], "naive": []}
+        # The profile gets a pass of its own after the measured ones: py-spy reading
+        # voxrelay's memory (and running on the generator's core) must not tilt them.
+        passes = [("grpc", False), ("ws", False)]
+        if streams == cfg.profile_streams:
+            if Profiler.available():
+                passes.append(("grpc", True))
+            else:
+                self.notes.append("py-spy is not installed: no profile taken")
         try:
-            for protocol in ("grpc", "ws"):
-                _say(f"{streams} streams: {protocol} (+ limit and naive probes)")
+            for protocol, profiled in passes:
+                what = "py-spy, not measured" if profiled else "+ limit and naive probes"
+                _say(f"{streams} streams: {protocol} ({what})")
                 client: GrpcClient | WsClient
                 if protocol == "grpc":
                     client = GrpcClient(str(vox.info["grpc"]), streams)
@@ -392,17 +401,13 @@ class Bench:
                 if cfg.naive_probers:
                     groups.append(Group(naive, cfg.naive_probers, probe=True))
                 profiler = None
-                if protocol == "grpc" and streams == cfg.profile_streams:
-                    if Profiler.available():
-                        path = cfg.out / f"profile-grpc-{streams}.txt"
-                        profiler = Profiler(
-                            vox.pid,
-                            path,
-                            cfg.window_s,
-                            prefix=self.pinning.prefix(self.pinning.generator),
-                        )
-                    else:
-                        self.notes.append("py-spy is not installed: no profile taken")
+                if profiled:
+                    profiler = Profiler(
+                        vox.pid,
+                        cfg.out / f"profile-grpc-{streams}.txt",
+                        cfg.window_s,
+                        prefix=self.pinning.prefix(self.pinning.generator),
+                    )
                 try:
                     async with Meter(vox, fake) as meter:
                         if profiler is not None:
@@ -419,13 +424,15 @@ class Bench:
                         "file": profiler.path.name,
                         **summarise(profiler.path),
                     }
-                vox_row = self._row(protocol, phase, "listeners")
-                if self.profile is not None and self.profile["streams"] == streams:
-                    per_s = (vox_row["voxrelay"] or {}).get("cpu_ms_per_audio_s")
-                    self.profile["cpu_ms_per_audio_s"] = per_s
-                    for stage in self.profile["stages"]:
-                        share = stage["pct"] / 100
-                        stage["cpu_ms_per_audio_s"] = round(share * per_s, 2) if per_s else None
+                vox_row = self._row(protocol, phase, "listeners", keep=not profiled)
+                if profiled:
+                    if self.profile is not None:
+                        per_s = (vox_row["voxrelay"] or {}).get("cpu_ms_per_audio_s")
+                        self.profile["cpu_ms_per_audio_s"] = per_s
+                        for stage in self.profile["stages"]:
+                            share = stage["pct"] / 100
+                            stage["cpu_ms_per_audio_s"] = round(share * per_s, 2) if per_s else None
+                    continue
                 lim_row = self._row("limit", phase, f"beside_{protocol}", keep=False)
                 naive_row = (
                     self._row("naive", phase, f"beside_{protocol}", keep=False)
