@@ -77,7 +77,8 @@ class Config:
     levels: list[int] = field(default_factory=lambda: [1, 50, 100, 150, 200, 300])
     #: seconds over which a level's streams start; None: one request cycle (reply + playback)
     ramp_s: float | None = None
-    window_s: float = 15.0
+    #: 30 s: about 450 replies at 200 streams, so that one slow reply does not set the p99
+    window_s: float = 30.0
     probes: int = 30
     full: int = 4
     format_probes: int = 15
