@@ -12,6 +12,7 @@ so they see the upstream at exactly the load voxrelay puts on it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 from collections.abc import Sequence
@@ -173,6 +174,7 @@ async def run_window(
     Requests still running *drain_s* after the window are cancelled and count as
     ``unfinished`` errors.
     """
+    gc.collect()  # what the last phase left, before anything is timed (see bench.run)
     main = max(g.streams for g in groups if not g.probe)
     result = PhaseResult(main, window_s=window_s)
     everything: dict[int, list[Sample]] = {id(g): [] for g in groups}
@@ -254,6 +256,7 @@ async def run_sequence(
 
     CPU figures cover the whole requests only: probes stop early and would understate it.
     """
+    gc.collect()  # see run_window
     result = PhaseResult(1)
     samples = result.samples.setdefault(client.kind, [])
     meter.reset()

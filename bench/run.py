@@ -584,13 +584,19 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     pinning = Pinning.detect() if cfg.pin else Pinning.none("--no-pin")
     pin_self(pinning)
-    # The generator times arrivals: a full collection walking the start-up heap would
-    # pause it for tens of ms, and every stream would seem to stall at once.
+    # The generator stamps every chunk's arrival: a collection pausing it (its gen-1 ones
+    # took 30-45 ms at 200 streams) reads as a stall of every stream at once. So the
+    # collector is off while it runs; each phase collects before it starts timing.
     gc.collect()
     gc.freeze()
-    # uvloop, as voxrelay runs: the generator shares its core with the fake upstream.
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        doc = runner.run(Bench(cfg, pinning).run())
+    gc.disable()
+    try:
+        # uvloop, as voxrelay runs: the generator shares its core with the fake upstream.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            doc = runner.run(Bench(cfg, pinning).run())
+    finally:
+        gc.enable()
+        gc.unfreeze()
     paths = report.write(doc, cfg.out)
     text = paths["markdown"].read_text()
     print(text)
