@@ -5,7 +5,19 @@ from __future__ import annotations
 from ..settings import Settings
 from .base import ChatProvider, SpeakingModel, SpeechEngine
 
-__all__ = ["make_chat", "make_speech"]
+__all__ = ["make_chat", "make_speech", "pool_size"]
+
+#: Upstream connections a provider may hold when ``VOXRELAY_MAX_STREAMS`` is 0 (no cap).
+UNCAPPED_POOL = 4096
+
+
+def pool_size(settings: Settings, calls_per_stream: int = 1) -> int:
+    """Return a provider's connection pool: enough for every stream's calls at once.
+
+    A chat stream makes one call at a time; a speech engine gets one per segment spoken
+    ahead (``VOXRELAY_LOOKAHEAD_SEGMENTS``), so a full house never queues for a socket.
+    """
+    return max((settings.max_streams or UNCAPPED_POOL) * calls_per_stream, 16)
 
 
 def make_chat(settings: Settings) -> ChatProvider | SpeakingModel:
@@ -26,7 +38,7 @@ def make_chat(settings: Settings) -> ChatProvider | SpeakingModel:
             base_url=base_url,
             model=settings.llm_model,
             connect_timeout=settings.connect_timeout_s,
-            max_connections=max(settings.max_streams, 16),
+            max_connections=pool_size(settings),
         )
     if name == "realtime":
         from .openai_realtime import OpenAIRealtime
@@ -59,5 +71,5 @@ def make_speech(settings: Settings) -> SpeechEngine:
         model=settings.tts_model,
         default_voice=settings.voice or "alloy",
         connect_timeout=settings.connect_timeout_s,
-        max_connections=max(settings.max_streams, 16),
+        max_connections=pool_size(settings, settings.lookahead_segments),
     )
