@@ -584,7 +584,7 @@ class FakeOpenAI(FakeServer):
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        current: list[RecordedRequest] = []
+        current: list[RecordedRequest] = []  # the request in progress, if any
 
         def on_gone(at: float) -> None:
             if current and current[-1].finished_at is None:
@@ -607,7 +607,9 @@ class FakeOpenAI(FakeServer):
                 if request is None:
                     break
                 record = self._record(request)
-                current.append(record)
+                # Only the latest: a keep-alive connection's records would pile up for as
+                # long as it lives (with keep_history off nothing else holds them).
+                current[:] = [record]
                 conn.start_watching()
                 try:
                     keep = await self._respond(conn, request, record)
