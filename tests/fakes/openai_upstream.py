@@ -584,12 +584,14 @@ class FakeOpenAI(FakeServer):
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        current: list[RecordedRequest] = []  # the request in progress, if any
+        # Only the latest request: a keep-alive connection's records would pile up for as
+        # long as it lives (with keep_history off nothing else holds them).
+        current: RecordedRequest | None = None
 
         def on_gone(at: float) -> None:
-            if current and current[-1].finished_at is None:
-                current[-1].client_gone_at = at
-                self._event(current[-1], "client_gone", at)
+            if current is not None and current.finished_at is None:
+                current.client_gone_at = at
+                self._event(current, "client_gone", at)
 
         conn = _Connection(reader, writer, on_gone)
         self._connections.add(conn)
@@ -606,10 +608,7 @@ class FakeOpenAI(FakeServer):
                     break
                 if request is None:
                     break
-                record = self._record(request)
-                # Only the latest: a keep-alive connection's records would pile up for as
-                # long as it lives (with keep_history off nothing else holds them).
-                current[:] = [record]
+                record = current = self._record(request)
                 conn.start_watching()
                 try:
                     keep = await self._respond(conn, request, record)
