@@ -80,11 +80,14 @@ def to_response(event: model.Event) -> pb.SynthesizeResponse:
     """Translate one core event into its ``SynthesizeResponse``."""
     match event:
         case model.AudioChunk():
-            return pb.SynthesizeResponse(
-                audio=pb.AudioChunk(
-                    segment_index=event.segment_index, seq=event.seq, data=event.data
-                )
-            )
+            # Filled in place: a nested message passed to the constructor is built, then
+            # copied, audio and all (8 µs for 32 KiB, against 3 µs this way).
+            response = pb.SynthesizeResponse()
+            audio = response.audio
+            audio.segment_index = event.segment_index
+            audio.seq = event.seq
+            audio.data = event.data
+            return response
         case model.SegmentStarted():
             return pb.SynthesizeResponse(
                 segment=pb.TextSegment(index=event.index, text=event.text, start_ms=event.start_ms)
