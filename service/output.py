@@ -22,13 +22,13 @@ from .model import AudioChunk, Event, SegmentStarted, StreamFinished
 __all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamOutput"]
 
 # Limits
-#: PCM of a segment relayed as one piece at most (~0.7 s at 24 kHz).
-MAX_JOINED_PCM_BYTES = 32 * 1024
+#: PCM of a segment relayed as one piece at most (~2.7 s at 24 kHz).
+MAX_JOINED_PCM_BYTES = 128 * 1024
 #: Once the listener has this much audio in hand beyond what has played, small chunks
 #: may wait to go out together ...
-HOLD_LEAD_MS = 400
+HOLD_LEAD_MS = 150
 #: ... but never longer than this.
-MAX_HOLD_S = 0.1
+MAX_HOLD_S = 0.5
 
 
 class EncoderRunner:
@@ -139,7 +139,7 @@ class EventQueue:
     down to the door's pace.
     """
 
-    def __init__(self, maxsize: int = 8, *, max_audio_bytes: int = 64 * 1024) -> None:
+    def __init__(self, maxsize: int = 8, *, max_audio_bytes: int = 256 * 1024) -> None:
         self._items: deque[Any] = deque()
         self._maxsize = maxsize
         self._max_audio = max_audio_bytes

@@ -63,6 +63,9 @@ HISTORY_ROLES = frozenset({"system", "user", "assistant"})
 ALLOWED_CONTROLS = frozenset("\n\t\r")
 #: A read that took longer than this found the upstream's socket empty.
 READ_WAITED_S = 0.001
+#: An upstream's socket is left to fill for this long at most: longer, and its buffers
+#: fill up and slow the upstream down.
+MAX_READ_HOLD_S = 0.1
 _DONE = object()
 
 
@@ -513,7 +516,7 @@ class SynthesisStream:
                     # The socket ran dry. While the listener has audio in hand, let the next
                     # chunks gather there and read them in one go: one wake-up, not one each.
                     if loop.time() - began > READ_WAITED_S and (hold := out.hold_s()) > 0:
-                        await asyncio.sleep(hold)
+                        await asyncio.sleep(min(hold, MAX_READ_HOLD_S))
             feed.end()
 
         async def schedule_speech(tg: asyncio.TaskGroup) -> None:

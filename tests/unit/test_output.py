@@ -1,13 +1,24 @@
-"""The event queue between a stream and its door: order, seq, merging, back-pressure."""
+"""The end of a stream: its event queue (order, seq, merging, back-pressure) and batching."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.model import AudioChunk, SegmentStarted
-from service.output import EventQueue
+from service.audio import StreamEncoder
+from service.model import AudioChunk, AudioFormat, SegmentStarted
+from service.output import (
+    HOLD_LEAD_MS,
+    MAX_HOLD_S,
+    MAX_JOINED_PCM_BYTES,
+    EncoderRunner,
+    EventQueue,
+    PcmFeed,
+    StreamOutput,
+)
 
 
 async def drain(queue: EventQueue) -> list[object]:
@@ -86,3 +97,86 @@ async def test_a_full_queue_holds_the_producer_until_the_door_takes(maxsize: int
     await queue.get()
     await asyncio.wait_for(producer, 1)
     assert len(queue) == maxsize
+
+
+# Pace-aware batching: how long small audio may wait to go out together
+
+
+def pcm_ms(ms: int, rate: int = 24_000) -> bytes:
+    return bytes(rate * ms // 1000 * 2)
+
+
+@pytest.fixture
+async def output() -> AsyncIterator[tuple[StreamOutput, list[int]]]:
+    """A PCM stream's output at 24 kHz and its clock (ms since the request), set by hand."""
+    now = [0]
+    encoder = StreamEncoder(AudioFormat.PCM, input_rate=24_000, output_rate=24_000)
+    with ThreadPoolExecutor(1) as executor:
+        out = StreamOutput(
+            EventQueue(),
+            EncoderRunner(encoder, executor, inline=True),
+            input_rate=24_000,
+            since=lambda: now[0],
+        )
+        yield out, now
+        out.close()
+
+
+async def test_the_first_audio_never_waits(output: tuple[StreamOutput, list[int]]) -> None:
+    out, now = output
+    now[0] = 5_000
+    assert out.hold_s() == 0.0
+
+
+async def test_a_listener_short_of_audio_gets_it_at_once(
+    output: tuple[StreamOutput, list[int]],
+) -> None:
+    out, now = output
+    now[0] = 500  # first audio at 500 ms
+    await out.audio(pcm_ms(20))
+    assert out.hold_s() == 0.0
+    await out.audio(pcm_ms(HOLD_LEAD_MS - 20))  # exactly the lead: nothing to spare
+    assert out.hold_s() == 0.0
+    now[0] += 100  # 100 ms played: below the lead again
+    assert out.hold_s() == 0.0
+
+
+@pytest.mark.parametrize("lead_ms", [HOLD_LEAD_MS + 1, HOLD_LEAD_MS + 200, 600, 5_000])
+async def test_audio_waits_at_most_half_what_the_listener_has_to_spare(
+    output: tuple[StreamOutput, list[int]], lead_ms: int
+) -> None:
+    out, now = output
+    now[0] = 500
+    await out.audio(pcm_ms(lead_ms))
+    hold = out.hold_s()
+    spare_s = (lead_ms - HOLD_LEAD_MS) / 1000
+    assert 0 < hold <= MAX_HOLD_S
+    assert hold == pytest.approx(min(MAX_HOLD_S, spare_s / 2))
+    # Played for as long as it waits, the listener still has more than the lead in hand.
+    assert lead_ms - hold * 1000 > HOLD_LEAD_MS
+
+
+async def test_a_take_joins_what_gathered_up_to_the_bound() -> None:
+    feed = PcmFeed()
+    for _ in range(3):
+        feed.put(b"ab")
+    assert await feed.take() == b"ababab"
+    big = bytes(MAX_JOINED_PCM_BYTES // 2)
+    for _ in range(3):
+        feed.put(big)
+    assert await feed.take() == big * 2  # the bound reached: the rest is the next piece
+    assert await feed.take() == big
+    feed.end()
+    assert await feed.take() is None
+
+
+async def test_a_held_take_ends_when_the_segment_does() -> None:
+    feed = PcmFeed()
+    feed.put(b"ab")
+    taking = asyncio.create_task(feed.take(hold_s=3600))
+    await asyncio.sleep(0)
+    feed.put(b"cd")
+    assert not taking.done()
+    feed.end()
+    assert await taking == b"abcd"
+    assert await feed.take() is None
