@@ -28,6 +28,7 @@ __all__ = [
     "Meter",
     "PhaseResult",
     "percentiles",
+    "run_interleaved",
     "run_sequence",
     "run_window",
 ]
@@ -243,6 +244,26 @@ async def run_window(
     return result
 
 
+async def run_interleaved(
+    clients: Sequence[Client], *, probes: int, gap_s: float = 0.05
+) -> dict[str, list[Sample]]:
+    """Send *probes* probes per client, one at a time, taking the clients in turn.
+
+    Round after round (limit, then voxrelay, ...), so that a change in the machine's
+    state during the pass — a neighbour's burst, a slower minute — falls on every client
+    alike, and differences of a few milliseconds between them mean something.
+    """
+    gc.collect()  # see run_window
+    samples: dict[str, list[Sample]] = {c.kind: [] for c in clients}
+    for _ in range(probes):
+        for client in clients:
+            sample = Sample(probe=True)
+            samples[client.kind].append(sample)
+            await client.request(sample)
+            await asyncio.sleep(gap_s)
+    return samples
+
+
 async def run_sequence(
     client: Client,
     *,
@@ -251,14 +272,17 @@ async def run_sequence(
     meter: Meter,
     fmt: str = "pcm",
     gap_s: float = 0.05,
+    earlier: Sequence[Sample] = (),
 ) -> PhaseResult:
     """Send *probes* probes, then *full* whole requests, one after another (one stream).
 
-    CPU figures cover the whole requests only: probes stop early and would understate it.
+    *earlier* samples (probes from :func:`run_interleaved`) join this phase's. CPU
+    figures cover the whole requests only: probes stop early and would understate it.
     """
     gc.collect()  # see run_window
     result = PhaseResult(1)
     samples = result.samples.setdefault(client.kind, [])
+    samples.extend(earlier)
     meter.reset()
     for _ in range(probes):
         sample = Sample(probe=True)

@@ -2,9 +2,10 @@
 
 The plan, all in one run with one fake upstream and one voxrelay:
 
-1. one stream, each client alone, one request after another: the limit (voxrelay's
-   upstream calls made straight from the SDK), the naive pipeline, voxrelay over gRPC
-   and over WebSocket; mostly probes (time to first audio), then a few whole replies;
+1. one stream, one request at a time: the limit (voxrelay's upstream calls made
+   straight from the SDK), the naive pipeline, voxrelay over gRPC and over WebSocket;
+   probes (time to first audio) taking the four clients in turn, then a few whole
+   replies from each;
 2. one stream over gRPC in the other formats: what each encoder adds;
 3. for each higher level N: N voxrelay streams (gRPC, then WebSocket) with limit and
    naive probes running beside them, so that they see the upstream at the same load;
@@ -46,7 +47,16 @@ from .clients import (
     whole_sentence_chunker,
 )
 from .idle import idle_connections
-from .load import Client, Group, Meter, PhaseResult, percentiles, run_sequence, run_window
+from .load import (
+    Client,
+    Group,
+    Meter,
+    PhaseResult,
+    percentiles,
+    run_interleaved,
+    run_sequence,
+    run_window,
+)
 from .micro import encoder_costs, espeak_rtf
 from .procs import (
     ChildProcess,
@@ -271,10 +281,16 @@ class Bench:
                 for client in clients:
                     for _ in range(2):  # warm connections and caches; not counted
                         await client.request(Sample(probe=True))
+                _say("1 stream: limit, naive, grpc and ws probes, in turn")
+                probes = await run_interleaved(clients, probes=cfg.probes)
                 for client in clients:
-                    _say(f"1 stream: {client.kind}")
+                    _say(f"1 stream: {client.kind}, whole replies")
                     phase = await run_sequence(
-                        client, probes=cfg.probes, full=cfg.full, meter=meter
+                        client,
+                        probes=0,
+                        full=cfg.full,
+                        meter=meter,
+                        earlier=probes[client.kind],
                     )
                     rows[client.kind] = self._row(client.kind, phase, "alone")
                     if client.kind == "grpc":
