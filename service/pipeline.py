@@ -63,8 +63,8 @@ HISTORY_ROLES = frozenset({"system", "user", "assistant"})
 ALLOWED_CONTROLS = frozenset("\n\t\r")
 #: A read that took longer than this found the upstream's socket empty.
 READ_WAITED_S = 0.001
-#: An upstream's socket is left to fill for this long at most: longer, and its buffers
-#: fill up and slow the upstream down.
+#: An upstream's socket is left to fill for this long at most: longer, and a segment's
+#: download (and with it the next segment's request) drags (0.5 s: 3.2 s a reply, not 2.5).
 MAX_READ_HOLD_S = 0.1
 _DONE = object()
 
