@@ -50,15 +50,27 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+#: Young collections once this many more container objects live than at the last one
+#: (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
 def _freeze_heap(_app: object) -> None:
     """Leave what start-up built (modules, SDK and protobuf types) out of the collector's scans.
 
     A full collection walks every tracked object: with the start-up heap that took up to
     90 ms, a pause every stream in flight felt at once (as a stall where a listener held
     only its first 20 ms of audio). Frozen, the collector only walks what serving made.
+
+    Then collect the young generation less often: at 200 streams the default made ~8
+    young collections a second, each walking what the streams hold (up to 19 ms), and
+    ~1 s of CPU in 45 s went to the collector; at 20,000 it is 9 collections and 0.15 s
+    (reference counting frees all but cycles at once; cycles wait a little longer).
     """
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
