@@ -30,6 +30,7 @@ __all__ = [
     "Pinning",
     "cores_busy",
     "fake_process",
+    "floor_process",
     "free_port",
     "pin_self",
     "rss_bytes",
@@ -44,6 +45,7 @@ CPU_GENERATOR = 1
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _FAKE_URL = re.compile(r"fake OpenAI upstream on (\S+)")
+_FLOOR = re.compile(r"floor doors on grpc=(?P<grpc>\S+) ws=(?P<websocket>\S+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +189,10 @@ async def _start(
     ready: re.Pattern[str],
     timeout: float = 60.0,  # noqa: ASYNC109
 ) -> ChildProcess:
-    """Start *argv* and wait for a stdout line matching *ready* (group 1 is kept)."""
+    """Start *argv* and wait for a stdout line matching *ready*.
+
+    Its named groups are kept as the child's ``info``, else group 1 as ``base_url``.
+    """
     proc = await asyncio.create_subprocess_exec(
         *argv,
         env=env,
@@ -207,7 +212,7 @@ async def _start(
             if len(child.lines) < 10_000:
                 child.lines.append(line)
             if not started.done() and (m := ready.search(line)):
-                child.info = {"base_url": m.group(1)}
+                child.info = m.groupdict() or {"base_url": m.group(1)}
                 started.set_result(None)
 
     child.reader = asyncio.create_task(read())
@@ -253,6 +258,21 @@ async def fake_process(
     if reply is not None:
         argv += ["--reply", reply]
     return await _start("fake", argv, _clean_env(), ready=_FAKE_URL)
+
+
+async def floor_process(pinning: Pinning) -> ChildProcess:
+    """Start :mod:`bench.floor` on voxrelay's core: each door's hop, with nothing behind it."""
+    argv = [
+        *pinning.prefix(pinning.voxrelay),
+        sys.executable,
+        "-m",
+        "bench.floor",
+        "--grpc-port",
+        str(free_port()),
+        "--ws-port",
+        str(free_port()),
+    ]
+    return await _start("floor", argv, _clean_env(), ready=_FLOOR)
 
 
 #: The benchmark's limits configuration: every per-client cap raised or off.

@@ -46,6 +46,7 @@ from .clients import (
     WsClient,
     whole_sentence_chunker,
 )
+from .floor import GrpcFloorClient, WsFloorClient
 from .idle import idle_connections
 from .load import (
     Client,
@@ -63,6 +64,7 @@ from .procs import (
     Pinning,
     cores_busy,
     fake_process,
+    floor_process,
     pin_self,
     voxrelay_process,
 )
@@ -217,6 +219,13 @@ async def machine_busy_pct(seconds: float = 2.0) -> float:
     return round(100 * sum(after[k] - before[k] for k in after) / seconds, 1)
 
 
+async def _close(clients: list[Client], child: ChildProcess) -> None:
+    """Close *clients*, then stop *child*; again is a no-op."""
+    for client in clients:
+        await client.aclose()
+    await child.stop()
+
+
 def _say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -274,15 +283,22 @@ class Bench:
             GrpcClient(str(vox.info["grpc"]), 1),
             WsClient(str(vox.info["websocket"]), 1),
         ]
+        # Each door's hop alone, in the same rounds: the floor under voxrelay's overhead.
+        floor = await floor_process(self.pinning)
+        floors: list[Client] = [
+            GrpcFloorClient(str(floor.info["grpc"]), 1),
+            WsFloorClient(str(floor.info["websocket"]), 1),
+        ]
         rows: dict[str, dict[str, Any]] = {}
         grpc_phase = PhaseResult(1)
         try:
             async with Meter(vox, fake) as meter:
-                for client in clients:
+                for client in clients + floors:
                     for _ in range(2):  # warm connections and caches; not counted
                         await client.request(Sample(probe=True))
-                _say("1 stream: limit, naive, grpc and ws probes, in turn")
-                probes = await run_interleaved(clients, probes=cfg.probes)
+                _say("1 stream: limit, naive, grpc, ws and the doors' floor probes, in turn")
+                probes = await run_interleaved(clients + floors, probes=cfg.probes)
+                await _close(floors, floor)
                 for client in clients:
                     _say(f"1 stream: {client.kind}, whole replies")
                     phase = await run_sequence(
@@ -306,10 +322,12 @@ class Bench:
                     row = self._row("grpc", phase, "alone", fmt, keep=False, with_samples=False)
                     self.formats.append(self._format_row(fmt, row, pcm))
         finally:
-            for client in clients:
-                await client.aclose()
+            await _close(clients + floors, floor)
         for protocol in ("grpc", "ws"):
-            self.comparisons.append(report.compare(rows[protocol], rows["limit"], rows["naive"]))
+            hop = [s.ttfa for s in probes[f"{protocol}_floor"] if s.ttfa is not None]
+            self.comparisons.append(
+                report.compare(rows[protocol], rows["limit"], rows["naive"], percentiles(hop))
+            )
         cycles = sorted(
             (s.ttfa or 0) + s.audio_s
             for s in grpc_phase.samples["grpc"]

@@ -61,6 +61,13 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     }
     for comparison in doc["comparisons"]:
         assert set(comparison["overhead_ms"]) == {"p50", "p95", "p99"}
+        # The door's bare hop is probed beside the 1-stream probes only.
+        floor = comparison["floor_ttfa_ms"]
+        if comparison["streams"] == 1:
+            assert set(floor) == PERCENTILES and floor["p50"] is not None
+            assert set(comparison["overhead_beyond_floor_ms"]) == {"p50", "p95", "p99"}
+        else:
+            assert floor is None and comparison["overhead_beyond_floor_ms"] is None
     assert set(doc["capacity"]) == {"grpc", "ws"}
     assert [f["format"] for f in doc["formats"]] == ["mp3"]
     assert {e["format"] for e in doc["encoders"]} >= {"pcm", "mp3", "opus", "aac"}
