@@ -278,14 +278,15 @@ class Bench:
     async def single_stream(self, fake: ChildProcess, vox: ChildProcess) -> None:
         cfg = self.cfg
         base = str(fake.info["base_url"])
+        # Each door's hop alone, in the same rounds: the floor under voxrelay's overhead.
+        # Started before any channel here: grpc complains of a fork while it is busy.
+        floor = await floor_process(self.pinning)
         clients: list[Client] = [
             LimitClient(base, 1),
             NaiveClient(base, 1),
             GrpcClient(str(vox.info["grpc"]), 1),
             WsClient(str(vox.info["websocket"]), 1),
         ]
-        # Each door's hop alone, in the same rounds: the floor under voxrelay's overhead.
-        floor = await floor_process(self.pinning)
         floors: list[Client] = [
             GrpcFloorClient(str(floor.info["grpc"]), 1),
             WsFloorClient(str(floor.info["websocket"]), 1),
