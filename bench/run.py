@@ -4,8 +4,8 @@ The plan, all in one run with one fake upstream and one voxrelay:
 
 1. one stream, one request at a time: the limit (voxrelay's upstream calls made
    straight from the SDK), the naive pipeline, voxrelay over gRPC and over WebSocket;
-   probes (time to first audio) taking the four clients in turn, then a few whole
-   replies from each;
+   probes (time to first audio) taking the four clients in turn, with each door's bare
+   hop (:mod:`bench.floor`) probed in the same rounds, then a few whole replies from each;
 2. one stream over gRPC in the other formats: what each encoder adds;
 3. for each higher level N: N voxrelay streams (gRPC, then WebSocket) with limit and
    naive probes running beside them, so that they see the upstream at the same load;
