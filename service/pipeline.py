@@ -414,23 +414,22 @@ class SynthesisStream:
         else:
             llm_model = owner.chat.model if plan.mode is Mode.CHAT and owner.chat else ""
             tts_model = owner.speech.model
-        await out.emit(
-            StreamStarted(
-                request_id=plan.request_id,
-                format=plan.format,
-                content_type=format_info(plan.format).content_type,
-                sample_rate_hz=encoder.sample_rate,
-                channels=encoder.channels,
-                voice=plan.voice,
-                llm_model=llm_model,
-                tts_model=tts_model,
-            )
+        started = StreamStarted(
+            request_id=plan.request_id,
+            format=plan.format,
+            content_type=format_info(plan.format).content_type,
+            sample_rate_hz=encoder.sample_rate,
+            channels=encoder.channels,
+            voice=plan.voice,
+            llm_model=llm_model,
+            tts_model=tts_model,
         )
         try:
             if speaking is not None:
+                await out.emit(started)
                 reply = await self._speak_reply(plan, speaking, out)
             else:
-                reply = await self._write_and_speak(plan, out)
+                reply = await self._write_and_speak(plan, out, started)
             await out.flush()
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
@@ -441,8 +440,11 @@ class SynthesisStream:
         self.finished = finished
         await out.emit(finished)
 
-    async def _write_and_speak(self, plan: _Plan, out: StreamOutput) -> str:
-        """Chat provider (or the text itself) → chunker → speech engine, pipelined."""
+    async def _write_and_speak(self, plan: _Plan, out: StreamOutput, started: StreamStarted) -> str:
+        """Chat provider (or the text itself) → chunker → speech engine, pipelined.
+
+        *started* goes out first, but only once the upstream call has begun.
+        """
         owner = self._owner
         speech = owner.speech
         finished = out.finished
@@ -531,6 +533,10 @@ class SynthesisStream:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(write_text())
             tg.create_task(schedule_speech(tg))
+            # Announced after the tasks are made: the door's wake-up (and its send) then
+            # comes after the chat request is on its way, not before (~0.2 ms sooner).
+            # Nothing else can reach the queue before this.
+            await out.emit(started)
             while (item := await ordered.get()) is not None:
                 text, feed = item
                 await out.segment(text)
