@@ -45,8 +45,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check service gateways tests scripts
 
+## mypy --strict on the packages as they install: voxrelay.{service,gateways} beside voxrelay.v1.
+TYPES_ROOT := build/typecheck
 types: $(STAMP)
-	$(BIN)/mypy service gateways
+	rm -rf $(TYPES_ROOT) && mkdir -p $(TYPES_ROOT)/voxrelay
+	for part in generated/voxrelay/__init__.py generated/voxrelay/py.typed generated/voxrelay/v1 \
+	            service gateways; do ln -s "$(CURDIR)/$$part" $(TYPES_ROOT)/voxrelay/; done
+	MYPYPATH=$(TYPES_ROOT) $(BIN)/mypy -p voxrelay.service -p voxrelay.gateways
 
 check: lint types proto-check buf-lint
 

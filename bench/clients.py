@@ -27,12 +27,12 @@ from typing import Any
 import grpc
 import httpx2
 import openai
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.asyncio.client import ClientConnection, connect
 
-from service.chunker import SentenceChunker
-from service.pipeline import DEFAULT_SYSTEM_PROMPT
+from voxrelay.service.chunker import SentenceChunker
+from voxrelay.service.pipeline import DEFAULT_SYSTEM_PROMPT
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 __all__ = [
     "PCM_BYTES_PER_S",

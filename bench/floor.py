@@ -24,9 +24,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 import uvloop
+from websockets.asyncio.server import ServerConnection, serve
+
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
-from websockets.asyncio.server import ServerConnection, serve
 
 from .clients import GrpcClient, WsClient
 

@@ -10,11 +10,11 @@ import asyncio
 import time
 from typing import Any
 
-from service.audio import StreamEncoder, output_rate
-from service.chunker import SentenceChunker
-from service.model import AudioFormat
 from tests.fakes.openai_upstream import CHUNK_MS, DEFAULT_REPLY, SAMPLE_RATE
 from tests.fakes.openai_upstream import _voice_pcm as voice_pcm  # the signal the fake sends
+from voxrelay.service.audio import StreamEncoder, output_rate
+from voxrelay.service.chunker import SentenceChunker
+from voxrelay.service.model import AudioFormat
 
 __all__ = ["encoder_costs", "espeak_rtf"]
 
@@ -69,7 +69,7 @@ def encoder_costs(seconds: float = 10.0, repeats: int = 3) -> list[dict[str, Any
 
 async def espeak_rtf() -> dict[str, Any]:
     """Speak the benchmark's reply with the embedded engine, segment by segment."""
-    from service.providers.espeak import EspeakEngine
+    from voxrelay.service.providers.espeak import EspeakEngine
 
     chunker = SentenceChunker()
     segments = chunker.feed(DEFAULT_REPLY) + chunker.flush()

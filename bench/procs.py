@@ -332,7 +332,13 @@ async def voxrelay_process(pinning: Pinning, upstream: str) -> ChildProcess:
         # Every request is a first turn, on both doors alike.
         VOXRELAY_MEMORY_TURNS="0",
     )
-    argv = [*pinning.prefix(pinning.voxrelay), sys.executable, "-m", "gateways.cli", "serve"]
+    argv = [
+        *pinning.prefix(pinning.voxrelay),
+        sys.executable,
+        "-m",
+        "voxrelay.gateways.cli",
+        "serve",
+    ]
     proc = await asyncio.create_subprocess_exec(
         *argv,
         env=env,

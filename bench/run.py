@@ -34,8 +34,8 @@ from typing import Any
 
 import uvloop
 
-from service.chunker import SentenceChunker
 from tests.fakes.openai_upstream import DEFAULT_REPLY, tokenize
+from voxrelay.service.chunker import SentenceChunker
 
 from . import report
 from .clients import (

@@ -20,12 +20,12 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 
-from service import __version__, metrics
-from service.errors import Unavailable
-from service.logs import register_secrets
-from service.pipeline import Synthesizer
-from service.providers.registry import make_chat, make_speech
-from service.settings import Settings
+from voxrelay.service import __version__, metrics
+from voxrelay.service.errors import Unavailable
+from voxrelay.service.logs import register_secrets
+from voxrelay.service.pipeline import Synthesizer
+from voxrelay.service.providers.registry import make_chat, make_speech
+from voxrelay.service.settings import Settings
 
 from .grpc_server import GrpcDoor
 from .ws_server import WsDoor

@@ -11,10 +11,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from service import __version__
-from service.logs import configure_logging
-from service.model import AudioFormat, Mode
-from service.settings import ConfigError, load_settings
+from voxrelay.service import __version__
+from voxrelay.service.logs import configure_logging
+from voxrelay.service.model import AudioFormat, Mode
+from voxrelay.service.settings import ConfigError, load_settings
 
 from .say import EXIT_INTERRUPTED, cmd_say, cmd_voices
 from .say import fail as _fail

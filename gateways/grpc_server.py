@@ -21,14 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+
+from voxrelay.service import metrics, model
+from voxrelay.service.auth import KeyStore, bearer_token
+from voxrelay.service.errors import Internal, InvalidRequest, VoxrelayError
+from voxrelay.service.pipeline import SynthesisStream, Synthesizer
+from voxrelay.service.telemetry import StreamRecord
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
-
-from service import metrics, model
-from service.auth import KeyStore, bearer_token
-from service.errors import Internal, InvalidRequest, VoxrelayError
-from service.pipeline import SynthesisStream, Synthesizer
-from service.telemetry import StreamRecord
 
 from .errors import GRPC_STATUS
 

@@ -20,10 +20,10 @@ from typing import Any, BinaryIO
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+
+from voxrelay.service.model import AudioFormat, Mode
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
-
-from service.model import AudioFormat, Mode
 
 __all__ = ["EXIT_INTERRUPTED", "FORMAT_BY_SUFFIX", "CliError", "cmd_say", "cmd_voices", "fail"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from websockets.typing import Data
 
-from service import model
-from service.errors import InvalidRequest, VoxrelayError
+from voxrelay.service import model
+from voxrelay.service.errors import InvalidRequest, VoxrelayError
 
 __all__ = [
     "AudioClock",

@@ -39,12 +39,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Data
 
-from service import __version__, metrics, model
-from service.auth import OriginPolicy, TrustedProxies, bearer_token, client_key
-from service.errors import Busy, Internal, Unavailable, VoxrelayError
-from service.limits import ConnectionLimits, Lease
-from service.pipeline import MAX_HISTORY, Synthesizer
-from service.telemetry import StreamRecord
+from voxrelay.service import __version__, metrics, model
+from voxrelay.service.auth import OriginPolicy, TrustedProxies, bearer_token, client_key
+from voxrelay.service.errors import Busy, Internal, Unavailable, VoxrelayError
+from voxrelay.service.limits import ConnectionLimits, Lease
+from voxrelay.service.pipeline import MAX_HISTORY, Synthesizer
+from voxrelay.service.telemetry import StreamRecord
 
 from .errors import WS_CLOSE
 from .ws_frames import (

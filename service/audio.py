@@ -17,8 +17,8 @@ import av
 from av.codec.codec import Capabilities
 from av.container import OutputContainer
 
-from service.errors import InvalidRequest
-from service.model import AudioFormat
+from voxrelay.service.errors import InvalidRequest
+from voxrelay.service.model import AudioFormat
 
 __all__ = ["FormatInfo", "StreamEncoder", "format_info", "output_rate"]
 

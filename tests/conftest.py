@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateways.app import App
 from tests.servers import make_settings
+from voxrelay.gateways.app import App
 
 AppFactory = Callable[..., Awaitable[App]]
 

@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from gateways.app import App
-from service.settings import Settings
+from voxrelay.gateways.app import App
+from voxrelay.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,4 +140,4 @@ def serve_process(**env_overrides: str) -> ServerProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
     env.update(env_overrides)
-    return ServerProcess([sys.executable, "-m", "gateways.cli", "serve"], env)
+    return ServerProcess([sys.executable, "-m", "voxrelay.gateways.cli", "serve"], env)

@@ -19,14 +19,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
-from gateways import ws_server
-from gateways.app import App
-from service.auth import key_id
 from tests.conftest import AppFactory
 from tests.integration.test_websocket import (
     SHORT,
@@ -37,6 +32,11 @@ from tests.integration.test_websocket import (
     until_end,
 )
 from tests.servers import make_settings, serve_process
+from voxrelay.gateways import ws_server
+from voxrelay.gateways.app import App
+from voxrelay.service.auth import key_id
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 KEY = "vx-test-key-0123456789"
 OTHER_KEY = "vx-other-key-9876543210"

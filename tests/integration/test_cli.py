@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from gateways.app import App
 from tests.conftest import AppFactory
 from tests.servers import ROOT
+from voxrelay.gateways.app import App
 
 HELLO = "Hello world. This is voxrelay."
 LONG = " ".join(f"Sentence number {i} is here and it goes on." for i in range(70))  # < 4096
@@ -26,7 +26,7 @@ VIAS = ["grpc", "ws"]
 async def voxrelay(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run the CLI; return its exit code, stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateways.cli", *args,
+        sys.executable, "-m", "voxrelay.gateways.cli", *args,
         cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -163,7 +163,8 @@ async def test_ctrl_c_keeps_the_partial_audio_and_exits_130(
     app = await app_factory()
     out = tmp_path / "long.mp3"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateways.cli", "say", "--mode", "speak", LONG, "-o", str(out),
+        sys.executable, "-m", "voxrelay.gateways.cli", "say", "--mode", "speak", LONG,
+        "-o", str(out),
         "--server", f"127.0.0.1:{app.grpc_port}",
         cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip

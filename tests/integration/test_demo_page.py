@@ -61,8 +61,8 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self) -> int:
-        from gateways.app import App
-        from service.settings import Settings
+        from voxrelay.gateways.app import App
+        from voxrelay.service.settings import Settings
 
         values: dict[str, Any] = dict(
             host="127.0.0.1",

@@ -22,13 +22,13 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.sync.client import ClientConnection, connect
 
-from gateways.app import App
-from service.model import AudioFormat
 from tests.servers import make_settings
+from voxrelay.gateways.app import App
+from voxrelay.service.model import AudioFormat
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 WAIT = 60.0
 ERROR_CODES = {

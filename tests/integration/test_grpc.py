@@ -12,12 +12,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
-from gateways.app import App
 from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang
 from tests.servers import running_app
+from voxrelay.gateways.app import App
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 SPEAK = pb.MODE_SPEAK
 TEXT = "Hello world. This is voxrelay, speaking one sentence at a time. Goodbye for now."

@@ -20,18 +20,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.asyncio.client import ClientConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 
-from gateways import ws_server
-from gateways.app import App
-from service.errors import UpstreamError
-from service.limits import Admission
-from service.model import ChatMessage
-from service.providers.base import ChatDelta
 from tests.conftest import AppFactory
 from tests.fakes.openai_upstream import FakeOpenAI, Latency
 from tests.integration.test_grpc import retry_delay_ms
@@ -50,6 +42,14 @@ from tests.integration.test_websocket import (
     until_type,
 )
 from tests.unit.test_limits import Clock
+from voxrelay.gateways import ws_server
+from voxrelay.gateways.app import App
+from voxrelay.service.errors import UpstreamError
+from voxrelay.service.limits import Admission
+from voxrelay.service.model import ChatMessage
+from voxrelay.service.providers.base import ChatDelta
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 K1 = "limits-key-one"
 K2 = "limits-key-two"

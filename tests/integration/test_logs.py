@@ -17,16 +17,16 @@ from typing import Any
 
 import grpc
 import pytest
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from gateways.app import App
-from service import __version__
-from service.logs import NOISY_LOGGERS, configure_logging
 from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang, status
 from tests.servers import running_app, serve_process
+from voxrelay.gateways.app import App
+from voxrelay.service import __version__
+from voxrelay.service.logs import NOISY_LOGGERS, configure_logging
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 WAIT = 30.0
 #: SPEC's fields of the end-of-stream line.

@@ -21,14 +21,14 @@ from typing import Any
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.asyncio.client import ClientConnection, connect
 
-from gateways.app import App
-from service import __version__, metrics
 from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang, status
 from tests.servers import running_app
+from voxrelay.gateways.app import App
+from voxrelay.service import __version__, metrics
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 WAIT = 30.0
 PROMTOOL = shutil.which("promtool")

@@ -25,11 +25,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
-from gateways.app import App
-from service.logs import JsonFormatter
 from tests.fakes.openai_upstream import (
     DEFAULT_REPLY,
     FakeOpenAI,
@@ -45,6 +41,10 @@ from tests.fakes.openai_upstream import (
     tokenize,
 )
 from tests.servers import running_app
+from voxrelay.gateways.app import App
+from voxrelay.service.logs import JsonFormatter
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 CHAT_KEY = "sk-chat-7f3a9c2e5b1d40866e1f"
 TTS_KEY = "sk-speech-2b8e6d4f0a9c13755d0e"

@@ -8,11 +8,6 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from service.errors import UpstreamError, UpstreamTimeout, VoxrelayError
-from service.model import ChatMessage
-from service.providers.base import ChatDelta, ChatProvider, SpeechEngine
-from service.providers.openai_chat import OpenAIChat
-from service.providers.openai_speech import OpenAISpeech
 from tests.fakes.openai_upstream import (
     DEFAULT_REPLY,
     FakeOpenAI,
@@ -27,6 +22,11 @@ from tests.fakes.openai_upstream import (
     status,
     tokenize,
 )
+from voxrelay.service.errors import UpstreamError, UpstreamTimeout, VoxrelayError
+from voxrelay.service.model import ChatMessage
+from voxrelay.service.providers.base import ChatDelta, ChatProvider, SpeechEngine
+from voxrelay.service.providers.openai_chat import OpenAIChat
+from voxrelay.service.providers.openai_speech import OpenAISpeech
 
 CHAT_KEY = "sk-chat-0123456789abcdef"
 SPEECH_KEY = "sk-speech-fedcba9876543210"

@@ -14,10 +14,10 @@ import av
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 from tests.servers import ROOT, ServerProcess, serve_process
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 LONG = " ".join(f"Sentence number {i} is spoken while the server drains." for i in range(12))
 
@@ -47,7 +47,7 @@ async def test_say_writes_a_file_that_decodes(tmp_path: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "gateways.cli",
+            "voxrelay.gateways.cli",
             "say",
             "--mode",
             "speak",
@@ -131,7 +131,7 @@ async def test_bad_setting_stops_startup_with_one_line() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateways.cli",
+        "voxrelay.gateways.cli",
         "serve",
         env=env,
         cwd=ROOT,

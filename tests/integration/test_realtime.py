@@ -21,14 +21,8 @@ from typing import Any
 
 import grpc
 import pytest
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.asyncio.client import ClientConnection, connect
 
-from gateways.app import App
-from service import metrics
-from service.chunker import SentenceChunker
-from service.pipeline import DEFAULT_SYSTEM_PROMPT
 from tests.fakes.openai_realtime import (
     DEFAULT_REPLY,
     SAMPLE_RATE,
@@ -47,6 +41,12 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.integration.test_grpc import decode_seconds, retry_delay_ms
 from tests.integration.test_openai_pipeline import wait_until
 from tests.servers import running_app
+from voxrelay.gateways.app import App
+from voxrelay.service import metrics
+from voxrelay.service.chunker import SentenceChunker
+from voxrelay.service.pipeline import DEFAULT_SYSTEM_PROMPT
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 REALTIME_KEY = "sk-realtime-5c1e9a7d3b2f48e0a6d4"
 TTS_KEY = "sk-speech-8d2f6b0e4a1c97533f1b"

@@ -18,15 +18,15 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-from gateways.app import App
-from gateways.ws_client import say_ws
 from tests.conftest import AppFactory
 from tests.integration.test_websocket import SHORT, WAIT, open_ws
 from tests.servers import ROOT
+from voxrelay.gateways.app import App
+from voxrelay.gateways.ws_client import say_ws
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 KEY = "tls-test-key"
 
@@ -123,7 +123,7 @@ async def test_wss_and_https(tls_app: App, certificate: tuple[Path, Path]) -> No
 
 async def say(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateways.cli", "say", *args,
+        sys.executable, "-m", "voxrelay.gateways.cli", "say", *args,
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     _, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -30,17 +30,17 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateways.app import App
-from gateways.ws_client import WsSayError, say_ws
-from gateways.ws_server import WsDoor
-from service import __version__, metrics
-from service.errors import Unavailable
-from service.model import ChatMessage
-from service.pipeline import Synthesizer
-from service.providers.base import ChatDelta, ChatProvider
-from service.providers.registry import make_chat, make_speech
 from tests.conftest import AppFactory
 from tests.servers import make_settings
+from voxrelay.gateways.app import App
+from voxrelay.gateways.ws_client import WsSayError, say_ws
+from voxrelay.gateways.ws_server import WsDoor
+from voxrelay.service import __version__, metrics
+from voxrelay.service.errors import Unavailable
+from voxrelay.service.model import ChatMessage
+from voxrelay.service.pipeline import Synthesizer
+from voxrelay.service.providers.base import ChatDelta, ChatProvider
+from voxrelay.service.providers.registry import make_chat, make_speech
 
 TEXT = "Hello world. This is voxrelay, speaking one sentence at a time. Goodbye for now."
 SHORT = "Just one short sentence."

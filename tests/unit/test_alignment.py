@@ -7,9 +7,9 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.alignment import TranscriptAligner
-from service.chunker import SentenceChunker
 from tests.fakes.openai_upstream import tokenize
+from voxrelay.service.alignment import TranscriptAligner
+from voxrelay.service.chunker import SentenceChunker
 
 REPLY = (
     "Sure, here is what I found. A single ticket costs $3.50 for adults. "

@@ -17,9 +17,9 @@ import av
 import av.logging
 import pytest
 
-from service.audio import StreamEncoder, format_info, output_rate
-from service.errors import InvalidRequest
-from service.model import AudioFormat
+from voxrelay.service.audio import StreamEncoder, format_info, output_rate
+from voxrelay.service.errors import InvalidRequest
+from voxrelay.service.model import AudioFormat
 
 SECONDS = 2.0
 INPUT_RATES = (22050, 24000)

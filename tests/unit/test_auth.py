@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import (
+from tests.servers import make_settings
+from voxrelay.service.auth import (
     KeyStore,
     OriginPolicy,
     TrustedProxies,
@@ -15,9 +16,8 @@ from service.auth import (
     client_key,
     key_id,
 )
-from service.errors import Unauthorized
-from service.settings import ConfigError, load_settings
-from tests.servers import make_settings
+from voxrelay.service.errors import Unauthorized
+from voxrelay.service.settings import ConfigError, load_settings
 
 
 def test_open_service_needs_no_key() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import UpstreamError
-from service.providers.openai_chat import _read_chunk
+from voxrelay.service.errors import UpstreamError
+from voxrelay.service.providers.openai_chat import _read_chunk
 
 
 def test_content_of_the_first_choice() -> None:

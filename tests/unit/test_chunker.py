@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.chunker import SentenceChunker
+from voxrelay.service.chunker import SentenceChunker
 
 Pieces = Callable[[str], Iterator[str]]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from service import metrics
 from tests.servers import ROOT
+from voxrelay.service import metrics
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from service.model import ChatMessage
-from service.providers.base import ChatDelta, ChatProvider
-from service.providers.echo import EchoChat
+from voxrelay.service.model import ChatMessage
+from voxrelay.service.providers.base import ChatDelta, ChatProvider
+from voxrelay.service.providers.echo import EchoChat
 
 TEXT = "  Hello there,\tworld!\nHow  are you?  "
 

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from service.errors import InvalidRequest, Unavailable, UpstreamTimeout
-from service.providers import espeak
-from service.providers.base import SpeechEngine
-from service.providers.espeak import EspeakEngine
+from voxrelay.service.errors import InvalidRequest, Unavailable, UpstreamTimeout
+from voxrelay.service.providers import espeak
+from voxrelay.service.providers.base import SpeechEngine
+from voxrelay.service.providers.espeak import EspeakEngine
 
 HELLO = "Hello world. This is voxrelay."
 LONG = (

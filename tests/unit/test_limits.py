@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.errors import Busy, RateLimited, TooLarge
-from service.limits import Admission, ConnectionLimits, Lease, TokenBucket
 from tests.servers import make_settings
 from tests.unit.clock import Clock
+from voxrelay.service.errors import Busy, RateLimited, TooLarge
+from voxrelay.service.limits import Admission, ConnectionLimits, Lease, TokenBucket
 
 
 def admission(clock: Clock, rpm: int = 0, cpm: int = 0, streams: int = 0) -> Admission:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from service import metrics
-from service.errors import Busy, Internal, InvalidRequest, UpstreamTimeout, VoxrelayError
-from service.logs import (
+from voxrelay.service import metrics
+from voxrelay.service.errors import Busy, Internal, InvalidRequest, UpstreamTimeout, VoxrelayError
+from voxrelay.service.logs import (
     REQUEST_ID,
     JsonFormatter,
     configure_logging,
@@ -19,8 +19,8 @@ from service.logs import (
     register_secrets,
     shorten,
 )
-from service.model import AudioFormat, Mode, StreamFinished, SynthesisRequest
-from service.telemetry import StreamRecord
+from voxrelay.service.model import AudioFormat, Mode, StreamFinished, SynthesisRequest
+from voxrelay.service.telemetry import StreamRecord
 
 SECRET = "vx-unit-secret-7d1f0c3b9a"
 
@@ -254,7 +254,7 @@ def test_every_error_class_has_a_listed_code() -> None:
             found += subclasses(sub)
         return found
 
-    import service.errors as errors_module
+    import voxrelay.service.errors as errors_module
 
     classes = [c for c in subclasses(VoxrelayError) if c.__module__ == errors_module.__name__]
     assert {c.code for c in classes} == set(metrics.ERROR_CODES)

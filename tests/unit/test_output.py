@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.audio import StreamEncoder
-from service.model import AudioChunk, AudioFormat, SegmentStarted
-from service.output import (
+from voxrelay.service.audio import StreamEncoder
+from voxrelay.service.model import AudioChunk, AudioFormat, SegmentStarted
+from voxrelay.service.output import (
     HOLD_LEAD_MS,
     MAX_HOLD_S,
     MAX_JOINED_PCM_BYTES,

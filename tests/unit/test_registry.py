@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from service.providers.openai_chat import OpenAIChat
-from service.providers.openai_speech import OpenAISpeech
-from service.providers.registry import UNCAPPED_POOL, make_chat, make_speech, pool_size
-from service.settings import load_settings
+from voxrelay.service.providers.openai_chat import OpenAIChat
+from voxrelay.service.providers.openai_speech import OpenAISpeech
+from voxrelay.service.providers.registry import UNCAPPED_POOL, make_chat, make_speech, pool_size
+from voxrelay.service.settings import load_settings
 
 
 def _limit(provider: OpenAIChat | OpenAISpeech) -> int | None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from service import resilience
-from service.errors import Unavailable, UpstreamError, UpstreamTimeout
-from service.resilience import CircuitBreaker, Stage, backoff_s, guarded_stream
 from tests.unit.clock import Clock
+from voxrelay.service import resilience
+from voxrelay.service.errors import Unavailable, UpstreamError, UpstreamTimeout
+from voxrelay.service.resilience import CircuitBreaker, Stage, backoff_s, guarded_stream
 
 
 @pytest.fixture
