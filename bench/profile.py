@@ -100,9 +100,18 @@ _FRAMING = (
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("encoding", ("service/audio.py", "EncoderRunner", "(av/")),
     ("framing", _FRAMING),
-    ("chat parsing", ("openai_chat.py", "write_text", "service/chunker.py")),
-    ("tts relay", ("openai_speech.py", "speak_segment")),
-    ("pipeline", ("service/pipeline.py", "service/output.py", "service/resilience.py")),
+    ("chat parsing", ("openai_chat.py", "_write (", "_text (", "service/chunker.py")),
+    ("tts relay", ("openai_speech.py", "_speak (")),
+    (
+        "pipeline",
+        (
+            "service/pipeline.py",
+            "service/output.py",
+            "service/resilience.py",
+            "service/synthesizer.py",
+            "service/relay.py",
+        ),
+    ),
 )
 OTHER_STAGE = "event loop and other"
 

@@ -21,11 +21,13 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import start_http_server
 
 from voxrelay.service import __version__, metrics
+from voxrelay.service.auth import KeyStore
 from voxrelay.service.errors import Unavailable
 from voxrelay.service.logs import register_secrets
-from voxrelay.service.pipeline import Synthesizer
 from voxrelay.service.providers.registry import make_chat, make_speech
+from voxrelay.service.relay import Relay
 from voxrelay.service.settings import Settings
+from voxrelay.service.synthesizer import Synthesizer
 
 from .grpc_server import GrpcDoor
 from .ws_server import WsDoor
@@ -33,10 +35,6 @@ from .ws_server import WsDoor
 __all__ = ["App", "serve"]
 
 log = logging.getLogger("voxrelay")
-
-
-#: The synthesizer's upstream stages, whose metrics are shown from the start.
-UPSTREAM_STAGES = ("llm_stage", "tts_stage", "realtime_stage")
 
 
 def _secrets(settings: Settings) -> list[str]:
@@ -62,13 +60,16 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         register_secrets(_secrets(settings))
+        # One key store for every door; SIGHUP reloads it.
+        self.keys = KeyStore(settings)
         self.synthesizer = Synthesizer(settings, make_chat(settings), make_speech(settings))
-        for name in UPSTREAM_STAGES:
-            stage = getattr(self.synthesizer, name, None)
-            if stage is not None:
-                metrics.init_upstream(stage.stage, stage.provider)
-        self.grpc = GrpcDoor(self.synthesizer)
-        self.ws = WsDoor(self.synthesizer)
+        self.runtime = self.synthesizer.runtime
+        for stage in self.synthesizer.engines.stages:
+            metrics.init_upstream(stage.stage, stage.provider)
+        relay = Relay(self.synthesizer)
+        self.grpc = GrpcDoor(settings, relay, self.keys)
+        self.ws = WsDoor(settings, relay, self.keys, self.runtime)
+        self.runtime.on_drain(self.grpc.begin_drain)
         self._metrics: tuple[WSGIServer, threading.Thread] | None = None
         self.metrics_port = 0
         self._stop = asyncio.Event()
@@ -103,9 +104,9 @@ class App:
                 "demo": f"{'https' if s.tls_cert else 'http'}://{s.host}:{self.ws_port}/",
                 "metrics": f"http://{s.host}:{self.metrics_port}/metrics",
                 **s.describe_choice(),
-                "llm_model": self.synthesizer.reply_provider.model,
-                "tts_model": self.synthesizer.speech.model,
-                "auth": "api_keys" if self.synthesizer.keys.required else "open",
+                "llm_model": self.synthesizer.engines.reply_provider.model,
+                "tts_model": self.synthesizer.engines.speech.model,
+                "auth": "api_keys" if self.keys.required else "open",
                 "log_text": s.log_text,
                 "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             },
@@ -113,7 +114,7 @@ class App:
 
     def reload_keys(self) -> None:
         """Read the API keys again (what SIGHUP does); open connections stay open."""
-        self.synthesizer.keys.reload()
+        self.keys.reload()
 
     def request_stop(self) -> None:
         """Ask the process to drain and stop (what SIGTERM does)."""
@@ -133,25 +134,26 @@ class App:
 
     async def _drain_and_stop(self) -> None:
         s = self.settings
-        active = self.synthesizer.active_streams
+        runtime = self.runtime
         log.info(
-            "draining", extra={"event": "drain", "active_streams": active, "drain_s": s.drain_s}
+            "draining",
+            extra={
+                "event": "drain",
+                "active_streams": runtime.active_streams,
+                "drain_s": s.drain_s,
+            },
         )
-        self.synthesizer.begin_drain()
-        self.ws.begin_drain()
-        await self.grpc.begin_drain()
-        idle = asyncio.ensure_future(self.synthesizer.wait_idle())
+        await runtime.begin_drain()
+        idle = asyncio.ensure_future(runtime.wait_idle())
         forced = asyncio.ensure_future(self._forced.wait())
         await asyncio.wait({idle, forced}, timeout=s.drain_s, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
         if not idle.done():
             idle.cancel()
-            left = self.synthesizer.active_streams
+            left = runtime.active_streams
             why = "interrupted again" if self._forced.is_set() else "drain window over"
             log.warning("%s; ending %d streams", why, left, extra={"event": "drain"})
-            self.synthesizer.abort_all(
-                Unavailable("voxrelay is shutting down: retry", retry_after_s=1.0)
-            )
+            runtime.abort_all(Unavailable("voxrelay is shutting down: retry", retry_after_s=1.0))
         await self._close()
         log.info("stopped", extra={"event": "shutdown"})
 

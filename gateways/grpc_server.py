@@ -1,8 +1,8 @@
 """The gRPC door: ``voxrelay.v1.Synthesizer`` on grpc.aio, plus health and reflection.
 
-A thin translation: protobuf messages in, :mod:`service.model` types to the core,
+A thin translation: protobuf messages in, :mod:`voxrelay.service.model` types to the core,
 core events back out as protobuf; core errors become status codes through
-:data:`gateways.errors.GRPC_STATUS`.
+:data:`voxrelay.gateways.errors.GRPC_STATUS`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from grpc_status import rpc_status
 
 from voxrelay.service import metrics, model
 from voxrelay.service.auth import KeyStore, bearer_token
-from voxrelay.service.errors import Internal, InvalidRequest, VoxrelayError
-from voxrelay.service.pipeline import SynthesisStream, Synthesizer
-from voxrelay.service.telemetry import StreamRecord
+from voxrelay.service.errors import InvalidRequest, VoxrelayError
+from voxrelay.service.relay import Relay
+from voxrelay.service.settings import Settings
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
@@ -137,20 +137,32 @@ def to_status(error: VoxrelayError) -> grpc.Status:
     return result
 
 
+class _GrpcSink:
+    """Write a stream's events as ``SynthesizeResponse`` messages."""
+
+    def __init__(
+        self, context: grpc.aio.ServicerContext[pb.SynthesizeRequest, pb.SynthesizeResponse]
+    ) -> None:
+        self._context = context
+
+    async def send(self, event: model.Event) -> None:
+        await self._context.write(to_response(event))
+
+
 class SynthesizerService(pb_grpc.SynthesizerServicer):
     """``voxrelay.v1.Synthesizer`` over the core."""
 
-    def __init__(self, synthesizer: Synthesizer) -> None:
-        self.synthesizer = synthesizer
+    def __init__(self, relay: Relay, keys: KeyStore) -> None:
+        self.relay = relay
+        self.keys = keys
 
     async def Synthesize(
         self,
         request: pb.SynthesizeRequest,
         context: grpc.aio.ServicerContext[pb.SynthesizeRequest, pb.SynthesizeResponse],
-    ) -> AsyncIterator[pb.SynthesizeResponse]:
+    ) -> None:
         # Read the peer now: grpcio has crashed reading it after the client cancelled.
         peer = _peer(context.peer())
-        settings = self.synthesizer.settings
         metadata = {k: v for k, v in (context.invocation_metadata() or ())}
         header_id = metadata.get("x-request-id", "")
         # The client's id (the field, else x-request-id), else ours: every log line has one.
@@ -158,61 +170,30 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             header_id[:128] if isinstance(header_id, str) and header_id else uuid.uuid4().hex
         )
         remaining = context.time_remaining()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + remaining if remaining is not None else None
-        record: StreamRecord | None = None
-        stream: SynthesisStream | None = None
-        outcome = "cancelled"
-        error: VoxrelayError | None = None
+        deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
         try:
             # The interceptor refused bad keys already; this names the caller for limits.
-            caller = self.synthesizer.keys.authenticate(_token(metadata.items()))
+            caller = self.keys.authenticate(_token(metadata.items()))
             core_request = to_request(request, request_id)
-            record = StreamRecord("grpc", peer, core_request, log_text=settings.log_text)
-            stream = self.synthesizer.stream(core_request, deadline=deadline, caller=caller)
-            async with stream as events:
-                async for event in events:
-                    if isinstance(event, model.StreamStarted):
-                        record.started_stream(event.request_id, event.voice, event.format)
-                    elif isinstance(event, model.AudioChunk):
-                        record.audio(len(event.data))
-                    yield to_response(event)
-            outcome = "ok"
         except VoxrelayError as exc:
-            outcome, error = exc.code, exc
-            if exc.code == "upstream_timeout" and deadline is not None and loop.time() >= deadline:
-                # The caller's own deadline ran out first: its choice, not an upstream fault.
-                outcome = "cancelled"
-        except Exception:
-            log.exception("internal error in gRPC stream %s", request_id[:128])
-            error = Internal(f"internal error (request {request_id[:128]})")
-            outcome = error.code
-        finally:
-            if record is None:  # refused before it could be read
-                record = StreamRecord(
-                    "grpc",
-                    peer,
-                    model.SynthesisRequest(
-                        text="",
-                        mode=MODES.get(request.mode, model.Mode.CHAT),
-                        request_id=request_id,
-                    ),
-                )
-            reason = None
-            if outcome == "cancelled":
-                late = deadline is not None and loop.time() >= deadline
-                reason = "deadline" if late else "client"
-            figures = stream.figures if stream else None
-            record.end(outcome, figures, None if outcome == "cancelled" else error, reason=reason)
-        if error is not None:
-            await context.abort_with_status(to_status(error))
+            mode = MODES.get(request.mode, model.Mode.CHAT)
+            self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=mode)
+            await context.abort_with_status(to_status(exc))
+            return
+        run = self.relay.open("grpc", peer, core_request, caller=caller, deadline=deadline)
+        try:
+            finished = await run.relay(_GrpcSink(context))
+        except VoxrelayError as exc:
+            await context.abort_with_status(to_status(exc))
+            return
+        await context.write(to_response(finished))
 
     async def ListVoices(
         self,
         request: pb.ListVoicesRequest,
         context: grpc.aio.ServicerContext[pb.ListVoicesRequest, pb.ListVoicesResponse],
     ) -> pb.ListVoicesResponse:
-        voices = await self.synthesizer.voices(request.language)
+        voices = await self.relay.synthesizer.voices(request.language)
         return pb.ListVoicesResponse(
             voices=[pb.Voice(name=v.name, language=v.language) for v in voices]
         )
@@ -302,18 +283,17 @@ def _refusal(
 class GrpcDoor:
     """The grpc.aio server with the Synthesizer, health and (optionally) reflection."""
 
-    def __init__(self, synthesizer: Synthesizer) -> None:
-        settings = synthesizer.settings
-        self.synthesizer = synthesizer
+    def __init__(self, settings: Settings, relay: Relay, keys: KeyStore) -> None:
+        self.settings = settings
         limit = settings.ws_max_message_bytes or -1
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(synthesizer.keys)],
+            interceptors=[AuthInterceptor(keys)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_SynthesizerServicer_to_server(SynthesizerService(synthesizer), self.server)
+        pb_grpc.add_SynthesizerServicer_to_server(SynthesizerService(relay, keys), self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.grpc_reflection:
@@ -329,7 +309,7 @@ class GrpcDoor:
 
     async def start(self) -> None:
         """Bind, start serving and report SERVING for the server and the Synthesizer."""
-        settings = self.synthesizer.settings
+        settings = self.settings
         address = f"{settings.host}:{settings.grpc_port}"
         try:
             if settings.tls_cert and settings.tls_key:

@@ -20,7 +20,6 @@ from voxrelay.service import model
 from voxrelay.service.errors import InvalidRequest, VoxrelayError
 
 __all__ = [
-    "AudioClock",
     "AuthFrame",
     "BadFrame",
     "CancelFrame",
@@ -198,12 +197,7 @@ def event_frame(
                 "start_ms": event.start_ms,
             }
         case model.StreamFinished():
-            figures = {
-                f.name: getattr(event, f.name)
-                for f in dataclasses.fields(event)
-                if f.name != "extra"
-            }
-            return {"type": "finished", "id": request_id, **figures}
+            return {"type": "finished", "id": request_id, **dataclasses.asdict(event)}
     raise TypeError(f"unknown event {event!r}")
 
 
@@ -222,55 +216,3 @@ def error_frame(request_id: str | None, error: VoxrelayError) -> dict[str, Any]:
 def dumps(frame: Mapping[str, Any]) -> str:
     """Serialise a server frame compactly (non-ASCII text stays as it is)."""
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
-
-
-# Figures of a stream in flight
-
-#: Bytes per sample of the formats whose size says their duration.
-_SAMPLE_WIDTH = {
-    model.AudioFormat.PCM: 2,
-    model.AudioFormat.WAV: 2,
-    model.AudioFormat.MULAW: 1,
-    model.AudioFormat.ALAW: 1,
-}
-
-
-class AudioClock:
-    """Estimate how much audio a client has been sent, for ``cancelled``.
-
-    Formats with a fixed sample size are counted exactly; for compressed ones the
-    current segment's ``start_ms`` is exact and its bytes so far are scaled by the
-    bytes-per-millisecond of the segments before it.
-    """
-
-    def __init__(self) -> None:
-        self.format: model.AudioFormat | None = None
-        self.rate = 0
-        self.segment_start_ms = 0
-        self.segment_bytes = 0
-        self.earlier_bytes = 0
-
-    def started(self, event: model.StreamStarted) -> None:
-        self.format, self.rate = event.format, event.sample_rate_hz
-
-    def segment(self, event: model.SegmentStarted) -> None:
-        self.earlier_bytes += self.segment_bytes
-        self.segment_bytes = 0
-        self.segment_start_ms = event.start_ms
-
-    def audio(self, nbytes: int) -> None:
-        self.segment_bytes += nbytes
-
-    @property
-    def audio_ms(self) -> int:
-        sent = self.earlier_bytes + self.segment_bytes
-        if not sent:
-            return 0
-        width = _SAMPLE_WIDTH.get(self.format) if self.format is not None else None
-        if width and self.rate:
-            return sent // width * 1000 // self.rate
-        if self.earlier_bytes and self.segment_start_ms:
-            return self.segment_start_ms + (
-                self.segment_bytes * self.segment_start_ms // self.earlier_bytes
-            )
-        return self.segment_start_ms

@@ -2,7 +2,7 @@
 
 Whatever shape produced the audio (chat → sentences → speech, or a speaking model), it
 ends here: :class:`StreamOutput` announces segments, feeds PCM through the stream's one
-:class:`~service.audio.StreamEncoder` (in a worker thread unless it only copies bytes) and
+:class:`~voxrelay.service.audio.StreamEncoder` (in a worker thread unless it only copies bytes) and
 puts the events on an :class:`EventQueue`, which a door drains at its own pace.
 """
 
@@ -17,9 +17,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .audio import StreamEncoder
+from .errors import VoxrelayError
 from .model import AudioChunk, Event, SegmentStarted, StreamFinished
 
-__all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamOutput"]
+__all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamEnd", "StreamOutput"]
 
 # Limits
 #: PCM of a segment relayed as one piece at most (~2.7 s at 24 kHz).
@@ -118,6 +119,13 @@ class PcmFeed:
         return taken[0] if count == 1 else b"".join(taken)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """Nothing follows in the queue: the stream ended, with *error* if it failed."""
+
+    error: VoxrelayError | None = None
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class _Audio:
     """Audio of one segment not yet taken by the door: its pieces, joined when taken."""
@@ -140,7 +148,7 @@ class EventQueue:
     """
 
     def __init__(self, maxsize: int = 8, *, max_audio_bytes: int = 256 * 1024) -> None:
-        self._items: deque[Any] = deque()
+        self._items: deque[Event | StreamEnd | _Audio] = deque()
         self._maxsize = maxsize
         self._max_audio = max_audio_bytes
         self._seq = 0
@@ -151,8 +159,8 @@ class EventQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    async def put(self, item: Any) -> None:
-        """Add an event (or a sentinel); wait while the queue is full."""
+    async def put(self, item: Event | StreamEnd | _Audio) -> None:
+        """Add an item; wait while the queue is full."""
         while len(self._items) >= self._maxsize:
             self._writable.clear()
             await self._writable.wait()
@@ -172,12 +180,12 @@ class EventQueue:
                 return
         await self.put(_Audio(segment_index, [data], len(data)))
 
-    def replace_all(self, item: Any) -> None:
-        """Drop everything waiting and make *item* the next thing taken."""
+    def end(self, end: StreamEnd) -> None:
+        """Drop everything waiting and make *end* the next thing taken."""
         self._items.clear()
-        self._append(item)
+        self._append(end)
 
-    async def get(self) -> Any:
+    async def get(self) -> Event | StreamEnd:
         """Take the next item, waiting for one; merged audio comes out as one chunk."""
         while not self._items:
             self._readable.clear()
@@ -186,16 +194,14 @@ class EventQueue:
         self._writable.set()
         if isinstance(item, _Audio):
             data = item.parts[0] if len(item.parts) == 1 else b"".join(item.parts)
-            item = AudioChunk(item.segment_index, self._seq, data)
+            chunk = AudioChunk(item.segment_index, self._seq, data)
             self._seq += 1
+            return chunk
+        if isinstance(item, StreamEnd):
+            self._items.appendleft(item)  # every later taker sees the end too
         return item
 
-    def push_back(self, item: Any) -> None:
-        """Put *item* back at the head (a sentinel the next taker must see too)."""
-        self._items.appendleft(item)
-        self._readable.set()
-
-    def _append(self, item: Any) -> None:
+    def _append(self, item: Event | StreamEnd | _Audio) -> None:
         self._items.append(item)
         self._readable.set()
 

@@ -64,16 +64,22 @@ class CircuitBreaker:
     def trial_in_flight(self) -> bool:
         return self._trial_in_flight
 
-    def before_call(self, what: str) -> bool:
-        """Admit a call, or raise :class:`Unavailable`; return True for a trial call."""
+    def check(self, what: str) -> None:
+        """Raise :class:`Unavailable` while open and cooling down; a call would fail fast."""
         if self._opened_at is None:
-            return False
+            return
         remaining = self._opened_at + self.cooldown_s - self._clock()
         if remaining > 0:
             raise Unavailable(
                 f"{what} is failing; not calling it for {remaining:.1f} s",
                 retry_after_s=remaining,
             )
+
+    def before_call(self, what: str) -> bool:
+        """Admit a call, or raise :class:`Unavailable`; return True for a trial call."""
+        if self._opened_at is None:
+            return False
+        self.check(what)
         if self._trial_in_flight:
             raise Unavailable(f"{what} is failing; a trial call is testing it", retry_after_s=0.5)
         self._trial_in_flight = True
@@ -256,6 +262,30 @@ async def _trial_ended(breaker: CircuitBreaker, limit: float | None) -> bool:
     return True
 
 
+async def _enter(stage: Stage, limit: float | None) -> bool:
+    """Pass the stage's breaker (True for its trial call), or raise :class:`Unavailable`."""
+    while True:
+        try:
+            return stage.breaker.before_call(stage.label)
+        except Unavailable:
+            # Half-open: the trial in flight is often this request's own previous segment;
+            # its verdict, due within our budget, decides this call too.
+            if not stage.breaker.trial_in_flight or not await _trial_ended(stage.breaker, limit):
+                raise
+
+
+def _retry_wait(
+    stage: Stage, exc: VoxrelayError, attempt: int, limit: float | None
+) -> float | None:
+    """Return how long to wait before retrying after *exc*, or None to give up."""
+    if not (isinstance(exc, UpstreamError) and exc.retryable and attempt < stage.retries):
+        return None
+    wait = exc.retry_after_s if exc.retry_after_s is not None else backoff_s(attempt)
+    if limit is not None and asyncio.get_running_loop().time() + wait >= limit:
+        return None
+    return wait
+
+
 async def guarded_stream(
     stage: Stage,
     call: Callable[[], AsyncGenerator[T, None]],
@@ -280,14 +310,7 @@ async def guarded_stream(
         limit = deadline if limit is None else min(limit, deadline)
     attempt = 0
     while True:
-        try:
-            trial = stage.breaker.before_call(stage.label)
-        except Unavailable:
-            # Half-open: the trial in flight is often this request's own previous segment;
-            # its verdict, due within our budget, decides this call too.
-            if not stage.breaker.trial_in_flight or not await _trial_ended(stage.breaker, limit):
-                raise
-            continue
+        trial = await _enter(stage, limit)
         call_started = loop.time()
         got_first = False
         try:
@@ -332,16 +355,9 @@ async def guarded_stream(
                 stage.breaker.record_failure(trial)
                 metrics.UPSTREAM_FAILURES.labels(*labels, exc.code).inc()
                 trial = False
-            retry = (
-                isinstance(exc, UpstreamError)
-                and exc.retryable
-                and attempt < stage.retries
-                and not got_first  # never after the first item was taken
-            )
-            if not retry:
-                raise
-            wait = exc.retry_after_s if exc.retry_after_s is not None else backoff_s(attempt)
-            if limit is not None and loop.time() + wait >= limit:
+            # Never retried after the first item was taken: the caller has it already.
+            wait = None if got_first else _retry_wait(stage, exc, attempt, limit)
+            if wait is None:
                 raise
             log.warning(
                 "retrying %s in %.2f s: %s",

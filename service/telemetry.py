@@ -9,7 +9,7 @@ stream are counted and logged alike::
 
 Label values are from closed sets only; values that came from the client (request id,
 voice) are shortened before they are logged, and user text is logged only with
-``log_text``. While a record is open, :data:`service.logs.REQUEST_ID` names its
+``log_text``. While a record is open, :data:`voxrelay.service.logs.REQUEST_ID` names its
 stream, so warnings logged on its behalf (retries, breaker) carry its request id.
 """
 
@@ -26,11 +26,12 @@ from .errors import VoxrelayError
 from .logs import REQUEST_ID, shorten
 from .model import AudioFormat, Mode, StreamFinished, SynthesisRequest
 
-__all__ = ["Protocol", "StreamRecord"]
+__all__ = ["StreamRecord", "WireProtocol"]
 
 log = logging.getLogger("voxrelay.stream")
 
-Protocol = Literal["grpc", "ws"]
+#: The door a stream came through.
+WireProtocol = Literal["grpc", "ws"]
 
 # Limits on what a client can put into a log line.
 MAX_LOGGED_ID = 128
@@ -45,18 +46,27 @@ class StreamRecord:
     """Account for one stream from its request to its outcome; log it once, at its end."""
 
     def __init__(
-        self, protocol: Protocol, peer: str, request: SynthesisRequest, *, log_text: bool = False
+        self,
+        protocol: WireProtocol,
+        peer: str,
+        request: SynthesisRequest | None,
+        *,
+        log_text: bool = False,
+        request_id: str = "",
+        mode: Mode | None = None,
     ) -> None:
-        self.protocol: Protocol = protocol
+        """Open the record of *request*; with None, of a request refused before it was read
+        (*request_id* and *mode*, when known, name it)."""
+        self.protocol: WireProtocol = protocol
         self.peer = peer
         self.request = request
         self.log_text = log_text
-        self.request_id = request.request_id
-        self.mode = metrics.closed(
-            request.mode.value if isinstance(request.mode, Mode) else "", metrics.MODES, "chat"
-        )
-        self.voice = request.voice
-        self.format = request.format.value if request.format else ""
+        if request is not None:
+            request_id, mode = request.request_id, request.mode
+        self.request_id = request_id
+        self.mode = metrics.closed(mode.value if mode is not None else "", metrics.MODES, "chat")
+        self.voice = request.voice if request is not None else ""
+        self.format = request.format.value if request is not None and request.format else ""
         self.started = time.monotonic()
         self.first_audio_at: float | None = None
         self.audio_bytes = 0
@@ -113,6 +123,30 @@ class StreamRecord:
         if audio_ms:
             metrics.AUDIO_SECONDS.labels(self.protocol).inc(audio_ms / 1000)
 
+        fields = self._fields(outcome, finished, audio_ms)
+        if reason is not None:
+            fields["reason"] = reason
+        if error is not None:
+            fields["error"] = shorten(error.message, MAX_LOGGED_ERROR)
+        if self.log_text and self.request is not None:
+            fields["text"] = self.request.text
+            if self.request.instructions:
+                fields["instructions"] = self.request.instructions
+            if finished is not None and finished.reply_text:
+                fields["reply_text"] = finished.reply_text
+        if outcome == "internal":
+            level = logging.ERROR
+        elif outcome in _WARN:
+            level = logging.WARNING
+        else:
+            level = logging.INFO
+        log.log(level, "stream %s", outcome, extra=fields)
+        self._leave_context()
+
+    def _fields(
+        self, outcome: str, finished: StreamFinished | None, audio_ms: int | None
+    ) -> dict[str, Any]:
+        """The fields of the end-of-stream log line."""
         now = time.monotonic()
         fields: dict[str, Any] = {
             "event": "stream_end",
@@ -142,26 +176,9 @@ class StreamRecord:
             ),
             "prompt_tokens": finished.prompt_tokens if finished else None,
             "completion_tokens": finished.completion_tokens if finished else None,
-            "text_chars": len(self.request.text),
+            "text_chars": len(self.request.text) if self.request is not None else 0,
         }
-        if reason is not None:
-            fields["reason"] = reason
-        if error is not None:
-            fields["error"] = shorten(error.message, MAX_LOGGED_ERROR)
-        if self.log_text:
-            fields["text"] = self.request.text
-            if self.request.instructions:
-                fields["instructions"] = self.request.instructions
-            if finished is not None and finished.reply_text:
-                fields["reply_text"] = finished.reply_text
-        if outcome == "internal":
-            level = logging.ERROR
-        elif outcome in _WARN:
-            level = logging.WARNING
-        else:
-            level = logging.INFO
-        log.log(level, "stream %s", outcome, extra=fields)
-        self._leave_context()
+        return fields
 
     def _leave_context(self) -> None:
         token, self._context = self._context, None

@@ -30,5 +30,5 @@ async def app_factory() -> AsyncIterator[AppFactory]:
 
     yield start
     for app in reversed(apps):
-        if not app.synthesizer.draining:
+        if not app.runtime.draining:
             await app.drain_and_stop()

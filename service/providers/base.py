@@ -4,7 +4,7 @@ A chat provider streams text deltas of a reply; a speech engine streams PCM for 
 segment of text; a speaking model (OpenAI's Realtime API) does both at once, streaming
 the reply's transcript and its audio. Retries, timeouts, the circuit breaker and metrics
 live in the core around these calls, so a provider only translates between its upstream
-and these types and raises :mod:`service.errors` for failures.
+and these types and raises :mod:`voxrelay.service.errors` for failures.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ class SpeechEngine(Protocol):
     sample_rate: int
     #: the voice used when the caller names none.
     default_voice: str
+    #: the fastest ``speed`` it accepts.
+    max_speed: float
+    #: whether :meth:`voices` is the whole list (else unknown names go to the upstream).
+    validates_voices: bool
 
     async def voices(self) -> list[Voice]:
         """List the voices this engine offers."""

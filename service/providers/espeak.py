@@ -363,6 +363,8 @@ class EspeakEngine:
     name: str = "espeak"
     model: str = "espeak-ng"
     sample_rate: int = _SAMPLE_RATE
+    max_speed: float = 4.0
+    validates_voices: bool = True
 
     def __init__(self, default_voice: str = "en-us") -> None:
         self.default_voice = default_voice

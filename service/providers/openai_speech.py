@@ -31,10 +31,11 @@ _NOT_AUDIO = ("application/json", "text/", "application/problem+json")
 
 
 class OpenAISpeech:
-    """A :class:`~service.providers.base.SpeechEngine` over ``/v1/audio/speech``."""
+    """A :class:`~voxrelay.service.providers.base.SpeechEngine` over ``/v1/audio/speech``."""
 
     name = "openai"
     sample_rate = 24_000
+    max_speed = 4.0
     #: compatible servers have voices of their own, so unknown names go to the upstream.
     validates_voices = False
 

@@ -123,7 +123,7 @@ async def test_grpc_refuses_missing_and_wrong_keys_unauthenticated(keyed: App) -
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await speak_grpc(keyed, None)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert keyed.synthesizer.active_streams == 0
+    assert keyed.runtime.active_streams == 0
     # Meanwhile a caller with the key is served, on both methods.
     responses = await speak_grpc(keyed, KEY)
     assert responses[-1].HasField("finished")
@@ -195,7 +195,7 @@ async def test_ws_first_frame_other_than_auth_closes_1008(
     async with open_ws(ws_url(keyed)) as ws:
         await ws.send(json.dumps(first))
         assert await closed(ws) == (1008, "authentication required")
-    assert keyed.synthesizer.active_streams == 0
+    assert keyed.runtime.active_streams == 0
 
 
 async def test_ws_no_auth_frame_in_time_closes_1008(
@@ -235,7 +235,7 @@ async def test_keystore_reload_without_dropping_connections(
     app = await app_factory(api_keys_file=path)
     async with open_ws(ws_url(app), additional_headers=bearer(KEY)) as before:
         path.write_text(OTHER_KEY + "\n")
-        assert app.synthesizer.keys.reload()
+        assert app.keys.reload()
         # The connection let in with the old key stays, and is served.
         assert (await speak_ws(before))["type"] == "finished"
         old = open_ws(ws_url(app), additional_headers=bearer(KEY))
@@ -260,9 +260,9 @@ async def test_sighup_reloads_the_keys_in_app_run(tmp_path: Path, no_key_in_logs
             path.write_text(f"{OTHER_KEY}\n")
             os.kill(os.getpid(), signal.SIGHUP)
             async with asyncio.timeout(WAIT):
-                while app.synthesizer.keys.verify(OTHER_KEY) is None:  # noqa: ASYNC110
+                while app.keys.verify(OTHER_KEY) is None:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)  # a signal has no event to await
-            assert app.synthesizer.keys.verify(KEY) is None
+            assert app.keys.verify(KEY) is None
             assert (await speak_ws(kept))["type"] == "finished"
             assert await refused_status(open_ws(ws_url(app), additional_headers=bearer(KEY))) == 401
             assert (await speak_grpc(app, OTHER_KEY))[-1].HasField("finished")

@@ -299,4 +299,4 @@ def test_after_the_fuzz_a_normal_request_works(server: App, stub: pb_grpc.Synthe
     assert speak(stub, pb.SynthesizeRequest(text="All is well.", mode=pb.MODE_SPEAK)).segments
     with ws_connect(server) as ws:
         probe(ws)
-    assert server.synthesizer.active_streams == 0
+    assert server.runtime.active_streams == 0

@@ -207,7 +207,7 @@ async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None
 
 
 async def idle(app: App) -> None:
-    await asyncio.wait_for(app.synthesizer.wait_idle(), 10)
+    await asyncio.wait_for(app.runtime.wait_idle(), 10)
 
 
 LONG = " ".join(f"This is sentence number {i} of a long text." for i in range(60))
@@ -219,7 +219,7 @@ async def test_client_cancel_stops_the_stream(app: App, stub: pb_grpc.Synthesize
     async for response in call:
         if response.HasField("audio"):
             break
-    assert app.synthesizer.active_streams == 1
+    assert app.runtime.active_streams == 1
     call.cancel()
     await idle(app)
     await wait_until(lambda: len(asyncio.all_tasks()) <= baseline)
@@ -254,7 +254,7 @@ async def test_drain_lets_a_stream_in_flight_finish(app: App) -> None:
         first = await call.read()
         assert first.HasField("started")
         drain = asyncio.create_task(app.drain_and_stop())
-        await wait_until(lambda: app.synthesizer.draining)
+        await wait_until(lambda: app.runtime.draining)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         rest = []

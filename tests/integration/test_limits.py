@@ -89,7 +89,7 @@ def url(app: App) -> str:
 def with_clock(app: App) -> Clock:
     """Give the app's core an admission that runs on a clock the test moves."""
     clock = Clock()
-    app.synthesizer.admission = Admission.from_settings(app.settings, clock=clock)
+    app.runtime.admission = Admission.from_settings(app.settings, clock=clock)
     return clock
 
 
@@ -251,7 +251,7 @@ async def test_a_request_over_the_whole_minute_budget_is_too_large(
 async def test_ws_streams_per_address_and_the_slot_returns(app_factory: AppFactory) -> None:
     app = await app_factory(max_streams_per_key=1)
     chat = HeldChat()
-    app.synthesizer.chat = chat
+    app.synthesizer.engines.chat = chat
     async with open_ws(url(app)) as first, open_ws(url(app)) as second:
         await send(first, type="synthesize", id="held", text="talk")
         await until_type(first, "segment")
@@ -275,7 +275,7 @@ async def test_ws_streams_per_address_and_the_slot_returns(app_factory: AppFacto
 
 async def test_grpc_streams_per_key_and_the_slot_returns(app_factory: AppFactory) -> None:
     app = await app_factory(api_keys=f"{K1},{K2}", max_streams_per_key=1)
-    app.synthesizer.chat = HeldChat()
+    app.synthesizer.engines.chat = HeldChat()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.SynthesizerStub(channel)
         held = stub.Synthesize(pb.SynthesizeRequest(text="talk"), metadata=metadata(K1))
@@ -288,7 +288,7 @@ async def test_grpc_streams_per_key_and_the_slot_returns(app_factory: AppFactory
         assert "1 streams in flight" in (refused.details() or "")
         assert (await speak_grpc(app, K2))[-1].HasField("finished")
         held.cancel()
-        await asyncio.wait_for(app.synthesizer.wait_idle(), WAIT)
+        await asyncio.wait_for(app.runtime.wait_idle(), WAIT)
         assert (await speak_grpc(app, K1))[-1].HasField("finished")
 
 
@@ -298,7 +298,7 @@ async def test_grpc_streams_per_key_and_the_slot_returns(app_factory: AppFactory
 async def test_global_stream_cap_is_busy_on_both_doors(app_factory: AppFactory) -> None:
     app = await app_factory(max_streams=1)
     chat = HeldChat()
-    app.synthesizer.chat = chat
+    app.synthesizer.engines.chat = chat
     async with open_ws(url(app)) as first, open_ws(url(app), local_addr=OTHER_ADDRESS) as second:
         await send(first, type="synthesize", id="held", text="talk")
         await until_type(first, "segment")
@@ -327,7 +327,7 @@ async def test_global_stream_cap_is_busy_on_both_doors(app_factory: AppFactory) 
 
 async def test_global_stream_slot_returns_after_a_grpc_cancel(app_factory: AppFactory) -> None:
     app = await app_factory(max_streams=1)
-    app.synthesizer.chat = HeldChat()
+    app.synthesizer.engines.chat = HeldChat()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         held = pb_grpc.SynthesizerStub(channel).Synthesize(pb.SynthesizeRequest(text="talk"))
         async for response in held:
@@ -335,7 +335,7 @@ async def test_global_stream_slot_returns_after_a_grpc_cancel(app_factory: AppFa
                 break
         assert (await grpc_refusal(app)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         held.cancel()
-        await asyncio.wait_for(app.synthesizer.wait_idle(), WAIT)
+        await asyncio.wait_for(app.runtime.wait_idle(), WAIT)
     assert (await speak_grpc(app))[-1].HasField("finished")
 
 
@@ -493,7 +493,7 @@ async def test_idle_close_1000_while_a_busy_client_stays(app_factory: AppFactory
 async def test_send_stall_drops_only_the_stalled_client(app_factory: AppFactory) -> None:
     app = await app_factory(send_stall_s=1.0)
     chat = EndlessChat()
-    app.synthesizer.chat = chat
+    app.synthesizer.engines.chat = chat
     sock = await _raw_client(
         app.ws_port,
         {"type": "synthesize", "id": "stall", "text": "talk", "format": "pcm"},
@@ -503,7 +503,7 @@ async def test_send_stall_drops_only_the_stalled_client(app_factory: AppFactory)
         async with open_ws(url(app)) as other:  # served while the other stalls
             assert (await speak_ws(other))["type"] == "finished"
             await asyncio.wait_for(chat.closed.wait(), WAIT)  # its upstream was cancelled
-            await asyncio.wait_for(app.synthesizer.wait_idle(), WAIT)
+            await asyncio.wait_for(app.runtime.wait_idle(), WAIT)
             assert (await speak_ws(other))["type"] == "finished"
     finally:
         sock.close()

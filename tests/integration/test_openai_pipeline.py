@@ -78,7 +78,7 @@ class Rig:
 
     async def settled(self) -> None:
         """Wait until no stream is in flight and both fakes have ended every response."""
-        await wait_until(lambda: self.app.synthesizer.active_streams == 0)
+        await wait_until(lambda: self.app.runtime.active_streams == 0)
         for fake in (self.chat, self.tts):
             await fake.wait_for(lambda f=fake: all(r.finished_at is not None for r in f.requests))
 
@@ -573,7 +573,7 @@ async def test_cancel_closes_the_upstream_requests(
             assert not r.tts.requests
         else:
             assert paths == {"/v1/chat/completions", "/v1/audio/speech"}
-        assert r.app.synthesizer.active_streams == 0
+        assert r.app.runtime.active_streams == 0
 
 
 def open_sockets() -> int:
@@ -612,7 +612,7 @@ async def test_random_cancels_leave_nothing_behind(record_property: RecordProper
     reply = "Hi there. How are you doing today? Bye for now."
     async with rig(latency, reply=reply, llm_timeout_s=5, tts_timeout_s=5) as r:
         synth = r.app.synthesizer
-        chat_pool, speech_pool = Pool(synth.chat), Pool(synth.speech)
+        chat_pool, speech_pool = Pool(synth.engines.chat), Pool(synth.engines.speech)
 
         def idle() -> int:
             # An idle keep-alive connection is two sockets here (both ends are in this

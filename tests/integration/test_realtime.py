@@ -44,7 +44,7 @@ from tests.servers import running_app
 from voxrelay.gateways.app import App
 from voxrelay.service import metrics
 from voxrelay.service.chunker import SentenceChunker
-from voxrelay.service.pipeline import DEFAULT_SYSTEM_PROMPT
+from voxrelay.service.planner import DEFAULT_SYSTEM_PROMPT
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
@@ -94,7 +94,7 @@ class Rig:
 
     async def settled(self) -> None:
         """Wait until no stream is in flight and every upstream session has closed."""
-        await wait_until(lambda: self.app.synthesizer.active_streams == 0)
+        await wait_until(lambda: self.app.runtime.active_streams == 0)
         await self.realtime.wait_for(lambda: self.realtime.open_connections == 0)
 
 

@@ -36,11 +36,13 @@ from voxrelay.gateways.app import App
 from voxrelay.gateways.ws_client import WsSayError, say_ws
 from voxrelay.gateways.ws_server import WsDoor
 from voxrelay.service import __version__, metrics
+from voxrelay.service.auth import KeyStore
 from voxrelay.service.errors import Unavailable
 from voxrelay.service.model import ChatMessage
-from voxrelay.service.pipeline import Synthesizer
 from voxrelay.service.providers.base import ChatDelta, ChatProvider
 from voxrelay.service.providers.registry import make_chat, make_speech
+from voxrelay.service.relay import Relay
+from voxrelay.service.synthesizer import Synthesizer
 
 TEXT = "Hello world. This is voxrelay, speaking one sentence at a time. Goodbye for now."
 SHORT = "Just one short sentence."
@@ -165,16 +167,15 @@ async def door_factory() -> AsyncIterator[DoorFactory]:
     async def start(chat: ChatProvider | None = None, **overrides: Any) -> Served:
         settings = make_settings(**overrides)
         synthesizer = Synthesizer(settings, chat or make_chat(settings), make_speech(settings))
-        door = WsDoor(synthesizer)
+        door = WsDoor(settings, Relay(synthesizer), KeyStore(settings), synthesizer.runtime)
         await door.start()
         served.append(Served(door, synthesizer))
         return served[-1]
 
     yield start
     for s in served:
-        s.synthesizer.begin_drain()
-        s.door.begin_drain()
-        s.synthesizer.abort_all(Unavailable("test over"))
+        await s.synthesizer.runtime.begin_drain()
+        s.synthesizer.runtime.abort_all(Unavailable("test over"))
         await s.door.close_all()
         await s.door.stop()
         await s.synthesizer.aclose()
@@ -357,7 +358,7 @@ async def test_cancel_mid_stream_stops_it_and_its_upstream(door_factory: DoorFac
         sent = len(audio_of(before + rest))
         assert cancelled["audio_ms"] == pytest.approx(sent / 2 / 22050 * 1000, abs=2)
         await asyncio.wait_for(chat.closed.wait(), WAIT)
-        assert served.synthesizer.active_streams == 0
+        assert served.synthesizer.runtime.active_streams == 0
 
         # Not one frame of c1 after "cancelled": the next frame is c2's start.
         await send(ws, type="synthesize", id="c2", text=SHORT, mode="speak")
@@ -609,7 +610,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cancelled
     try:
         await asyncio.wait_for(chat.started.wait(), WAIT)
         await asyncio.wait_for(chat.closed.wait(), WAIT)
-        await asyncio.wait_for(served.synthesizer.wait_idle(), WAIT)
+        await asyncio.wait_for(served.synthesizer.runtime.wait_idle(), WAIT)
         await eventually(lambda: metrics.WS_CONNECTIONS._value.get() == connections)
         assert any(getattr(r, "event", None) == "ws_send_stall" for r in caplog.records)
     finally:
@@ -627,8 +628,7 @@ async def test_drain_lets_the_stream_finish_then_closes_1001(door_factory: DoorF
         await send(ws, type="synthesize", id="d1", text="talk")
         await until_type(ws, "segment")
 
-        synthesizer.begin_drain()
-        door.begin_drain()
+        await synthesizer.runtime.begin_drain()
         status, _, body = await http_get(served.http("/readyz"))
         assert (status, body) == (503, b"draining\n")
         assert (await http_get(served.http("/healthz")))[0] == 200
@@ -645,7 +645,7 @@ async def test_drain_lets_the_stream_finish_then_closes_1001(door_factory: DoorF
         frames = await until_end(ws)
         assert isinstance(frames[-1], dict)
         assert (frames[-1]["type"], frames[-1]["id"]) == ("finished", "d1")
-        await asyncio.wait_for(synthesizer.wait_idle(), WAIT)
+        await asyncio.wait_for(synthesizer.runtime.wait_idle(), WAIT)
         await door.close_all()
         assert await closed(ws) == (1001, "server shutting down")
 
@@ -656,9 +656,10 @@ async def test_drain_window_over_sends_unavailable_then_1001(door_factory: DoorF
     async with open_ws(served.url) as ws:
         await send(ws, type="synthesize", id="d1", text="talk")
         await until_type(ws, "segment")
-        served.synthesizer.begin_drain()
-        served.door.begin_drain()
-        served.synthesizer.abort_all(Unavailable("voxrelay is shutting down", retry_after_s=1))
+        await served.synthesizer.runtime.begin_drain()
+        served.synthesizer.runtime.abort_all(
+            Unavailable("voxrelay is shutting down", retry_after_s=1)
+        )
         await served.door.close_all()
         frames = await until_type(ws, "error")
         error = frames[-1]

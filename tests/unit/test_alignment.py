@@ -35,9 +35,9 @@ def split(items: list[str | bytes]) -> list[tuple[str, bytes]]:
     return groups
 
 
-def speak(tokens: list[str], *, lead: int = 0, eager_first: bool = True) -> list[str | bytes]:
+def speak(tokens: list[str], *, lead: int = 0) -> list[str | bytes]:
     """Feed each token's transcript *lead* tokens ahead of its audio, like a speaking model."""
-    aligner = TranscriptAligner(eager_first=eager_first)
+    aligner = TranscriptAligner()
     out: list[str | bytes] = []
     for i in range(len(tokens) + lead):
         if i < len(tokens):
@@ -67,13 +67,6 @@ def owners(groups: list[tuple[str, bytes]], tokens: list[str]) -> list[bytes]:
     return expected
 
 
-def test_each_segment_gets_the_audio_of_its_own_words() -> None:
-    tokens = tokenize(REPLY)
-    groups = split(speak(tokens, eager_first=False))
-    assert [text for text, _ in groups] == sentences(REPLY)
-    assert [audio for _, audio in groups] == owners(groups, tokens)
-
-
 def test_waiting_audio_makes_the_first_complete_words_the_first_segment() -> None:
     tokens = tokenize(REPLY)
     groups = split(speak(tokens))
@@ -84,13 +77,16 @@ def test_waiting_audio_makes_the_first_complete_words_the_first_segment() -> Non
 
 
 def test_audio_streams_as_soon_as_its_segment_is_announced() -> None:
-    aligner = TranscriptAligner(eager_first=False)
-    assert aligner.transcript("Hello there, my friend.") == []  # the sentence is not certain yet
-    assert aligner.audio(b"ab") == []  # held: its segment is not announced
-    released = aligner.transcript(" How")
-    assert released == ["Hello there, my friend.", b"ab"]
-    # " How" arrived after b"ab": what comes now is the next segment's.
-    assert aligner.audio(b"cd") == []
+    aligner = TranscriptAligner()
+    assert aligner.audio(b"zz") == []  # held: no segment is announced
+    assert aligner.transcript("Sure, here it is. Hello there, my friend.") == [
+        "Sure, here it is.",
+        b"zz",
+    ]
+    assert aligner.audio(b"ab") == [b"ab"]  # the announced segment's: it goes at once
+    # The second sentence is certain once " How" comes; its audio (none yet) follows it.
+    assert aligner.transcript(" How") == ["Hello there, my friend."]
+    assert aligner.audio(b"cd") == []  # " How" came before b"cd": it is the next segment's
     assert aligner.end() == ["How", b"cd"]
 
 
@@ -144,15 +140,14 @@ def test_a_transcript_far_ahead_of_the_audio_keeps_every_byte_in_order() -> None
     cuts=st.lists(st.integers(min_value=1, max_value=len(REPLY) - 1), max_size=30),
     audio_sizes=st.lists(st.integers(min_value=1, max_value=97), min_size=1, max_size=40),
     order=st.lists(st.booleans(), min_size=70, max_size=70),
-    eager_first=st.booleans(),
 )
 def test_any_interleaving_keeps_the_words_and_every_byte(
-    cuts: list[int], audio_sizes: list[int], order: list[bool], eager_first: bool
+    cuts: list[int], audio_sizes: list[int], order: list[bool]
 ) -> None:
     bounds = sorted({0, *cuts, len(REPLY)})
     deltas = [REPLY[a:b] for a, b in itertools.pairwise(bounds)]
     audio = [bytes([i % 251]) * n for i, n in enumerate(audio_sizes)]
-    aligner = TranscriptAligner(eager_first=eager_first)
+    aligner = TranscriptAligner()
     out: list[str | bytes] = []
     d = a = 0
     for take_text in order:
@@ -170,11 +165,8 @@ def test_any_interleaving_keeps_the_words_and_every_byte(
 
     texts = [x for x in out if isinstance(x, str)]
     assert all(texts) and aligner.segments == len(texts)
-    if eager_first:
-        # The first segment may be cut short; the rest are the chunker's from there on.
-        assert REPLY.startswith(texts[0])
-        assert texts[1:] == sentences(REPLY.removeprefix(texts[0]))
-    else:
-        assert texts == sentences(REPLY)
+    # The first segment may be cut short; the rest are the chunker's from there on.
+    assert REPLY.startswith(texts[0])
+    assert texts[1:] == sentences(REPLY.removeprefix(texts[0]))
     assert isinstance(out[0], str)  # no audio before the first segment
     assert b"".join(x for x in out if isinstance(x, bytes)) == b"".join(audio)

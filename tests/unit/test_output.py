@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from voxrelay.service.audio import StreamEncoder
+from voxrelay.service.errors import Unavailable
 from voxrelay.service.model import AudioChunk, AudioFormat, SegmentStarted
 from voxrelay.service.output import (
     HOLD_LEAD_MS,
@@ -17,6 +18,7 @@ from voxrelay.service.output import (
     EncoderRunner,
     EventQueue,
     PcmFeed,
+    StreamEnd,
     StreamOutput,
 )
 
@@ -66,15 +68,14 @@ async def test_merged_audio_is_bounded_and_the_producer_then_waits() -> None:
     assert await drain(queue) == [AudioChunk(0, 1, b"cc"), AudioChunk(0, 2, b"dddd")]
 
 
-async def test_replace_all_drops_what_waits_and_push_back_repeats_a_sentinel() -> None:
+async def test_an_end_drops_what_waits_and_every_taker_sees_it() -> None:
     queue = EventQueue()
     await queue.put_audio(0, b"aa")
     await queue.put(SegmentStarted(1, "x", 0))
-    error = RuntimeError("gone")
-    queue.replace_all(error)
-    assert await queue.get() is error
-    queue.push_back(error)
-    assert await queue.get() is error
+    end = StreamEnd(Unavailable("gone"))
+    queue.end(end)
+    assert await queue.get() is end
+    assert await queue.get() is end
 
 
 async def test_a_taker_waits_for_the_next_item() -> None:

@@ -1,0 +1,234 @@
+"""Run one stream for a door: the outcome rules, the telemetry and cancellation, once.
+
+A door translates its wire into a :class:`~.model.SynthesisRequest`, opens a
+:class:`RelayedStream` and hands it a sink that translates events back::
+
+    run = relay.open("grpc", peer, request, caller=caller, deadline=deadline)
+    finished = await run.relay(sink)     # every event but the last goes to sink.send
+    # send `finished`; or catch VoxrelayError (send it), ClientGone (send nothing)
+
+Whatever happens, the stream is counted and logged once (:class:`~.telemetry.StreamRecord`),
+its upstream calls are closed before :meth:`RelayedStream.relay` returns or raises, and
+an error a door receives is always a :class:`~.errors.VoxrelayError`. A cancel the
+caller asked for, a deadline it set running out and a client that vanished are told
+apart here, not in each door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from .errors import Internal, UpstreamTimeout, VoxrelayError
+from .model import (
+    AudioChunk,
+    AudioFormat,
+    Event,
+    Mode,
+    SegmentStarted,
+    StreamFinished,
+    StreamStarted,
+    SynthesisRequest,
+)
+from .synthesizer import SynthesisStream, Synthesizer
+from .telemetry import StreamRecord, WireProtocol
+
+__all__ = ["AudioClock", "ClientGone", "EventSink", "Relay", "RelayedStream"]
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client disconnected or stopped reading: nothing more can reach it."""
+
+
+class EventSink(Protocol):
+    """Where a door puts a stream's events on its wire."""
+
+    async def send(self, event: StreamStarted | SegmentStarted | AudioChunk) -> None:
+        """Deliver *event* to the client, or raise :class:`ClientGone`."""
+        ...
+
+
+#: Bytes per sample of the formats whose size says their duration.
+_SAMPLE_WIDTH = {AudioFormat.PCM: 2, AudioFormat.WAV: 2, AudioFormat.MULAW: 1, AudioFormat.ALAW: 1}
+
+
+class AudioClock:
+    """Estimate how much audio a client has been sent.
+
+    Formats with a fixed sample size are counted exactly; for compressed ones the
+    current segment's ``start_ms`` is exact and its bytes so far are scaled by the
+    bytes-per-millisecond of the segments before it.
+    """
+
+    def __init__(self) -> None:
+        self.format: AudioFormat | None = None
+        self.rate = 0
+        self.segment_start_ms = 0
+        self.segment_bytes = 0
+        self.earlier_bytes = 0
+
+    def started(self, event: StreamStarted) -> None:
+        self.format, self.rate = event.format, event.sample_rate_hz
+
+    def segment(self, event: SegmentStarted) -> None:
+        self.earlier_bytes += self.segment_bytes
+        self.segment_bytes = 0
+        self.segment_start_ms = event.start_ms
+
+    def audio(self, nbytes: int) -> None:
+        self.segment_bytes += nbytes
+
+    @property
+    def audio_ms(self) -> int:
+        sent = self.earlier_bytes + self.segment_bytes
+        if not sent:
+            return 0
+        width = _SAMPLE_WIDTH.get(self.format) if self.format is not None else None
+        if width and self.rate:
+            return sent // width * 1000 // self.rate
+        if self.earlier_bytes and self.segment_start_ms:
+            return self.segment_start_ms + (
+                self.segment_bytes * self.segment_start_ms // self.earlier_bytes
+            )
+        return self.segment_start_ms
+
+
+class RelayedStream:
+    """One request on its way through the core to one door's client."""
+
+    def __init__(
+        self,
+        synthesizer: Synthesizer,
+        record: StreamRecord,
+        request: SynthesisRequest,
+        *,
+        caller: str | None,
+        deadline: float | None,
+    ) -> None:
+        self.record = record
+        self.request = request
+        self.deadline = deadline
+        self.clock = AudioClock()
+        #: why a cancel of the task running :meth:`relay` would be: the door may say
+        #: (``client``, ``disconnect``); else the deadline or the client, by the clock.
+        self.cancel_reason: str | None = None
+        self._stream: SynthesisStream = synthesizer.stream(
+            request, deadline=deadline, caller=caller
+        )
+
+    @property
+    def audio_ms(self) -> int:
+        """The audio the client has been sent so far, in milliseconds."""
+        return self.clock.audio_ms
+
+    async def relay(self, sink: EventSink) -> StreamFinished:
+        """Run the stream, sending its events to *sink*; return its final figures.
+
+        Raises :class:`VoxrelayError` for a stream that failed (the door sends it),
+        :class:`ClientGone` when the sink lost its client, and ``CancelledError`` when
+        the door's task is cancelled. Each is recorded before it propagates.
+        """
+        finished: StreamFinished | None = None
+        try:
+            async with self._stream as events:
+                async for event in events:
+                    if isinstance(event, StreamFinished):
+                        finished = event
+                        continue
+                    await self._deliver(event, sink)
+        except VoxrelayError as exc:
+            self._failed(exc)
+            raise
+        except ClientGone:
+            self.end_cancelled("disconnect")
+            raise
+        except asyncio.CancelledError:
+            self.end_cancelled(self.cancel_reason or self._why_cancelled())
+            raise
+        except Exception as exc:
+            log.exception("internal error in stream %s", self.request.request_id[:128])
+            error = Internal(f"internal error (request {self.request.request_id[:128]})")
+            self._failed(error)
+            raise error from exc
+        if finished is None:
+            error = Internal(f"stream {self.request.request_id[:128]} ended without finishing")
+            self._failed(error)
+            raise error
+        self.record.end("ok", finished)
+        return finished
+
+    async def _deliver(self, event: Event, sink: EventSink) -> None:
+        match event:
+            case AudioChunk():
+                await sink.send(event)
+                self.clock.audio(len(event.data))
+                self.record.audio(len(event.data))
+            case StreamStarted():
+                self.record.started_stream(event.request_id, event.voice, event.format)
+                self.clock.started(event)
+                await sink.send(event)
+            case SegmentStarted():
+                self.clock.segment(event)
+                await sink.send(event)
+
+    def end_cancelled(self, reason: str) -> None:
+        """Record the stream as cancelled (a no-op once it has ended otherwise)."""
+        self.record.end(
+            "cancelled", self._stream.figures, audio_ms=self.clock.audio_ms, reason=reason
+        )
+
+    def _why_cancelled(self) -> str:
+        late = self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline
+        return "deadline" if late else "client"
+
+    def _failed(self, error: VoxrelayError) -> None:
+        if isinstance(error, UpstreamTimeout) and self._why_cancelled() == "deadline":
+            # The caller's own deadline ran out first: its choice, not an upstream fault.
+            self.end_cancelled("deadline")
+            return
+        self.record.end(error.code, self._stream.figures, error=error)
+
+
+class Relay:
+    """Open relayed streams and record refusals, for every door alike."""
+
+    def __init__(self, synthesizer: Synthesizer) -> None:
+        self.synthesizer = synthesizer
+        self.log_text = synthesizer.settings.log_text
+
+    def check_open(self) -> None:
+        """Raise the refusal a new stream would get now (draining, or at capacity)."""
+        self.synthesizer.runtime.check_open()
+
+    def open(
+        self,
+        protocol: WireProtocol,
+        peer: str,
+        request: SynthesisRequest,
+        *,
+        caller: str | None = None,
+        deadline: float | None = None,
+    ) -> RelayedStream:
+        """Start accounting for *request* from *peer*; run it with :meth:`RelayedStream.relay`.
+
+        *caller* is whom per-caller limits apply to; *deadline* a ``loop.time()``.
+        """
+        record = StreamRecord(protocol, peer, request, log_text=self.log_text)
+        return RelayedStream(self.synthesizer, record, request, caller=caller, deadline=deadline)
+
+    def refuse(
+        self,
+        protocol: WireProtocol,
+        peer: str,
+        error: VoxrelayError,
+        *,
+        request: SynthesisRequest | None = None,
+        request_id: str = "",
+        mode: Mode | None = None,
+    ) -> None:
+        """Count and log a request the door refused before it reached the core."""
+        record = StreamRecord(protocol, peer, request, request_id=request_id, mode=mode)
+        record.end(error.code, error=error)
