@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import grpc
 
+from voxrelay.service import errors
+
 __all__ = ["GRPC_STATUS", "WS_CLOSE"]
 
 #: Core error code → gRPC status code.
 GRPC_STATUS: dict[str, grpc.StatusCode] = {
-    "invalid_request": grpc.StatusCode.INVALID_ARGUMENT,
-    "too_large": grpc.StatusCode.INVALID_ARGUMENT,
-    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
-    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
-    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "upstream_error": grpc.StatusCode.UNAVAILABLE,
-    "upstream_timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "internal": grpc.StatusCode.INTERNAL,
+    errors.InvalidRequest.code: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.TooLarge.code: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthorized.code: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Forbidden.code: grpc.StatusCode.PERMISSION_DENIED,
+    errors.RateLimited.code: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Busy.code: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.UpstreamError.code: grpc.StatusCode.UNAVAILABLE,
+    errors.UpstreamTimeout.code: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unavailable.code: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal.code: grpc.StatusCode.INTERNAL,
 }
 
 #: WebSocket close codes voxrelay uses (SPEC: Close codes).

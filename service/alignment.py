@@ -40,9 +40,8 @@ _COMPLETE_WORDS = re.compile(r"\s*(.*\S)\s", re.DOTALL)
 class TranscriptAligner:
     """Interleave transcript segments (``str``) and their PCM (``bytes``) in speaking order."""
 
-    def __init__(self, *, eager_first: bool = True) -> None:
+    def __init__(self) -> None:
         self._chunker = SentenceChunker()
-        self._eager_first = eager_first
         # The transcript not yet matched to segments, from character offset ``_base``.
         self._text = ""
         self._base = 0
@@ -130,7 +129,7 @@ class TranscriptAligner:
         out: list[str | bytes] = []
         while True:
             if self._current_end is None:
-                if not self._pending and self._held and not self._announced and self._eager_first:
+                if not self._pending and self._held and not self._announced:
                     self._cut_first_words()
                 if not self._pending:
                     return out

@@ -7,6 +7,8 @@ SPEC's WebSocket vocabulary; each door maps the code to its own wire form in one
 from __future__ import annotations
 
 __all__ = [
+    "ERROR_CODES",
+    "ERROR_TYPES",
     "Busy",
     "Forbidden",
     "Internal",
@@ -130,3 +132,20 @@ class Internal(VoxrelayError):
     """A bug: something voxrelay did not expect."""
 
     code = "internal"
+
+
+#: Every kind of error a caller can see, in SPEC's order; their codes are the vocabulary
+#: of the WebSocket ``error`` frame and of the metrics on every door.
+ERROR_TYPES: tuple[type[VoxrelayError], ...] = (
+    InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    Busy,
+    TooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+    Unavailable,
+    Internal,
+)
+ERROR_CODES: tuple[str, ...] = tuple(kind.code for kind in ERROR_TYPES)

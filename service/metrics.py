@@ -3,7 +3,7 @@
 Label values come from closed sets only (protocol, mode, outcome/code, stage,
 provider, format): nothing a caller sends becomes a label value, so a client that
 sends ten thousand voices or ids creates no new series. Code records metrics at the
-edges: a door per request (through :class:`service.telemetry.StreamRecord`), the
+edges: a door per request (through :class:`voxrelay.service.telemetry.StreamRecord`), the
 upstream guard per call.
 
 Series worth seeing at zero are created up front, so a dashboard shows ``0`` rather
@@ -27,6 +27,7 @@ from prometheus_client import (
 )
 
 from . import __version__
+from .errors import ERROR_CODES
 from .model import AudioFormat, Mode
 
 __all__ = [
@@ -66,19 +67,6 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 PROTOCOLS = ("grpc", "ws")
 MODES = tuple(m.value for m in Mode)
 FORMATS = tuple(f.value for f in AudioFormat)
-#: SPEC's WebSocket error vocabulary, used for ``code`` on both doors.
-ERROR_CODES = (
-    "invalid_request",
-    "unauthorized",
-    "forbidden",
-    "rate_limited",
-    "busy",
-    "too_large",
-    "upstream_error",
-    "upstream_timeout",
-    "unavailable",
-    "internal",
-)
 OUTCOMES = ("ok", "cancelled", *ERROR_CODES)
 STAGES = ("llm", "tts", "realtime")
 PROVIDERS = ("openai", "echo", "espeak", "realtime")

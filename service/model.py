@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
     "AudioChunk",
@@ -124,7 +124,6 @@ class StreamFinished:
     tts_first_byte_ms: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 Event = StreamStarted | SegmentStarted | AudioChunk | StreamFinished
