@@ -56,19 +56,13 @@ GC_YOUNG_THRESHOLD = 3_000
 
 
 def _freeze_heap(_app: object) -> None:
-    """Leave what start-up built (modules, SDK and protobuf types) out of the collector's scans.
+    """Leave what start-up built out of the collector's scans, and collect young objects less often.
 
-    A full collection walks every tracked object: with the start-up heap that took up to
-    90 ms, a pause every stream in flight felt at once (as a stall where a listener held
-    only its first 20 ms of audio). Frozen, the collector only walks what serving made.
-
-    Then collect the young generation a little less often than the default. At 200
-    streams the default made young collections several times a second, each walking what
-    the streams hold, and ~1 s of CPU in 45 s went to the collector. Not much less often,
-    though: a cancelled stream leaves ~350 objects in reference cycles (asyncio's
-    cancellation, its tracebacks and frames), and a young collection frees what gathered
-    since the last one. At 20,000 that was ~30 ms, every ~60 cancels; at 3,000 it is under
-    5 ms, and the CPU at 200 streams measured the same.
+    A full collection walks every tracked object, a pause every stream in flight feels at
+    once; frozen, the collector walks only what serving made. Young collections still run
+    often enough to free the reference cycles cancelled streams leave (asyncio's
+    cancellation, its tracebacks and frames) before they pile up. docs/performance.md has
+    the measurements behind the threshold.
     """
     gc.collect()
     gc.freeze()

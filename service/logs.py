@@ -13,7 +13,7 @@ Log lines are data from outside as much as from us, so the formatter is defensiv
   shaped like a bearer token or an OpenAI key are replaced with ``[redacted]``.
 
 User text is a matter for the caller of ``log``: it is logged only when
-``VOXRELAY_LOG_TEXT=true`` (see :mod:`service.telemetry`).
+``VOXRELAY_LOG_TEXT=true`` (see :mod:`voxrelay.service.telemetry`).
 """
 
 from __future__ import annotations

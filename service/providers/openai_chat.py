@@ -12,7 +12,7 @@ The request carries ``max_tokens``, not ``max_completion_tokens``: it is the fie
 compatible server (Ollama, vLLM, llama.cpp, LocalAI) accepts, some of them ignore the newer
 one, and OpenAI still honours it for chat models such as the default ``gpt-4o-mini``. OpenAI's
 reasoning models (o-series, gpt-5 family) refuse it with a 400, which surfaces as a clear,
-non-retryable :class:`~service.errors.UpstreamError`.
+non-retryable :class:`~voxrelay.service.errors.UpstreamError`.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _status_error(stage: str, exc: openai.APIStatusError, api_key: str) -> Upstr
 
 @contextmanager
 def upstream_errors(stage: str, api_key: str) -> Iterator[None]:
-    """Translate SDK and transport failures of one call into :mod:`service.errors`.
+    """Translate SDK and transport failures of one call into :mod:`voxrelay.service.errors`.
 
     *stage* names the upstream in messages ("chat", "speech"); *api_key* is scrubbed
     from anything the upstream echoed back.
@@ -188,7 +188,7 @@ def _message(message: ChatMessage) -> dict[str, str]:
 
 
 class OpenAIChat:
-    """A :class:`~service.providers.base.ChatProvider` over the Chat Completions API."""
+    """A :class:`~voxrelay.service.providers.base.ChatProvider` over the Chat Completions API."""
 
     name = "openai"
 

@@ -2,7 +2,7 @@
 
 OpenAI announced the shutdown of its Speech API models on 2027-01-06 and points to the
 Realtime API instead. :class:`OpenAIRealtime` is a
-:class:`~service.providers.base.SpeakingModel`: for each request it opens one session with
+:class:`~voxrelay.service.providers.base.SpeakingModel`: for each request it opens one session with
 the SDK's ``client.realtime.connect(...)``, configures it (instructions, voice, speed, PCM
 at 24 kHz out, the output cap), adds the conversation as items, asks for one response and
 yields the transcript and audio deltas as they come, then the usage. Input is text only.
@@ -71,7 +71,7 @@ _RETRYABLE_ERRORS = frozenset({"server_error", "rate_limit_exceeded", "session_e
 
 @contextmanager
 def realtime_errors(api_key: str) -> Iterator[None]:
-    """Translate WebSocket and protocol failures of one session into :mod:`service.errors`."""
+    """Translate WebSocket and protocol failures of one session into core errors."""
     try:
         yield
     except InvalidStatus as exc:
@@ -146,7 +146,7 @@ def _item(message: ChatMessage) -> dict[str, Any]:
 
 
 class OpenAIRealtime:
-    """A :class:`~service.providers.base.SpeakingModel` over the Realtime API."""
+    """A :class:`~voxrelay.service.providers.base.SpeakingModel` over the Realtime API."""
 
     name = "realtime"
     sample_rate = 24_000
