@@ -30,7 +30,7 @@ import openai
 from websockets.asyncio.client import ClientConnection, connect
 
 from voxrelay.service.chunker import SentenceChunker
-from voxrelay.service.pipeline import DEFAULT_SYSTEM_PROMPT
+from voxrelay.service.planner import DEFAULT_SYSTEM_PROMPT
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
