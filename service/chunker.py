@@ -111,8 +111,9 @@ class SentenceChunker:
 
     A segment ends at a sentence end once it has *min_chars* characters (shorter
     sentences are joined with the next one), at a blank line, or at the end of the
-    text. A longer run is split at clause punctuation, else at a space, so that no
-    segment exceeds *max_chars* unless it is a single word. The first segment only
+    text. A longer run is split at clause punctuation, else at a space, else (a run with
+    no space, such as a long number) where it reaches *max_chars*: no segment is longer.
+    The first segment only
     needs *first_min_chars*, and when no sentence ends within *first_max_chars* it is
     cut at the last clause punctuation there, so that the first audio comes fast.
     """
@@ -302,12 +303,12 @@ class SentenceChunker:
             return found
         if known <= limit:
             return None
-        # No sentence ends in time: split at a clause, else at a space, else after the
-        # one long word that fills the window.
+        # No sentence ends in time: split at a clause, else at a space, else inside the
+        # one long run that fills the window (no engine call takes more than max_chars).
         return (
             self._latest(start + least, limit, _Kind.CLAUSE)
             or self._latest(start + 1, limit, _Kind.SPACE)
-            or (cuts[self._head] if self._head < len(cuts) else None)
+            or (_Cut(limit, _Kind.SPACE, limit) if self._n > limit else None)
         )
 
     def _latest(self, low: int, high: int, kind: _Kind) -> _Cut | None:

@@ -262,9 +262,16 @@ CASES = [
         first_max_chars=50,
     ),
     case(
-        "long-word-whole",
+        "digits-without-end",
+        "1" * 45,
+        ["1" * 20, "1" * 20, "1" * 5],
+        max_chars=20,
+        first_max_chars=20,
+    ),
+    case(
+        "long-word-split",
         "Supercalifragilisticexpialidocious indeed",
-        ["Supercalifragilisticexpialidocious", "indeed"],
+        ["Supercalifragilistic", "expialidocious", "indeed"],
         max_chars=20,
         first_max_chars=20,
     ),
@@ -400,8 +407,8 @@ def test_any_text(
         assert text.startswith(segment, pos)
         pos += len(segment)
     assert not text[pos:].strip()
-    if CUT_WITHOUT_SPACE.isdisjoint(text):
+    if CUT_WITHOUT_SPACE.isdisjoint(text) and all(len(w) <= max_chars for w in text.split()):
         assert " ".join(segments).split() == text.split()
 
-    # Only a single word may run over the limit.
-    assert all(len(s) <= max_chars or len(s.split()) == 1 for s in segments)
+    # No segment runs over the limit, not even one long word.
+    assert all(len(s) <= max_chars for s in segments)
