@@ -14,7 +14,7 @@ import contextvars
 import dataclasses
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from websockets.typing import Data
 from voxrelay.service import metrics, model
 from voxrelay.service.auth import KeyStore, client_key
 from voxrelay.service.conversation import Conversation
-from voxrelay.service.errors import Busy, Internal, VoxrelayError
+from voxrelay.service.errors import Busy, Internal, Unauthorized, VoxrelayError
 from voxrelay.service.relay import ClientGone, Relay, RelayedStream
 from voxrelay.service.settings import Settings
 
@@ -214,6 +214,12 @@ class Session:
             await self._send_json(error_frame(exc.request_id, exc))
             return
         match frame:
+            case SynthesizeFrame() if self._revoked():
+                error = Unauthorized("the API key of this connection is no longer valid")
+                request_id = frame.id or None
+                self.relay.refuse("ws", self.peer, error, request_id=request_id or "")
+                await self._send_json(error_frame(request_id, error))
+                await self.ws.close(WS_CLOSE["policy"], "API key revoked")
             case SynthesizeFrame():
                 await self._start(frame)
             case CancelFrame():
@@ -222,6 +228,12 @@ class Session:
                 self.conversation.reset()
             case AuthFrame():
                 pass  # admitted already (or the service is open): nothing to do
+
+    def _revoked(self) -> bool:
+        """Whether the key this connection came in with is no longer in force (SIGHUP)."""
+        if not self.keys.required:
+            return False
+        return self.caller is None or not self.keys.holds(self.caller)
 
     # Streams
 
@@ -284,7 +296,7 @@ class Session:
         epoch = self.conversation.epoch
         request = flight.run.request
         sink = _Sink(self, flight.id, streaming)
-        last: list[str | bytes] = []
+        last: list[str | bytes | list[bytes]] = []
         try:
             finished = await flight.run.relay(sink)
         except VoxrelayError as exc:
@@ -296,7 +308,7 @@ class Session:
             if request.mode is model.Mode.CHAT:
                 self.conversation.remember(request.text, finished.reply_text, epoch=epoch)
             if sink.held:
-                last.append(b"".join(sink.held))
+                last.append(sink.held)
             last.append(_dumps(event_frame(flight.id, finished)))
         # No await until the slot is released: a cancel now would follow our last frame.
         self._release(flight)
@@ -325,15 +337,20 @@ class Session:
 
     # Writing
 
-    async def _send(self, message: str | bytes) -> None:
-        """Send a frame; drop the connection if the client has stopped reading."""
+    async def _send(self, message: str | bytes | list[bytes]) -> None:
+        """Send a frame, or a list of parts as one message in fragments.
+
+        A client that stops reading for ``send_stall_s`` is dropped; the timer measures
+        progress (each fragment restarts it), not how long a large message takes.
+        """
         stall = self.settings.send_stall_s
-        if not stall:
-            await self.ws.send(message)
-            return
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(stall):
-                await self.ws.send(message)
+            async with asyncio.timeout(stall or None) as timer:
+                if isinstance(message, list):
+                    await self.ws.send(_fragments(message, timer, stall, loop))
+                else:
+                    await self.ws.send(message)
         except TimeoutError:
             # A close frame cannot reach a client that does not read, and close()
             # would wait close_timeout more: abort the TCP connection instead.
@@ -371,3 +388,28 @@ class _Sink:
                 await self._session._send(event.data)
         except ConnectionClosed:
             raise ClientGone from None
+
+
+#: A ``"stream":false`` reply goes out in fragments of about this size.
+FRAGMENT_BYTES = 64 * 1024
+
+
+async def _fragments(
+    parts: list[bytes], timer: asyncio.Timeout, stall: float, loop: asyncio.AbstractEventLoop
+) -> AsyncIterator[bytes]:
+    """Yield *parts* as fragments of about :data:`FRAGMENT_BYTES`, restarting *timer* each.
+
+    Small parts are joined into one fragment; a large part goes out as it is, uncopied.
+    """
+    batch: list[bytes] = []
+    size = 0
+    for part in parts:
+        batch.append(part)
+        size += len(part)
+        if size >= FRAGMENT_BYTES:
+            yield batch[0] if len(batch) == 1 else b"".join(batch)
+            batch, size = [], 0
+            if stall:
+                timer.reschedule(loop.time() + stall)
+    if batch:
+        yield batch[0] if len(batch) == 1 else b"".join(batch)

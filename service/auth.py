@@ -119,6 +119,10 @@ class KeyStore:
             raise Unauthorized("the API key presented is not valid")
         return caller
 
+    def holds(self, key_id: str) -> bool:
+        """Return whether *key_id* names a key in force now (a reload may have removed it)."""
+        return any(key_id == "key-" + digest.hex()[:12] for digest in self._digests)
+
 
 def bearer_token(header: str | None) -> str | None:
     """Extract the token of an ``Authorization: Bearer TOKEN`` header value."""

@@ -32,7 +32,7 @@ from tests.integration.test_websocket import (
     until_end,
 )
 from tests.servers import make_settings, serve_process
-from voxrelay.gateways import ws_server
+from voxrelay.gateways import ws_session
 from voxrelay.gateways.app import App
 from voxrelay.service.auth import key_id
 from voxrelay.v1 import synthesis_pb2 as pb
@@ -201,7 +201,7 @@ async def test_ws_first_frame_other_than_auth_closes_1008(
 async def test_ws_no_auth_frame_in_time_closes_1008(
     keyed: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ws_server, "AUTH_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(ws_session, "AUTH_TIMEOUT_S", 0.3)
     async with open_ws(ws_url(keyed)) as ws:
         code, reason = await closed(ws)
     assert (code, reason) == (1008, "authentication required")
@@ -227,17 +227,25 @@ async def test_ws_key_from_a_file_with_comments(
 # Reloading keys
 
 
-async def test_keystore_reload_without_dropping_connections(
+async def test_a_reload_refuses_a_removed_key_at_its_connections_next_request(
     app_factory: AppFactory, tmp_path: Path, no_key_in_logs: None
 ) -> None:
     path = tmp_path / "keys"
     path.write_text(KEY + "\n")
     app = await app_factory(api_keys_file=path)
-    async with open_ws(ws_url(app), additional_headers=bearer(KEY)) as before:
+    async with (
+        open_ws(ws_url(app), additional_headers=bearer(KEY)) as before,
+        open_ws(ws_url(app)) as by_frame,
+    ):
+        await send(by_frame, type="auth", token=KEY)
+        assert (await speak_ws(before))["type"] == "finished"
         path.write_text(OTHER_KEY + "\n")
         assert app.keys.reload()
-        # The connection let in with the old key stays, and is served.
-        assert (await speak_ws(before))["type"] == "finished"
+        # Connections let in with the removed key are refused at their next request.
+        for ws in (before, by_frame):
+            refused = await speak_ws(ws)
+            assert (refused["type"], refused["code"]) == ("error", "unauthorized")
+            assert await closed(ws) == (1008, "API key revoked")
         old = open_ws(ws_url(app), additional_headers=bearer(KEY))
         assert await refused_status(old) == 401
         async with open_ws(ws_url(app), additional_headers=bearer(OTHER_KEY)) as after:
@@ -263,7 +271,7 @@ async def test_sighup_reloads_the_keys_in_app_run(tmp_path: Path, no_key_in_logs
                 while app.keys.verify(OTHER_KEY) is None:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)  # a signal has no event to await
             assert app.keys.verify(KEY) is None
-            assert (await speak_ws(kept))["type"] == "finished"
+            assert (await speak_ws(kept))["code"] == "unauthorized"
             assert await refused_status(open_ws(ws_url(app), additional_headers=bearer(KEY))) == 401
             assert (await speak_grpc(app, OTHER_KEY))[-1].HasField("finished")
     finally:
