@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .audio import StreamEncoder
-from .errors import VoxrelayError
+from .errors import TooLarge, VoxrelayError
 from .model import AudioChunk, Event, SegmentStarted, StreamFinished
 
 __all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamEnd", "StreamOutput"]
@@ -25,6 +25,8 @@ __all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamEnd", "StreamOutput"
 # Limits
 #: PCM of a segment relayed as one piece at most (~2.7 s at 24 kHz).
 MAX_JOINED_PCM_BYTES = 128 * 1024
+#: PCM a segment's feed holds before its engine waits (~5 s at 24 kHz).
+MAX_FEED_BYTES = 256 * 1024
 #: Once the listener has this much audio in hand beyond what has played, small chunks
 #: may wait to go out together ...
 HOLD_LEAD_MS = 150
@@ -75,22 +77,32 @@ class PcmFeed:
     """PCM of one segment on its way from the speech engine to the stream's output.
 
     The engine's task puts chunks as they come and ends the feed; the output takes what
-    has gathered. Taking waits for the first chunk, and — when the caller says the
+    has gathered. The feed holds at most about *max_bytes*: past that, putting waits
+    until the output has taken some, so an engine makes audio only as fast as the
+    listener takes it. Taking waits for the first chunk, and — when the caller says the
     listener has audio enough in hand — a little longer, so that many small chunks go
     out as one (one encode call, one event, one gRPC message or WebSocket frame) while
     the listener notices nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = MAX_FEED_BYTES) -> None:
         self._parts: list[bytes] = []
+        self._size = 0
+        self._max = max_bytes
         self._ended = False
         self._ready = asyncio.Event()
         self._done = asyncio.Event()
+        self._room = asyncio.Event()
 
-    def put(self, pcm: bytes) -> None:
+    async def put(self, pcm: bytes) -> None:
+        """Add *pcm*; then wait while the feed holds more than its bound."""
         if pcm:
             self._parts.append(pcm)
+            self._size += len(pcm)
             self._ready.set()
+        while self._size > self._max:
+            self._room.clear()
+            await self._room.wait()
 
     def end(self) -> None:
         self._ended = True
@@ -116,6 +128,8 @@ class PcmFeed:
             size += len(self._parts[count])
             count += 1
         taken, self._parts = self._parts[:count], self._parts[count:]
+        self._size -= size
+        self._room.set()
         return taken[0] if count == 1 else b"".join(taken)
 
 
@@ -216,14 +230,19 @@ class StreamOutput:
         *,
         input_rate: int,
         since: Callable[[], int],
+        max_audio_s: float = 0.0,
     ) -> None:
         self.since = since
         self.finished = StreamFinished()
         self.index = -1
+        #: the stream reached its audio cap: what was sent is whole once flushed.
+        self.capped = False
         self._queue = queue
         self._encoder = encoder
         self._rate = input_rate
         self._samples = 0
+        self._max_audio_s = max_audio_s
+        self._max_samples = round(max_audio_s * input_rate) if max_audio_s else None
         self._carry = b""
 
     @property
@@ -272,8 +291,18 @@ class StreamOutput:
             self._carry = b""
         if not pcm:
             return
-        self._samples += len(pcm) // 2
-        await self._chunk(await self._encoder.encode(pcm))
+        room = None if self._max_samples is None else self._max_samples - self._samples
+        if room is not None and len(pcm) // 2 > room:
+            self.capped = True
+            pcm = pcm[: room * 2]
+        if pcm:
+            self._samples += len(pcm) // 2
+            await self._chunk(await self._encoder.encode(pcm))
+        if self.capped:
+            raise TooLarge(
+                f"the stream reached {self._max_audio_s:g} s of audio, its limit"
+                " (VOXRELAY_MAX_STREAM_AUDIO_S): ask for less at once"
+            )
 
     async def send(self, items: list[str | bytes]) -> None:
         """Send segment texts (``str``) and PCM (``bytes``) in the order given."""

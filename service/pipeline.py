@@ -156,7 +156,7 @@ class ChainedPipeline:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                feed.put(chunk)
+                await feed.put(chunk)
                 # The socket ran dry. While the listener has audio in hand, let the next
                 # chunks gather there and read them in one go: one wake-up, not one each.
                 if loop.time() - began > READ_WAITED_S and (hold := out.hold_s()) > 0:

@@ -56,6 +56,9 @@ class Plan:
     instructions: str
     #: the whole conversation for the chat stage (empty in speak mode).
     messages: tuple[ChatMessage, ...]
+    #: the characters charged to the caller's budget: text, instructions and history,
+    #: each once (instructions go to the speech upstream with every segment).
+    cost_chars: int
 
 
 def check_text(text: str, what: str) -> None:
@@ -96,8 +99,12 @@ class RequestPlanner:
             )
         check_text(text, "text")
         check_text(request.instructions, "instructions")
-        if len(request.instructions) > limit:
-            raise TooLarge(f"instructions are over {limit} characters")
+        instructions_limit = self.settings.max_instructions_chars
+        if instructions_limit and len(request.instructions) > instructions_limit:
+            raise TooLarge(
+                f"instructions are {len(request.instructions)} characters; the limit is"
+                f" {instructions_limit} (VOXRELAY_MAX_INSTRUCTIONS_CHARS)"
+            )
         self._check_history(request.history)
         voice = await self._voice(request)
         engine = self.engines.voice_of(request.mode)
@@ -120,6 +127,9 @@ class RequestPlanner:
             speed=speed,
             instructions=request.instructions,
             messages=messages,
+            cost_chars=len(text)
+            + len(request.instructions)
+            + sum(len(turn.content) for turn in request.history),
         )
 
     def _check_history(self, history: Sequence[ChatMessage]) -> None:

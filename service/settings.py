@@ -142,6 +142,10 @@ class Settings(BaseSettings):
     # Limits
     max_input_chars: int = Field(4096, ge=1)
     """longest text accepted; longer is refused, never truncated"""
+    max_instructions_chars: int = Field(1000, ge=0)
+    """longest instructions accepted (0 = off)"""
+    max_stream_audio_s: float = Field(600, ge=0)
+    """seconds of audio one stream may make (0 = off)"""
     rate_limit_per_min: int = Field(60, ge=0)
     """requests per minute per caller (0 = off)"""
     chars_per_min: int = Field(20000, ge=0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -87,7 +87,14 @@ class Synthesizer:
         encoder = StreamEncoder(plan.format, input_rate=rate, output_rate=plan.rate)
         passthrough = plan.format is AudioFormat.PCM and plan.rate == rate
         runner = EncoderRunner(encoder, self._encoders, inline=passthrough)
-        return StreamOutput(queue, runner, input_rate=rate, since=since), encoder
+        output = StreamOutput(
+            queue,
+            runner,
+            input_rate=rate,
+            since=since,
+            max_audio_s=self.settings.max_stream_audio_s,
+        )
+        return output, encoder
 
     def _started(self, plan: Plan, encoder: StreamEncoder) -> StreamStarted:
         engines = self.engines
@@ -139,7 +146,7 @@ class SynthesisStream:
         plan = self.plan = await core.planner.plan(self._request)
         core.engines.check_available(plan.mode)
         # Admission comes after validation: a refused request costs the caller nothing.
-        lease = await runtime.admit(self, self._caller, len(plan.text))
+        lease = await runtime.admit(self, self._caller, plan.cost_chars)
         self._release = lease.release
         self._task = asyncio.create_task(self._run(plan), name=f"synth-{plan.request_id}")
         return self
@@ -230,13 +237,24 @@ class SynthesisStream:
         speaking = plan.mode is Mode.CHAT and core.engines.speaking is not None
         pipeline = SpeakingPipeline(ctx, out) if speaking else ChainedPipeline(ctx, out)
         try:
-            reply = await pipeline.run(started)
+            try:
+                reply = await _unwrap(pipeline.run(started))
+            except VoxrelayError:
+                if out.capped:
+                    await out.flush()  # the audio sent so far ends as one whole file
+                raise
             await out.flush()
-        except BaseExceptionGroup as group:
-            raise _first_error(group) from None
         finally:
             out.close()
         return out.figures(reply)
+
+
+async def _unwrap(run: Coroutine[Any, Any, str]) -> str:
+    """Await a pipeline, raising the one error that matters from a task group's."""
+    try:
+        return await run
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:

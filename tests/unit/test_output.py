@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from voxrelay.service.audio import StreamEncoder
-from voxrelay.service.errors import Unavailable
+from voxrelay.service.errors import TooLarge, Unavailable
 from voxrelay.service.model import AudioChunk, AudioFormat, SegmentStarted
 from voxrelay.service.output import (
     HOLD_LEAD_MS,
@@ -160,11 +160,11 @@ async def test_audio_waits_at_most_half_what_the_listener_has_to_spare(
 async def test_a_take_joins_what_gathered_up_to_the_bound() -> None:
     feed = PcmFeed()
     for _ in range(3):
-        feed.put(b"ab")
+        await feed.put(b"ab")
     assert await feed.take() == b"ababab"
     big = bytes(MAX_JOINED_PCM_BYTES // 2)
     for _ in range(3):
-        feed.put(big)
+        await feed.put(big)
     assert await feed.take() == big * 2  # the bound reached: the rest is the next piece
     assert await feed.take() == big
     feed.end()
@@ -173,11 +173,40 @@ async def test_a_take_joins_what_gathered_up_to_the_bound() -> None:
 
 async def test_a_held_take_ends_when_the_segment_does() -> None:
     feed = PcmFeed()
-    feed.put(b"ab")
+    await feed.put(b"ab")
     taking = asyncio.create_task(feed.take(hold_s=3600))
     await asyncio.sleep(0)
-    feed.put(b"cd")
+    await feed.put(b"cd")
     assert not taking.done()
     feed.end()
     assert await taking == b"abcd"
     assert await feed.take() is None
+
+
+async def test_a_full_feed_holds_the_engine_until_the_output_takes() -> None:
+    feed = PcmFeed(max_bytes=4)
+    await feed.put(b"abcd")  # at the bound: not over it
+    putting = asyncio.create_task(feed.put(b"ef"))
+    await asyncio.sleep(0)
+    assert not putting.done()  # over the bound: the engine waits
+    assert await feed.take() == b"abcdef"
+    await asyncio.wait_for(putting, 1)
+
+
+async def test_the_audio_cap_ends_the_stream_after_exactly_its_audio() -> None:
+    queue = EventQueue(maxsize=64)
+    with ThreadPoolExecutor(1) as pool:
+        encoder = EncoderRunner(
+            StreamEncoder(AudioFormat.PCM, input_rate=1000, output_rate=1000), pool, inline=True
+        )
+        out = StreamOutput(queue, encoder, input_rate=1000, since=lambda: 0, max_audio_s=0.5)
+        await out.segment("x")
+        await out.audio(bytes(600))  # 300 samples: under the cap
+        with pytest.raises(TooLarge, match="VOXRELAY_MAX_STREAM_AUDIO_S"):
+            await out.audio(bytes(600))
+        assert out.capped and out.audio_ms == 500
+        await out.flush()
+    chunks = [
+        e for e in [await queue.get() for _ in range(len(queue))] if isinstance(e, AudioChunk)
+    ]
+    assert sum(len(c.data) for c in chunks) == 1000
