@@ -18,6 +18,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "VoxrelayError",
+    "error_for_code",
 ]
 
 
@@ -130,3 +131,29 @@ class Internal(VoxrelayError):
     """A bug: something voxrelay did not expect."""
 
     code = "internal"
+
+
+#: Each code of the vocabulary → its class, read off the classes above (one source).
+_BY_CODE: dict[str, type[VoxrelayError]] = {
+    cls.code: cls for cls in VoxrelayError.__subclasses__() if cls.__module__ == __name__
+}
+
+
+def error_for_code(
+    code: str,
+    message: str,
+    *,
+    retry_after_s: float | None = None,
+    retryable: bool | None = None,
+) -> VoxrelayError:
+    """Rebuild the error a wire code names, as a client does with what a door sent.
+
+    A code this version does not know still becomes a :class:`VoxrelayError`
+    that carries it, so a newer server's refusals stay readable.
+    """
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        error = VoxrelayError(message, retry_after_s=retry_after_s, retryable=retryable)
+        error.code = code
+        return error
+    return cls(message, retry_after_s=retry_after_s, retryable=retryable)
