@@ -17,7 +17,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from voxrelay.service import model
-from voxrelay.service.errors import InvalidRequest, VoxrelayError, error_for_code
+from voxrelay.service.errors import Internal, InvalidRequest, VoxrelayError, error_for_code
 from voxrelay.v1 import synthesis_pb2 as pb
 
 from .errors import GRPC_STATUS
@@ -170,7 +170,7 @@ def response_event(msg: pb.SynthesizeResponse) -> model.Event | None:
         started = msg.started
         fmt = FORMATS.get(started.format)
         if fmt is None:
-            raise VoxrelayError(f"the server started a stream in unknown format {started.format}")
+            raise Internal(f"the server started a stream in unknown format {started.format}")
         return model.StreamStarted(
             format=fmt, **{name: getattr(started, name) for name in _STARTED_FIELDS}
         )
