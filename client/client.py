@@ -14,7 +14,7 @@ from voxrelay.service.errors import InvalidRequest
 from .grpc_transport import GrpcTransport, channel_credentials
 from .ws_transport import WsTransport, ssl_context
 
-__all__ = ["STREAM_PATH", "TLS", "Client", "Transport", "Via"]
+__all__ = ["DEFAULT_TIMEOUT_S", "STREAM_PATH", "TLS", "Client", "Transport", "Via"]
 
 Via = Literal["grpc", "ws"]
 #: ``True`` (the system's CAs), a CA certificate file, or a context of your own.
@@ -22,6 +22,11 @@ TLS = bool | str | os.PathLike[str] | ssl.SSLContext
 
 #: The WebSocket path of the stream endpoint, added to a URL that names none.
 STREAM_PATH = "/v1/stream"
+
+# Timeouts
+#: Each call's budget unless told otherwise: the longest stream a server makes by default
+#: (``VOXRELAY_MAX_STREAM_AUDIO_S``) even when read at a listener's pace.
+DEFAULT_TIMEOUT_S = 600.0
 
 
 class Transport(Protocol):
@@ -78,13 +83,13 @@ class Client:
         via: Via | None = None,
         api_key: str | None = None,
         tls: TLS = False,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
     ) -> None:
         """Prepare a client; nothing connects before the first call.
 
         *api_key* goes in the ``authorization: Bearer`` metadata (gRPC) or the
         ``Authorization`` header (WebSocket). *timeout* is the default budget of each
-        call, in seconds (``None``: none); a call may set its own.
+        call, in seconds (``None``: no limit); a call may set its own.
         """
         self.via: Via
         self.timeout = timeout
