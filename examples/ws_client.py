@@ -1,9 +1,10 @@
-"""Talk to voxrelay over WebSocket: the smallest useful client.
+"""Talk to voxrelay over WebSocket: the smallest useful client, the protocol by hand.
 
 Start the server (`make run`), then:  python examples/ws_client.py "Tell me a joke."
-Only needs `pip install websockets`. The audio is written to answer.mp3 (only when the
-stream finished). Set VOXRELAY_WS_URL to talk to another server, and VOXRELAY_API_KEY if
-it requires a key.
+Only needs `pip install websockets`: this is the protocol a client in any language speaks.
+A Python service would rather use the client library (examples/client.py). The audio is
+written to answer.mp3 (only when the stream finished). Set VOXRELAY_WS_URL to talk to
+another server, and VOXRELAY_API_KEY if it requires a key.
 """
 
 import asyncio

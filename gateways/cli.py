@@ -138,7 +138,12 @@ Exit codes: 0 done, 1 refused or failed (one line on stderr), 2 bad usage, 130 i
 
 
 def _client_options(p: argparse.ArgumentParser, *, both_doors: bool) -> None:
-    group = p.add_argument_group("connection")
+    ports = "VOXRELAY_GRPC_PORT" + (" or VOXRELAY_WS_PORT" if both_doors else "")
+    group = p.add_argument_group(
+        "connection",
+        "Unset, the server is where its own variables say: VOXRELAY_HOST (0.0.0.0 means\n"
+        f"127.0.0.1) and {ports}; the key is VOXRELAY_API_KEY.",
+    )
     group.add_argument(
         "--server",
         metavar="HOST:PORT",
@@ -146,7 +151,10 @@ def _client_options(p: argparse.ArgumentParser, *, both_doors: bool) -> None:
         + (" for gRPC, 127.0.0.1:8765 with --via ws)" if both_doors else ", its gRPC port)"),
     )
     group.add_argument(
-        "--api-key", metavar="KEY", help="sent as 'authorization: Bearer KEY' (if keys are on)"
+        "--api-key",
+        metavar="KEY",
+        help="sent as 'authorization: Bearer KEY' (if keys are on); other users can read it"
+        " in `ps`: prefer VOXRELAY_API_KEY",
     )
     group.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
     group.add_argument("--ca", metavar="PEM", help="trust this CA certificate (implies --tls)")

@@ -1,16 +1,19 @@
-"""``voxrelay say`` and ``voxrelay voices``: the client side of the command line.
+"""``voxrelay say`` and ``voxrelay voices``: the command line on :mod:`voxrelay.client`.
 
 ``say`` sends one request over either door, writes the audio as it streams in and prints
-the timings; ``voices`` lists the engine's voices. Failures become one ``voxrelay: …`` line.
+the timings; ``voices`` lists the engine's voices. Where the server is, and the key, come
+from the flags, else from the variables the server reads (``VOXRELAY_HOST``,
+``VOXRELAY_GRPC_PORT``, ``VOXRELAY_WS_PORT``) and ``VOXRELAY_API_KEY``. Failures become one
+``voxrelay: …`` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
-import socket
 import ssl
 import sys
 import time
@@ -19,17 +22,32 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from voxrelay.service.model import AudioFormat, Mode
-from voxrelay.v1 import synthesis_pb2 as pb
-from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
+from voxrelay.client import (
+    AudioChunk,
+    AudioFormat,
+    Client,
+    ConnectionFailed,
+    SegmentStarted,
+    StreamFinished,
+    StreamStarted,
+    Via,
+)
+from voxrelay.service.errors import VoxrelayError
 
-__all__ = ["EXIT_INTERRUPTED", "FORMAT_BY_SUFFIX", "CliError", "cmd_say", "cmd_voices", "fail"]
+from .errors import GRPC_STATUS
 
-GRPC_FORMATS = {f: getattr(pb, f"AUDIO_FORMAT_{f.name}") for f in AudioFormat}
-GRPC_MODES = {Mode.CHAT: pb.MODE_CHAT, Mode.SPEAK: pb.MODE_SPEAK}
-DEFAULT_PORTS = {"grpc": 50051, "ws": 8765}
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "FORMAT_BY_SUFFIX",
+    "CliError",
+    "ClientEnvironment",
+    "cmd_say",
+    "cmd_voices",
+    "fail",
+]
 
 #: The format a file name asks for, when ``--format`` is not given.
 FORMAT_BY_SUFFIX = {
@@ -50,6 +68,9 @@ FORMAT_BY_SUFFIX = {
 }
 
 EXIT_INTERRUPTED = 130
+
+#: Bind addresses that mean "every interface": a client on this host uses loopback.
+_ANY_ADDRESS = {"", "0.0.0.0", "::", "[::]"}
 
 
 class CliError(Exception):
@@ -76,84 +97,79 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
-def _target(args: argparse.Namespace, via: str) -> str:
-    return str(args.server or f"127.0.0.1:{DEFAULT_PORTS[via]}")
+class ClientEnvironment(BaseSettings):
+    """Where the client commands find the server: the variables (and .env) it reads."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VOXRELAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    ws_port: int = Field(8765, ge=0, le=65535)
+    #: this client's key (the server's own are ``VOXRELAY_API_KEYS``).
+    api_key: SecretStr | None = None
+
+    def target(self, via: Via) -> str:
+        """Return ``HOST:PORT`` of the server's *via* door, as a client on this host reaches it."""
+        host = "127.0.0.1" if self.host.strip() in _ANY_ADDRESS else self.host.strip()
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 literal
+        port, name = (self.grpc_port, "GRPC") if via == "grpc" else (self.ws_port, "WS")
+        if port == 0:
+            raise CliError(
+                f"VOXRELAY_{name}_PORT is 0 (the server picks a port and logs it):"
+                " pass --server HOST:PORT"
+            )
+        return f"{host}:{port}"
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if not args.tls and not args.ca:
-        return None
+def _environment() -> ClientEnvironment:
     try:
-        root = Path(args.ca).read_bytes() if args.ca else None
-    except OSError as exc:
-        raise CliError(f"cannot read --ca {args.ca}: {exc.strerror}") from None
-    return grpc.ssl_channel_credentials(root_certificates=root)
+        return ClientEnvironment()
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        name = "VOXRELAY_" + "_".join(str(part) for part in problem["loc"]).upper()
+        raise CliError(f"{name}: {problem['msg']}") from None
 
 
-def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not args.tls and not args.ca:
-        return None
+def _client(args: argparse.Namespace, via: Via) -> Client:
+    """Build the client the flags ask for, the environment filling in what they leave out."""
+    env = _environment()
+    target = args.server or env.target(via)
+    key = args.api_key or (env.api_key.get_secret_value() if env.api_key else None)
+    args.key_sent = bool(key)
+    tls = args.ca or bool(args.tls)
     try:
-        return (
-            ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
-        )
+        return Client(target, via=via, api_key=key or None, tls=tls, timeout=args.timeout)
     except (OSError, ssl.SSLError) as exc:
         raise CliError(f"cannot use --ca {args.ca}: {exc}") from None
+    except ValueError as exc:
+        raise CliError(f"--server {target}: {exc}") from None
 
 
-def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
-    target = _target(args, "grpc")
-    creds = _credentials(args)
-    return grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
-
-
-def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
-
-
-def _retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
-    """The wait the server advised in ``google.rpc.RetryInfo``, if any."""
-    for key, value in exc.trailing_metadata() or ():
-        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            info = error_details_pb2.RetryInfo()
-            if detail.Unpack(info):
-                return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-    return None
-
-
-def _unreachable(target: str, door: str, reason: str) -> CliError:
-    hint = " — is the server running? (make run, or voxrelay serve)"
-    if "refused" not in reason:
-        hint = ""
-    return CliError(f"cannot reach the server at {target} ({door}): {reason}{hint}")
-
-
-def _grpc_error(exc: grpc.aio.AioRpcError, args: argparse.Namespace, elapsed_s: float) -> CliError:
-    code, details = exc.code(), exc.details() or ""
-    target = _target(args, "grpc")
-    if code is grpc.StatusCode.UNAVAILABLE and (
-        "failed to connect" in details or "errors resolving" in details
-    ):
-        if "Connection refused" in details:
-            return _unreachable(target, "gRPC", "connection refused")
-        if "errors resolving" in details or "Domain name not found" in details:
-            return _unreachable(target, "gRPC", "the host name does not resolve")
-        if "Socket closed" in details:
-            details += f" (is {target} voxrelay's gRPC port, 50051 by default?)"
-        return _unreachable(target, "gRPC", details)
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED and elapsed_s >= args.timeout * 0.95:
-        return CliError(f"gave up after {args.timeout:g} s (--timeout): DEADLINE_EXCEEDED")
-    if code is grpc.StatusCode.CANCELLED:
-        return CliError(f"the server ended the stream early (CANCELLED: {details})")
-    message = f"{code.name}: {details}"
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        message += " (check --api-key)" if args.api_key else " (pass --api-key KEY)"
-    retry = _retry_after_s(exc)
-    if retry:
-        message += f" (retry in {retry:.1f} s)"
+def _failure(exc: VoxrelayError | TimeoutError, args: argparse.Namespace, via: Via) -> CliError:
+    """Say in one line why a call failed, in the words of the door that carried it."""
+    if isinstance(exc, TimeoutError):
+        return CliError(f"gave up after {args.timeout:g} s (--timeout)")
+    if isinstance(exc, ConnectionFailed):
+        message = exc.message
+        if message.endswith("connection refused"):
+            message += " — is the server running? (make run, or voxrelay serve)"
+        return CliError(message)
+    wire = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL).name if via == "grpc" else exc.code
+    message = f"{wire}: {exc.message}"
+    if exc.code == "unauthorized":
+        message += (
+            " (check the key: VOXRELAY_API_KEY or --api-key)"
+            if args.key_sent
+            else " (set VOXRELAY_API_KEY, or pass --api-key KEY)"
+        )
+    if exc.retry_after_s:
+        message += f" (retry in {exc.retry_after_s:.1f} s)"
     return CliError(message)
 
 
@@ -218,168 +234,72 @@ class AudioSink:
         return f"; the {self.bytes} bytes received are in {self.path}"
 
 
-def _describe_started(
-    request_id: str, voice: str, fmt: str, content_type: str, rate: int, llm: str, tts: str
-) -> str:
-    parts = [f"request {request_id}", f"voice {voice}", f"{fmt} ({content_type}, {rate} Hz)"]
-    if llm:
-        parts.append(f"LLM {llm}")
-    if tts:
-        parts.append(f"TTS {tts}")
+def _describe_started(event: StreamStarted) -> str:
+    parts = [
+        f"request {event.request_id}",
+        f"voice {event.voice}",
+        f"{event.format} ({event.content_type}, {event.sample_rate_hz} Hz)",
+    ]
+    if event.llm_model:
+        parts.append(f"LLM {event.llm_model}")
+    if event.tts_model:
+        parts.append(f"TTS {event.tts_model}")
     return "  ".join(parts)
 
 
-def _print_segment(index: int, start_ms: int, text: str) -> None:
-    print(f"  [{index}] {start_ms / 1000:6.2f} s  {text.strip()}", file=sys.stderr)
-
-
-async def _say_grpc(args: argparse.Namespace, sink: AudioSink) -> dict[str, Any]:
-    request = pb.SynthesizeRequest(
-        text=args.text,
-        mode=GRPC_MODES[Mode(args.mode)],
-        voice=args.voice or "",
-        format=(
-            GRPC_FORMATS[AudioFormat(args.format)] if args.format else pb.AUDIO_FORMAT_UNSPECIFIED
-        ),
-        sample_rate_hz=args.sample_rate,
-        instructions=args.instructions or "",
-        speed=args.speed,
-        request_id=args.request_id,
+def _print_segment(event: SegmentStarted) -> None:
+    print(
+        f"  [{event.index}] {event.start_ms / 1000:6.2f} s  {event.text.strip()}", file=sys.stderr
     )
+
+
+def _figures(event: StreamFinished) -> dict[str, Any]:
+    figures = dataclasses.asdict(event)
+    figures.pop("extra", None)
+    return figures
+
+
+async def _say(args: argparse.Namespace, sink: AudioSink) -> dict[str, Any]:
+    """Run the request; return what to report: the stream's figures and this client's times."""
+    result: dict[str, Any] = {"request_id": args.request_id}
     started = time.perf_counter()
     first_audio: float | None = None
-    result: dict[str, Any] = {"request_id": args.request_id}
-    try:
-        async with _channel(args) as channel:
-            stub = pb_grpc.SynthesizerStub(channel)
-            call = stub.Synthesize(request, timeout=args.timeout, metadata=_metadata(args))
-            async for response in call:
-                kind = response.WhichOneof("event")
-                if kind == "started":
-                    s = response.started
-                    name = pb.AudioFormat.Name(s.format).removeprefix("AUDIO_FORMAT_")
-                    result.update(
-                        request_id=s.request_id or args.request_id,
-                        format=name.lower() if s.format else None,
-                        voice=s.voice,
-                    )
-                    if args.verbose:
-                        print(
-                            _describe_started(
-                                result["request_id"],
-                                s.voice,
-                                str(result["format"]),
-                                s.content_type,
-                                s.sample_rate_hz,
-                                s.llm_model,
-                                s.tts_model,
-                            ),
-                            file=sys.stderr,
-                        )
-                elif kind == "segment":
-                    if args.verbose:
-                        seg = response.segment
-                        _print_segment(seg.index, seg.start_ms, seg.text)
-                elif kind == "audio":
+    async with _client(args, args.via) as client:
+        events = client.synthesize(
+            args.text,
+            mode=args.mode,
+            voice=args.voice or "",
+            format=args.format,
+            sample_rate_hz=args.sample_rate,
+            speed=args.speed,
+            instructions=args.instructions or "",
+            request_id=args.request_id,
+        )
+        try:
+            async for event in events:
+                if isinstance(event, AudioChunk):
                     if first_audio is None:
                         first_audio = time.perf_counter()
-                    sink.write(response.audio.data)
-                elif kind == "finished":
-                    f = response.finished
+                    sink.write(event.data)
+                elif isinstance(event, SegmentStarted):
+                    if args.verbose:
+                        _print_segment(event)
+                elif isinstance(event, StreamStarted):
                     result.update(
-                        reply_text=f.reply_text,
-                        segments=f.segments,
-                        audio_bytes=f.audio_bytes,
-                        audio_ms=f.audio_ms,
-                        time_to_first_audio_ms=f.time_to_first_audio_ms,
-                        total_ms=f.total_ms,
-                        llm_first_token_ms=f.llm_first_token_ms,
-                        tts_first_byte_ms=f.tts_first_byte_ms,
-                        prompt_tokens=f.prompt_tokens,
-                        completion_tokens=f.completion_tokens,
+                        request_id=event.request_id or args.request_id,
+                        format=event.format.value,
+                        voice=event.voice,
                     )
-    except grpc.aio.AioRpcError as exc:
-        raise _grpc_error(exc, args, time.perf_counter() - started) from None
+                    if args.verbose:
+                        print(_describe_started(event), file=sys.stderr)
+                elif isinstance(event, StreamFinished):
+                    result.update(_figures(event))
+        except (VoxrelayError, TimeoutError) as exc:
+            raise _failure(exc, args, args.via) from None
     ended = time.perf_counter()
     result["client_ttfa_ms"] = round((first_audio - started) * 1000) if first_audio else None
     result["client_total_ms"] = round((ended - started) * 1000)
     return result
-
-
-async def _say_ws(args: argparse.Namespace, sink: AudioSink) -> dict[str, Any]:
-    from .ws_client import WsSayError, say_ws
-
-    target = _target(args, "ws")
-    context = _ssl_context(args)
-    url = f"{'wss' if context else 'ws'}://{target}/v1/stream"
-
-    def on_event(frame: dict[str, Any]) -> None:
-        if not args.verbose:
-            return
-        if frame.get("type") == "started":
-            print(
-                _describe_started(
-                    str(frame.get("id")),
-                    str(frame.get("voice")),
-                    str(frame.get("format")),
-                    str(frame.get("content_type")),
-                    int(frame.get("sample_rate_hz") or 0),
-                    str(frame.get("llm_model") or ""),
-                    str(frame.get("tts_model") or ""),
-                ),
-                file=sys.stderr,
-            )
-        elif frame.get("type") == "segment":
-            _print_segment(
-                int(frame.get("index", 0)), int(frame.get("start_ms", 0)), str(frame.get("text"))
-            )
-
-    voice, fmt = "", ""
-
-    def remember(frame: dict[str, Any]) -> None:
-        nonlocal voice, fmt
-        if frame.get("type") == "started":
-            voice, fmt = str(frame.get("voice")), str(frame.get("format"))
-        on_event(frame)
-
-    try:
-        async with asyncio.timeout(args.timeout):
-            finished = await say_ws(
-                url,
-                text=args.text,
-                mode=args.mode,
-                voice=args.voice or "",
-                format=args.format or "",
-                sample_rate_hz=args.sample_rate,
-                instructions=args.instructions or "",
-                speed=args.speed,
-                out=sink,
-                token=args.api_key,
-                ssl=context,
-                request_id=args.request_id,
-                on_event=remember,
-            )
-    except TimeoutError:
-        raise CliError(f"gave up after {args.timeout:g} s (--timeout)") from None
-    except WsSayError as exc:
-        # The server's refusals keep their code; this client's own findings need none.
-        local = exc.code in ("unreachable", "closed", "cancelled")
-        message = exc.message if local else str(exc)
-        if exc.code == "unauthorized":
-            message += ": check --api-key" if args.api_key else ": pass --api-key KEY"
-        if exc.retry_after_ms:
-            message += f" (retry in {exc.retry_after_ms / 1000:.1f} s)"
-        raise CliError(message) from None
-    except ssl.SSLError as exc:
-        raise CliError(f"TLS with {target} failed: {exc}") from None
-    except ConnectionRefusedError:
-        raise _unreachable(target, "WebSocket", "connection refused") from None
-    except OSError as exc:
-        gai = isinstance(exc, socket.gaierror)
-        reason = "the host name does not resolve" if gai else str(exc)
-        raise _unreachable(target, "WebSocket", reason) from None
-    result = {k: v for k, v in finished.items() if k not in ("type", "id")}
-    return {"request_id": finished.get("id"), "format": fmt, "voice": voice, **result}
 
 
 def _read_text(args: argparse.Namespace) -> None:
@@ -414,8 +334,7 @@ def cmd_say(args: argparse.Namespace, rest: list[str]) -> int:
         _read_text(args)
         _choose_format(args, sink)
         args.request_id = uuid.uuid4().hex
-        say = _say_ws if args.via == "ws" else _say_grpc
-        result = asyncio.run(say(args, sink))
+        result = asyncio.run(_say(args, sink))
         sink.finish()
     except CliError as exc:
         sink.close()
@@ -440,17 +359,12 @@ def cmd_say(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 async def _voices(args: argparse.Namespace) -> list[tuple[str, str]]:
-    started = time.perf_counter()
-    try:
-        async with _channel(args) as channel:
-            reply = await pb_grpc.SynthesizerStub(channel).ListVoices(
-                pb.ListVoicesRequest(language=args.language or ""),
-                timeout=args.timeout,
-                metadata=_metadata(args),
-            )
-    except grpc.aio.AioRpcError as exc:
-        raise _grpc_error(exc, args, time.perf_counter() - started) from None
-    return [(v.name, v.language) for v in reply.voices]
+    async with _client(args, "grpc") as client:
+        try:
+            voices = await client.voices(args.language or "")
+        except (VoxrelayError, TimeoutError) as exc:
+            raise _failure(exc, args, "grpc") from None
+    return [(v.name, v.language) for v in voices]
 
 
 def cmd_voices(args: argparse.Namespace, rest: list[str]) -> int:

@@ -1,9 +1,11 @@
-"""The WebSocket door's frames: client JSON in, server JSON out (sans-I/O).
+"""The WebSocket protocol's frames, both ways (sans-I/O).
 
-:func:`parse_frame` turns one client frame into a typed frame or raises
+Server side: :func:`parse_frame` turns one client frame into a typed frame or raises
 :class:`BadFrame` saying what is wrong; :func:`event_frame` and :func:`error_frame`
-build the server's JSON frames; :class:`AudioClock` works out the ``audio_ms`` of a
-``cancelled`` frame. No sockets here: every piece is testable alone.
+build the server's JSON frames. Client side (:mod:`voxrelay.client`): :func:`synthesize_frame` and
+:func:`cancel_frame` build requests, :func:`parse_server_frame` reads the server's frames
+back into core events and errors, :func:`close_error` reads a close code.
+No sockets here: every piece is testable alone.
 """
 
 from __future__ import annotations
@@ -14,22 +16,33 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from websockets.frames import Close
 from websockets.typing import Data
 
 from voxrelay.service import model
-from voxrelay.service.errors import InvalidRequest, VoxrelayError
+from voxrelay.service.errors import Internal, InvalidRequest, VoxrelayError, error_for_code
+
+from .errors import WS_CLOSE
 
 __all__ = [
     "AuthFrame",
     "BadFrame",
     "CancelFrame",
+    "Cancelled",
     "ClientFrame",
+    "ErrorFrame",
     "ResetFrame",
+    "ServerFrame",
     "SynthesizeFrame",
+    "cancel_frame",
+    "close_error",
     "dumps",
     "error_frame",
     "event_frame",
+    "handshake_error",
     "parse_frame",
+    "parse_server_frame",
+    "synthesize_frame",
 ]
 
 # Limits
@@ -216,3 +229,152 @@ def error_frame(request_id: str | None, error: VoxrelayError) -> dict[str, Any]:
 def dumps(frame: Mapping[str, Any]) -> str:
     """Serialise a server frame compactly (non-ASCII text stays as it is)."""
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+# Client side: requests out, server frames in
+
+
+def synthesize_frame(request: model.SynthesisRequest, *, request_id: str) -> dict[str, Any]:
+    """Build the ``synthesize`` frame for a core request (what :func:`parse_frame` reads).
+
+    Defaults (empty strings, zeros) are left out, as the server fills them in.
+    """
+    if request.history:
+        raise InvalidRequest(
+            "history cannot be sent over WebSocket, where the connection remembers its own"
+            " turns: send it over gRPC"
+        )
+    frame: dict[str, Any] = {
+        "type": "synthesize",
+        "id": request_id,
+        "text": request.text,
+        "mode": request.mode.value,
+    }
+    optional: dict[str, Any] = {
+        "voice": request.voice,
+        "format": request.format.value if request.format is not None else "",
+        "sample_rate_hz": request.sample_rate_hz,
+        "instructions": request.instructions,
+        "speed": request.speed,
+    }
+    frame.update((name, value) for name, value in optional.items() if value)
+    return frame
+
+
+def cancel_frame(request_id: str) -> dict[str, Any]:
+    """Build the ``cancel`` frame that stops stream *request_id*."""
+    return {"type": "cancel", "id": request_id}
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """``cancelled``: the stream stopped as asked; not one more byte of it follows."""
+
+    id: str | None
+    audio_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """``error``: the request *id* (``None``: a frame the server could not read) failed."""
+
+    id: str | None
+    error: VoxrelayError
+
+
+ServerFrame = (
+    model.StreamStarted | model.SegmentStarted | model.StreamFinished | Cancelled | ErrorFrame
+)
+
+#: The figures of ``finished``, read off the core's event (one source with :func:`event_frame`).
+_FINISHED_FIELDS = tuple(f.name for f in dataclasses.fields(model.StreamFinished))
+
+
+def parse_server_frame(message: str) -> ServerFrame | None:
+    """Read one JSON frame of the server (audio comes in binary frames, not here).
+
+    Return ``None`` for a frame type this version does not know (a newer server's, which
+    a client skips); raise :class:`~voxrelay.service.errors.Internal` for one it cannot read.
+    """
+    try:
+        frame = json.loads(message)
+        kind = frame["type"]
+        if kind == "started":
+            return model.StreamStarted(
+                request_id=str(frame["id"]),
+                format=model.AudioFormat(frame["format"]),
+                content_type=frame["content_type"],
+                sample_rate_hz=int(frame["sample_rate_hz"]),
+                channels=int(frame["channels"]),
+                voice=frame["voice"],
+                llm_model=frame["llm_model"],
+                tts_model=frame["tts_model"],
+            )
+        if kind == "segment":
+            return model.SegmentStarted(
+                int(frame["index"]), frame["text"], int(frame.get("start_ms", 0))
+            )
+        if kind == "finished":
+            return model.StreamFinished(
+                **{name: frame[name] for name in _FINISHED_FIELDS if name in frame}
+            )
+        if kind == "cancelled":
+            return Cancelled(frame.get("id"), int(frame.get("audio_ms") or 0))
+        if kind == "error":
+            retry_ms = frame.get("retry_after_ms")
+            error = error_for_code(
+                str(frame["code"]),
+                str(frame.get("message", "")),
+                retry_after_s=retry_ms / 1000 if isinstance(retry_ms, int | float) else None,
+                retryable=frame.get("retryable")
+                if isinstance(frame.get("retryable"), bool)
+                else None,
+            )
+            return ErrorFrame(frame.get("id"), error)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise Internal(f"the server sent a frame this client cannot read: {exc!r}") from None
+    return None
+
+
+#: A close code that ends a stream early → the error code it stands for, and its meaning.
+_CLOSE_ERRORS: dict[int, tuple[str, str]] = {
+    WS_CLOSE["going_away"]: ("unavailable", "the server is shutting down: retry in a moment"),
+    WS_CLOSE["policy"]: ("forbidden", "refused by policy"),
+    WS_CLOSE["too_big"]: ("too_large", "a frame was too large"),
+    WS_CLOSE["internal"]: ("internal", "internal server error"),
+    WS_CLOSE["try_again_later"]: ("busy", "the server is over capacity: retry in a moment"),
+}
+
+
+def close_error(close: Close | None, *, token_sent: bool) -> VoxrelayError | None:
+    """Explain a close the server sent before the stream finished.
+
+    Return ``None`` when the close names no failure (none was received, or a plain
+    1000): the connection was simply lost.
+    """
+    if close is None:
+        return None
+    if close.code == WS_CLOSE["policy"] and "authentication" in close.reason:
+        # Keeps the close's own words ("1008 (policy violation) authentication …").
+        hint = "check the API key" if token_sent else "this server requires an API key"
+        return error_for_code("unauthorized", f"{hint} (the server closed with {close})")
+    known = _CLOSE_ERRORS.get(close.code)
+    if known is None:
+        return None
+    code, meaning = known
+    return error_for_code(code, f"the server closed the connection with {close} ({meaning})")
+
+
+#: HTTP statuses the handshake can be refused with → the error code and what it means.
+_HANDSHAKE_REFUSALS: dict[int, tuple[str, str]] = {
+    401: ("unauthorized", "the server refused the API key (HTTP 401)"),
+    403: ("forbidden", "the server refused this client's Origin (HTTP 403)"),
+    404: ("invalid_request", "no WebSocket endpoint at this URL (HTTP 404)"),
+    503: ("busy", "the server has too many connections (HTTP 503): retry in a moment"),
+}
+
+
+def handshake_error(status: int) -> VoxrelayError | None:
+    """Explain a handshake refused with HTTP *status* (``None``: not one voxrelay sends)."""
+    known = _HANDSHAKE_REFUSALS.get(status)
+    return error_for_code(*known) if known is not None else None

@@ -20,6 +20,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "VoxrelayError",
+    "error_for_code",
 ]
 
 
@@ -149,3 +150,25 @@ ERROR_TYPES: tuple[type[VoxrelayError], ...] = (
     Internal,
 )
 ERROR_CODES: tuple[str, ...] = tuple(kind.code for kind in ERROR_TYPES)
+
+_BY_CODE: dict[str, type[VoxrelayError]] = {kind.code: kind for kind in ERROR_TYPES}
+
+
+def error_for_code(
+    code: str,
+    message: str,
+    *,
+    retry_after_s: float | None = None,
+    retryable: bool | None = None,
+) -> VoxrelayError:
+    """Rebuild the error a wire code names, as a client does with what a door sent.
+
+    A code this version does not know still becomes a :class:`VoxrelayError`
+    that carries it, so a newer server's refusals stay readable.
+    """
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        error = VoxrelayError(message, retry_after_s=retry_after_s, retryable=retryable)
+        error.code = code
+        return error
+    return cls(message, retry_after_s=retry_after_s, retryable=retryable)

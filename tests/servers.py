@@ -47,9 +47,10 @@ async def running_app(settings: Settings | None = None, **overrides: Any) -> Asy
 class ServerProcess:
     """``voxrelay serve`` (or ``make run``) as a child process, ports read from its log."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
         self.argv = argv
         self.env = env
+        self.cwd = cwd
         self.proc: asyncio.subprocess.Process | None = None
         self.startup: dict[str, Any] = {}
         self.lines: list[dict[str, Any]] = []
@@ -61,7 +62,7 @@ class ServerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             env=self.env,
-            cwd=ROOT,
+            cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -207,3 +207,30 @@ async def test_help_reads_well() -> None:
     assert "Exit codes" in out
     code, out, _ = await voxrelay("--version")
     assert code == 0 and out.startswith("voxrelay ")
+
+
+@pytest.mark.parametrize("via", VIAS)
+async def test_say_finds_the_server_and_its_key_in_the_environment(
+    app_factory: AppFactory, tmp_path: Path, via: str
+) -> None:
+    app = await app_factory(api_keys="k-env")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
+    env.update(
+        VOXRELAY_HOST="0.0.0.0",  # the server's bind address: a client here means loopback
+        VOXRELAY_GRPC_PORT=str(app.grpc_port),
+        VOXRELAY_WS_PORT=str(app.ws_port),
+    )
+    out = tmp_path / "hi.wav"
+    argv = ("say", "--via", via, "--mode", "speak", "Hi.", "-o", str(out))
+    code, _, err = await voxrelay(*argv, env=env)
+    expected = "UNAUTHENTICATED" if via == "grpc" else "unauthorized"
+    line = one_line_failure(code, err)
+    assert expected in line and "VOXRELAY_API_KEY" in line
+    code, _, err = await voxrelay(*argv, env=dict(env, VOXRELAY_API_KEY="k-env"))
+    assert code == 0 and out.read_bytes()[:4] == b"RIFF", err
+    assert "k-env" not in err
+    port = "VOXRELAY_GRPC_PORT" if via == "grpc" else "VOXRELAY_WS_PORT"
+    code, _, err = await voxrelay(*argv, env=dict(env, **{port: "0"}))
+    assert f"{port} is 0" in one_line_failure(code, err)
+    code, _, err = await voxrelay(*argv, env=dict(env, **{port: "fifty"}))
+    assert one_line_failure(code, err).startswith(f"voxrelay: {port}: ")

@@ -7,7 +7,6 @@ trust it explicitly, as a user of a private CA would.
 from __future__ import annotations
 
 import asyncio
-import io
 import shutil
 import ssl
 import subprocess
@@ -23,8 +22,8 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 from tests.conftest import AppFactory
 from tests.integration.test_websocket import SHORT, WAIT, open_ws
 from tests.servers import ROOT
+from voxrelay.client import AudioChunk, Client, StreamFinished
 from voxrelay.gateways.app import App
-from voxrelay.gateways.ws_client import say_ws
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
@@ -86,16 +85,13 @@ async def test_grpcs(tls_app: App, certificate: tuple[Path, Path]) -> None:
 async def test_wss_and_https(tls_app: App, certificate: tuple[Path, Path]) -> None:
     cert, _ = certificate
     port = tls_app.ws_port
-    out = io.BytesIO()
-    finished = await say_ws(
-        f"wss://127.0.0.1:{port}/v1/stream",
-        text=SHORT,
-        mode="speak",
-        out=out,
-        token=KEY,
-        ssl=trusting(cert),
-    )
-    assert finished["audio_bytes"] == len(out.getvalue()) > 0
+    async with Client(
+        f"wss://127.0.0.1:{port}", api_key=KEY, tls=trusting(cert), timeout=WAIT
+    ) as client:
+        events = [e async for e in client.synthesize(SHORT, mode="speak")]
+    audio = b"".join(e.data for e in events if isinstance(e, AudioChunk))
+    assert isinstance(finished := events[-1], StreamFinished)
+    assert finished.audio_bytes == len(audio) > 0
 
     def get(path: str) -> int:
         with urllib.request.urlopen(

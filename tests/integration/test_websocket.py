@@ -32,12 +32,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import AppFactory
 from tests.servers import make_settings
+from voxrelay.client import AudioChunk, Client, StreamFinished
 from voxrelay.gateways.app import App
-from voxrelay.gateways.ws_client import WsSayError, say_ws
 from voxrelay.gateways.ws_server import WsDoor
 from voxrelay.service import __version__, metrics
 from voxrelay.service.auth import KeyStore
-from voxrelay.service.errors import Unavailable
+from voxrelay.service.errors import InvalidRequest, Unavailable
 from voxrelay.service.model import ChatMessage
 from voxrelay.service.providers.base import ChatDelta, ChatProvider
 from voxrelay.service.providers.registry import make_chat, make_speech
@@ -671,7 +671,7 @@ async def test_drain_window_over_sends_unavailable_then_1001(door_factory: DoorF
         assert (ws.close_code, ws.close_reason) == (1001, "server shutting down")
 
 
-# The whole app: HTTP on the same port, say_ws, SIGTERM-style drain
+# The whole app: HTTP on the same port, the client library, SIGTERM-style drain
 
 
 async def test_http_endpoints_on_the_websocket_port(app_factory: AppFactory) -> None:
@@ -691,16 +691,17 @@ async def test_http_endpoints_on_the_websocket_port(app_factory: AppFactory) -> 
     assert status == 404 and headers["X-Content-Type-Options"] == "nosniff"
 
 
-async def test_say_ws_and_app_drain(app_factory: AppFactory) -> None:
+async def test_client_and_app_drain(app_factory: AppFactory) -> None:
     app: App = await app_factory()
     url = f"ws://127.0.0.1:{app.ws_port}/v1/stream"
-    out = io.BytesIO()
-    finished = await say_ws(url, text=TEXT, mode="speak", format="wav", out=out)
-    assert finished["type"] == "finished" and finished["audio_bytes"] == len(out.getvalue())
-    assert finished["client_total_ms"] >= finished["client_ttfa_ms"] >= 0
-    with pytest.raises(WsSayError) as refused:
-        await say_ws(url, text=" ", out=io.BytesIO())
-    assert refused.value.code == "invalid_request"
+    async with Client(url, timeout=WAIT) as client:
+        events = [e async for e in client.synthesize(TEXT, mode="speak", format="wav")]
+        audio = b"".join(e.data for e in events if isinstance(e, AudioChunk))
+        assert isinstance(finished := events[-1], StreamFinished)
+        assert finished.audio_bytes == len(audio) > 0
+        with pytest.raises(InvalidRequest):
+            async for _ in client.synthesize(" "):
+                pass
 
     async with open_ws(url) as ws:
         await app.drain_and_stop()
@@ -726,10 +727,12 @@ async def test_tls_serves_wss(door_factory: DoorFactory, self_signed: tuple[Path
     cert, key = self_signed
     served = await door_factory(tls_cert=cert, tls_key=key)
     context = ssl.create_default_context(cafile=str(cert))
-    out = io.BytesIO()
     url = f"wss://127.0.0.1:{served.door.port}/v1/stream"
-    finished = await say_ws(url, text=SHORT, mode="speak", out=out, ssl=context)
-    assert finished["audio_bytes"] == len(out.getvalue()) > 0
+    async with Client(url, tls=context, timeout=WAIT) as client:
+        events = [e async for e in client.synthesize(SHORT, mode="speak")]
+    audio = b"".join(e.data for e in events if isinstance(e, AudioChunk))
+    assert isinstance(finished := events[-1], StreamFinished)
+    assert finished.audio_bytes == len(audio) > 0
 
 
 # API keys (the hook for issue 6)
