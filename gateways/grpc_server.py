@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from grpc._cython import cygrpc  # channelz's queries (what grpcio-channelz wraps)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -22,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from voxrelay.service import metrics, model
 from voxrelay.service.auth import KeyStore, bearer_token
 from voxrelay.service.errors import VoxrelayError
-from voxrelay.service.relay import Relay
+from voxrelay.service.relay import ClientGone, Relay
 from voxrelay.service.settings import Settings
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
@@ -37,23 +39,52 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Synthesizer"].full_name
 
 
 class _GrpcSink:
-    """Write a stream's events as ``SynthesizeResponse`` messages."""
+    """Write a stream's events as ``SynthesizeResponse`` messages.
+
+    A client that takes no message for ``send_stall_s`` is gone as far as the stream is
+    concerned (:class:`ClientGone`): its slot and its upstream calls are freed.
+    """
 
     def __init__(
-        self, context: grpc.aio.ServicerContext[pb.SynthesizeRequest, pb.SynthesizeResponse]
+        self,
+        context: grpc.aio.ServicerContext[pb.SynthesizeRequest, pb.SynthesizeResponse],
+        *,
+        peer: str,
+        stall_s: float,
     ) -> None:
         self._context = context
+        self._peer = peer
+        self._stall_s = stall_s
 
     async def send(self, event: model.Event) -> None:
-        await self._context.write(to_response(event))
+        await self.write(to_response(event))
+
+    async def write(self, message: pb.SynthesizeResponse) -> None:
+        if not self._stall_s:
+            await self._context.write(message)
+            return
+        try:
+            async with asyncio.timeout(self._stall_s):
+                await self._context.write(message)
+        except TimeoutError:
+            log.warning(
+                "dropping a client that stopped reading",
+                extra={
+                    "event": "grpc_send_stall",
+                    "peer": self._peer,
+                    "send_stall_s": self._stall_s,
+                },
+            )
+            raise ClientGone from None
 
 
 class SynthesizerService(pb_grpc.SynthesizerServicer):
     """``voxrelay.v1.Synthesizer`` over the core."""
 
-    def __init__(self, relay: Relay, keys: KeyStore) -> None:
+    def __init__(self, relay: Relay, keys: KeyStore, *, send_stall_s: float) -> None:
         self.relay = relay
         self.keys = keys
+        self.send_stall_s = send_stall_s
 
     async def Synthesize(
         self,
@@ -80,12 +111,18 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             await context.abort_with_status(to_status(exc))
             return
         run = self.relay.open("grpc", peer, core_request, caller=caller, deadline=deadline)
+        sink = _GrpcSink(context, peer=peer, stall_s=self.send_stall_s)
         try:
-            finished = await run.relay(_GrpcSink(context))
+            finished = await run.relay(sink)
+            await sink.write(to_response(finished))
         except VoxrelayError as exc:
             await context.abort_with_status(to_status(exc))
-            return
-        await context.write(to_response(finished))
+        except ClientGone:
+            # The stream is over for us; the status follows what the client has not read.
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"dropped: the client read nothing for {self.send_stall_s:g} s",
+            )
 
     async def ListVoices(
         self,
@@ -96,6 +133,41 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         return pb.ListVoicesResponse(
             voices=[pb.Voice(name=v.name, language=v.language) for v in voices]
         )
+
+
+# Connections
+#: Ping a connection this often, and drop it when the ping is not answered in time:
+#: a peer that vanished without a FIN (a dead host, a dropped route) is found.
+KEEPALIVE_S = 20.0
+KEEPALIVE_TIMEOUT_S = 20.0
+#: Clients may ping this often without calls in flight (grpc's default is 5 min).
+CLIENT_PING_MIN_S = 10.0
+#: A connection lives this long at most (clients reconnect, so load spreads anew) ...
+MAX_CONNECTION_AGE_S = 1800.0
+#: ... and its calls then get this long to finish (a stream of the longest audio).
+MAX_CONNECTION_AGE_GRACE_S = 660.0
+
+
+def _connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """grpc's connection management: keepalive, and idle and old connections closed."""
+    options = [
+        ("grpc.keepalive_time_ms", round(KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", round(CLIENT_PING_MIN_S * 1000)),
+        ("grpc.max_connection_age_ms", round(MAX_CONNECTION_AGE_S * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(MAX_CONNECTION_AGE_GRACE_S * 1000)),
+    ]
+    if settings.idle_timeout_s:
+        options.append(("grpc.max_connection_idle_ms", round(settings.idle_timeout_s * 1000)))
+    return options
+
+
+def _channelz_servers() -> set[int]:
+    """The ids of this process's gRPC servers in channelz (grpc's own introspection)."""
+    page = json.loads(cygrpc.channelz_get_servers(0))
+    return {int(server["ref"]["serverId"]) for server in page.get("server", [])}
 
 
 def _peer(peer: str) -> str:
@@ -185,14 +257,21 @@ class GrpcDoor:
     def __init__(self, settings: Settings, relay: Relay, keys: KeyStore) -> None:
         self.settings = settings
         limit = settings.ws_max_message_bytes or -1
+        known = _channelz_servers()
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(keys)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                *_connection_options(settings),
             ],
         )
-        pb_grpc.add_SynthesizerServicer_to_server(SynthesizerService(relay, keys), self.server)
+        # The server channelz registered just now is ours: its sockets are our connections.
+        ours = _channelz_servers() - known
+        self._channelz_id = min(ours) if len(ours) == 1 else None
+        metrics.GRPC_CONNECTIONS.set_function(self.connections)
+        service = SynthesizerService(relay, keys, send_stall_s=settings.send_stall_s)
+        pb_grpc.add_SynthesizerServicer_to_server(service, self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.grpc_reflection:
@@ -223,6 +302,19 @@ class GrpcDoor:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def connections(self) -> int:
+        """Count the connections open to this server (grpc's channelz), -1 if unknown."""
+        if self._channelz_id is None:
+            return -1
+        count, start = 0, 0
+        while True:
+            page = json.loads(cygrpc.channelz_get_server_sockets(self._channelz_id, start, 1000))
+            refs = page.get("socketRef", [])
+            count += len(refs)
+            if page.get("end", True) or not refs:
+                return count
+            start = int(refs[-1]["socketId"]) + 1
 
     async def begin_drain(self) -> None:
         """Report NOT_SERVING at once; streams in flight go on."""

@@ -40,6 +40,7 @@ __all__ = [
     "ERRORS",
     "ERROR_CODES",
     "FORMATS",
+    "GRPC_CONNECTIONS",
     "LATENCY_BUCKETS",
     "MODES",
     "OUTCOMES",
@@ -108,6 +109,9 @@ ACTIVE_STREAMS = Gauge(
     "voxrelay_active_streams", "Streams in flight.", ["protocol"], registry=REGISTRY
 )
 WS_CONNECTIONS = Gauge("voxrelay_ws_connections", "Open WebSocket connections.", registry=REGISTRY)
+GRPC_CONNECTIONS = Gauge(
+    "voxrelay_grpc_connections", "Open gRPC connections (-1: unknown).", registry=REGISTRY
+)
 TIME_TO_FIRST_AUDIO = Histogram(
     "voxrelay_time_to_first_audio_seconds",
     "From a request's arrival to its first audio byte handed to the client.",

@@ -1,0 +1,273 @@
+"""No caller can take the service from the others (SPEC: Isolation), over real sockets.
+
+Each test crosses one limit as an attacker would, then checks that the server let go
+of what that caller held and still serves someone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import AppFactory
+from tests.integration.test_websocket import (
+    WAIT,
+    audio_of,
+    decode_seconds,
+    events,
+    eventually,
+    open_ws,
+    receive,
+    send,
+    until_end,
+)
+from voxrelay.gateways.app import App
+from voxrelay.service import metrics
+from voxrelay.service.model import ChatMessage, Voice
+from voxrelay.service.providers.base import ChatDelta
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
+
+RATE = 24_000
+BYTES_PER_S = 2 * RATE
+
+
+class EndlessSpeech:
+    """A speech engine that speaks any text for *seconds*, as fast as it is read."""
+
+    name = "espeak"
+    model = "endless"
+    sample_rate = RATE
+    default_voice = "plain"
+    max_speed = 4.0
+    validates_voices = False
+
+    def __init__(self, seconds: float = 600.0, chunk_ms: int = 100) -> None:
+        self.seconds = seconds
+        self.chunk = bytes(BYTES_PER_S * chunk_ms // 1000)
+        self.pulled = 0
+        self.calls = 0
+
+    @property
+    def pulled_s(self) -> float:
+        return self.pulled / BYTES_PER_S
+
+    async def voices(self) -> list[Voice]:
+        return [Voice("plain", "en")]
+
+    async def synthesize(
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float,
+        instructions: str,
+        timeout: float,  # noqa: ASYNC109 - the Protocol's
+    ) -> AsyncGenerator[bytes, None]:
+        self.calls += 1
+        for _ in range(round(self.seconds * BYTES_PER_S / len(self.chunk))):
+            self.pulled += len(self.chunk)
+            yield self.chunk
+            await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class CountingChat:
+    """A chat provider that counts its calls and answers one sentence."""
+
+    name = "echo"
+    model = "counting"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int,
+        timeout: float,  # noqa: ASYNC109 - the Protocol's
+    ) -> AsyncIterator[ChatDelta]:
+        self.calls += 1
+        yield ChatDelta("Hello there.")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def endless(app: App, **options: Any) -> EndlessSpeech:
+    engine = EndlessSpeech(**options)
+    app.synthesizer.engines.speech = engine
+    return engine
+
+
+def ws_url(app: App) -> str:
+    return f"ws://127.0.0.1:{app.ws_port}/v1/stream"
+
+
+async def speak_ws(app: App, text: str = "Still here.", **options: Any) -> list[Any]:
+    async with open_ws(ws_url(app)) as ws:
+        await send(ws, type="synthesize", text=text, mode="speak", format="pcm", **options)
+        return await until_end(ws)
+
+
+async def stays_under(read: Any, bound: float, within_s: float = 3.0) -> float:
+    """Wait up to *within_s* for ``read()`` to pass *bound*; return where it stood.
+
+    What is checked is that something does *not* happen, so the wait is bounded.
+    """
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and read() <= bound:  # noqa: ASYNC110 - a counter
+        await asyncio.sleep(0.05)
+    value: float = read()
+    return value
+
+
+# Audio only as fast as the listener takes it
+
+
+async def test_a_websocket_listener_that_stops_reading_stops_the_engine(
+    app_factory: AppFactory,
+) -> None:
+    app = await app_factory(send_stall_s=0)
+    engine = endless(app)
+    async with open_ws(ws_url(app), max_queue=1) as ws:
+        await send(ws, type="synthesize", text="Talk.", mode="speak", format="pcm")
+        await eventually(lambda: engine.pulled > 0)
+        # Nothing read from here on: only bounded buffers may fill.
+        pulled_s = await stays_under(lambda: engine.pulled_s, 300)
+        assert pulled_s < 300, f"the engine ran {pulled_s:.0f} s ahead of a listener"
+    await eventually(lambda: app.runtime.active_streams == 0)
+    engine.seconds = 0.5
+    assert events(await speak_ws(app), "finished")
+
+
+async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_slot_freed(
+    app_factory: AppFactory,
+) -> None:
+    app = await app_factory(send_stall_s=1)
+    engine = endless(app)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.SynthesizerStub(channel)
+        request = pb.SynthesizeRequest(
+            text="Talk.", mode=pb.MODE_SPEAK, format=pb.AUDIO_FORMAT_PCM, sample_rate_hz=48_000
+        )
+        call = stub.Synthesize(request)  # never read
+        await eventually(lambda: app.runtime.active_streams == 1)
+        async with asyncio.timeout(WAIT):
+            while app.runtime.active_streams:  # noqa: ASYNC110 - no event for a slot
+                await asyncio.sleep(0.05)
+        pulled = engine.pulled
+        assert await stays_under(lambda: engine.pulled, pulled, within_s=0.5) == pulled
+        call.cancel()
+        engine.seconds = 0.5
+        replies = [r async for r in stub.Synthesize(request)]
+        assert replies[-1].HasField("finished")
+
+
+# A cap on one stream's audio
+
+
+async def test_a_stream_ends_too_large_at_its_audio_cap_with_a_whole_file(
+    app_factory: AppFactory,
+) -> None:
+    app = await app_factory(max_stream_audio_s=2)
+    engine = endless(app)
+    async with open_ws(ws_url(app)) as ws:
+        await send(ws, type="synthesize", text="Talk.", mode="speak", format="mp3")
+        frames = await until_end(ws)
+    error = frames[-1]
+    assert isinstance(error, dict) and error["code"] == "too_large"
+    assert "VOXRELAY_MAX_STREAM_AUDIO_S" in error["message"]
+    assert decode_seconds(audio_of(frames), "mp3") == pytest.approx(2.0, abs=0.1)
+    engine.seconds = 0.5
+    assert events(await speak_ws(app), "finished")
+
+
+async def test_a_run_without_spaces_is_spoken_in_bounded_segments(
+    app_factory: AppFactory,
+) -> None:
+    app = await app_factory()
+    engine = endless(app, seconds=0.05)
+    async with open_ws(ws_url(app)) as ws:
+        await send(ws, type="synthesize", text="1" * 4096, mode="speak", format="pcm")
+        frames = await until_end(ws)
+    segments = events(frames, "segment")
+    assert "".join(s["text"] for s in segments) == "1" * 4096
+    assert max(len(s["text"]) for s in segments) <= 300
+    assert engine.calls == len(segments)
+
+
+async def test_a_whole_reply_comes_in_fragments_of_one_message(app_factory: AppFactory) -> None:
+    app = await app_factory()
+    endless(app, seconds=10)
+    async with open_ws(ws_url(app)) as ws:
+        await send(ws, type="synthesize", text="Talk.", mode="speak", format="pcm", stream=False)
+        assert (await receive(ws))["type"] == "started"
+        assert (await receive(ws))["type"] == "segment"
+        fragments = [f async for f in ws.recv_streaming()]
+        assert len(fragments) > 1
+        assert sum(len(f) for f in fragments) == 10 * BYTES_PER_S
+        assert json.loads(await ws.recv())["type"] == "finished"
+
+
+# What a request costs
+
+
+async def test_instructions_are_capped_and_count_against_the_character_budget(
+    app_factory: AppFactory,
+) -> None:
+    app = await app_factory(max_instructions_chars=50, chars_per_min=100)
+    endless(app, seconds=0.05)
+    async with open_ws(ws_url(app)) as ws:
+        await send(ws, type="synthesize", text="Hi.", mode="speak", instructions="x" * 51)
+        refused = (await until_end(ws))[-1]
+        assert refused["code"] == "too_large"
+        assert "VOXRELAY_MAX_INSTRUCTIONS_CHARS" in refused["message"]
+        await send(ws, type="synthesize", text="Hi.", mode="speak", instructions="x" * 50)
+        assert events(await until_end(ws), "finished")
+        # 53 characters charged of 100: the same request again is over the budget.
+        await send(ws, type="synthesize", text="Hi.", mode="speak", instructions="x" * 50)
+        assert (await until_end(ws))[-1]["code"] == "rate_limited"
+
+
+# An open breaker fails fast
+
+
+async def test_an_open_speech_breaker_fails_chat_before_the_llm_is_called(
+    app_factory: AppFactory,
+) -> None:
+    app = await app_factory(breaker_failures=1, breaker_cooldown_s=60)
+    chat = CountingChat()
+    app.synthesizer.engines.chat = chat
+    app.synthesizer.engines.tts_stage.breaker.record_failure(trial=False)
+    async with open_ws(ws_url(app)) as ws:
+        await send(ws, type="synthesize", text="Hi.", format="pcm")
+        frames = await until_end(ws)
+    assert [f["type"] for f in frames if isinstance(f, dict)] == ["error"]
+    assert frames[-1]["code"] == "unavailable" and frames[-1]["retryable"]
+    assert chat.calls == 0
+
+
+# Connections
+
+
+async def test_grpc_connections_are_counted(app_factory: AppFactory) -> None:
+    app = await app_factory()
+
+    def gauge() -> float | None:
+        return metrics.REGISTRY.get_sample_value("voxrelay_grpc_connections")
+
+    assert gauge() == app.grpc.connections() == 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        await asyncio.wait_for(channel.channel_ready(), WAIT)
+        await eventually(lambda: gauge() == 1)
+    await eventually(lambda: gauge() == 0)
