@@ -309,7 +309,11 @@ class GrpcDoor:
             return -1
         count, start = 0, 0
         while True:
-            page = json.loads(cygrpc.channelz_get_server_sockets(self._channelz_id, start, 1000))
+            try:
+                sockets = cygrpc.channelz_get_server_sockets(self._channelz_id, start, 1000)
+            except ValueError:  # the server is gone: no connections
+                return 0
+            page = json.loads(sockets)
             refs = page.get("socketRef", [])
             count += len(refs)
             if page.get("end", True) or not refs:

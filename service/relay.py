@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from typing import Protocol
 
 from .errors import Internal, UpstreamTimeout, VoxrelayError
@@ -34,7 +36,7 @@ from .model import (
 from .synthesizer import SynthesisStream, Synthesizer
 from .telemetry import StreamRecord, WireProtocol
 
-__all__ = ["AudioClock", "ClientGone", "EventSink", "Relay", "RelayedStream"]
+__all__ = ["AudioClock", "ClientGone", "EventSink", "RefusalLog", "Relay", "RelayedStream"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,11 @@ class AudioClock:
         self.segment_bytes += nbytes
 
     @property
+    def exact(self) -> bool:
+        """Whether the format's size says its duration (else :attr:`audio_ms` estimates)."""
+        return self.format in _SAMPLE_WIDTH
+
+    @property
     def audio_ms(self) -> int:
         sent = self.earlier_bytes + self.segment_bytes
         if not sent:
@@ -96,6 +103,36 @@ class AudioClock:
         return self.segment_start_ms
 
 
+class RefusalLog:
+    """Let at most *per_second* refusal lines a second through for each peer.
+
+    A client that sends bad frames in a loop must not fill the log: the rest are
+    counted in the metrics only, and the next line logged says how many it stands for.
+    """
+
+    def __init__(self, per_second: int = 3, *, max_peers: int = 4096) -> None:
+        self.per_second = per_second
+        self.max_peers = max_peers
+        # peer → (second of its window, lines logged in it, lines not logged since)
+        self._peers: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+
+    def admit(self, peer: str, now: float) -> tuple[bool, int]:
+        """Return whether to log a refusal of *peer* now, and how many went unlogged."""
+        second = int(now)
+        window, logged, unlogged = self._peers.pop(peer, (second, 0, 0))
+        if window != second:
+            window, logged = second, 0
+        if logged < self.per_second:
+            self._peers[peer] = (window, logged + 1, 0)
+            allowed, before = True, unlogged
+        else:
+            self._peers[peer] = (window, logged, unlogged + 1)
+            allowed, before = False, 0
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
+        return allowed, before
+
+
 class RelayedStream:
     """One request on its way through the core to one door's client."""
 
@@ -107,8 +144,10 @@ class RelayedStream:
         *,
         caller: str | None,
         deadline: float | None,
+        refusals: RefusalLog,
     ) -> None:
         self.record = record
+        self._refusals = refusals
         self.request = request
         self.deadline = deadline
         self.clock = AudioClock()
@@ -175,10 +214,13 @@ class RelayedStream:
                 await sink.send(event)
 
     def end_cancelled(self, reason: str) -> None:
-        """Record the stream as cancelled (a no-op once it has ended otherwise)."""
-        self.record.end(
-            "cancelled", self._stream.figures, audio_ms=self.clock.audio_ms, reason=reason
-        )
+        """Record the stream as cancelled (a no-op once it has ended otherwise).
+
+        The audio logged is what the client got where the format tells it exactly, else
+        what the stream had made.
+        """
+        audio_ms = self.clock.audio_ms if self.clock.exact else None
+        self.record.end("cancelled", self._stream.figures, audio_ms=audio_ms, reason=reason)
 
     def _why_cancelled(self) -> str:
         late = self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline
@@ -189,7 +231,12 @@ class RelayedStream:
             # The caller's own deadline ran out first: its choice, not an upstream fault.
             self.end_cancelled("deadline")
             return
-        self.record.end(error.code, self._stream.figures, error=error)
+        logged, unlogged = True, 0
+        if self.clock.format is None:  # refused before it started: logged sparingly
+            logged, unlogged = self._refusals.admit(self.record.peer, time.monotonic())
+        self.record.end(
+            error.code, self._stream.figures, error=error, logged=logged, unlogged_before=unlogged
+        )
 
 
 class Relay:
@@ -198,6 +245,7 @@ class Relay:
     def __init__(self, synthesizer: Synthesizer) -> None:
         self.synthesizer = synthesizer
         self.log_text = synthesizer.settings.log_text
+        self.refusals = RefusalLog()
 
     def check_open(self) -> None:
         """Raise the refusal a new stream would get now (draining, or at capacity)."""
@@ -217,7 +265,14 @@ class Relay:
         *caller* is whom per-caller limits apply to; *deadline* a ``loop.time()``.
         """
         record = StreamRecord(protocol, peer, request, log_text=self.log_text)
-        return RelayedStream(self.synthesizer, record, request, caller=caller, deadline=deadline)
+        return RelayedStream(
+            self.synthesizer,
+            record,
+            request,
+            caller=caller,
+            deadline=deadline,
+            refusals=self.refusals,
+        )
 
     def refuse(
         self,
@@ -229,6 +284,10 @@ class Relay:
         request_id: str = "",
         mode: Mode | None = None,
     ) -> None:
-        """Count and log a request the door refused before it reached the core."""
+        """Count and log a request the door refused before it reached the core.
+
+        Every refusal is counted; a few a second per peer are logged.
+        """
+        logged, unlogged = self.refusals.admit(peer, time.monotonic())
         record = StreamRecord(protocol, peer, request, request_id=request_id, mode=mode)
-        record.end(error.code, error=error)
+        record.end(error.code, error=error, logged=logged, unlogged_before=unlogged)

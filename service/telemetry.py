@@ -101,13 +101,18 @@ class StreamRecord:
         error: VoxrelayError | None = None,
         audio_ms: int | None = None,
         reason: str | None = None,
+        *,
+        logged: bool = True,
+        unlogged_before: int = 0,
     ) -> None:
         """Count the outcome (``ok``, ``cancelled`` or an error code) and log the line.
 
         *finished* holds the stream's figures (for a stream that did not finish, those
         known so far); *audio_ms*, when given, is the audio the client got, and wins.
         *reason* says more about a cancel (``deadline``, ``client``, ``disconnect``).
-        Only the first call counts: a door may call it from more than one path.
+        With *logged* false the outcome is counted but not logged; *unlogged_before*
+        says how many such lines this one stands for. Only the first call counts: a
+        door may call it from more than one path.
         """
         if self._ended:
             return
@@ -123,7 +128,12 @@ class StreamRecord:
         if audio_ms:
             metrics.AUDIO_SECONDS.labels(self.protocol).inc(audio_ms / 1000)
 
+        if not logged:
+            self._leave_context()
+            return
         fields = self._fields(outcome, finished, audio_ms)
+        if unlogged_before:
+            fields["unlogged_before"] = unlogged_before
         if reason is not None:
             fields["reason"] = reason
         if error is not None:
