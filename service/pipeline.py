@@ -271,8 +271,8 @@ def _check_controls(text: str, what: str) -> None:
     for ch in text:
         if ch not in ALLOWED_CONTROLS and unicodedata.category(ch) == "Cc":
             raise InvalidRequest(
-                f"{what} contains control character U+{ord(ch):04X}; only newline and tab"
-                " are allowed"
+                f"{what} contains control character U+{ord(ch):04X}; only newline, carriage"
+                " return and tab are allowed"
             )
 
 

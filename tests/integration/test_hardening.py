@@ -1,0 +1,125 @@
+"""Hostile or odd input at both doors: each refused with its typed error, nothing else breaks.
+
+Issue 17's smaller holes, end to end over real sockets: lone surrogates in a request, text
+with Windows line endings, and (against a fake OpenAI upstream) waits and usage figures no
+client should see unclamped, and upstream error bodies that must stay in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+
+from tests.conftest import AppFactory
+from tests.integration.test_websocket import SHORT, WAIT, open_ws, receive, send, until_end
+from voxrelay.gateways.app import App
+from voxrelay.service.logs import JsonFormatter
+from voxrelay.v1 import synthesis_pb2 as pb
+from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
+
+
+def ws_url(app: App) -> str:
+    return f"ws://127.0.0.1:{app.ws_port}/v1/stream"
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Every record as the JSON line the server would write (and can write: no crash)."""
+    formatter = JsonFormatter()
+    lines = [formatter.format(record) for record in caplog.records]
+    for line in lines:
+        line.encode()  # stderr takes UTF-8: a lone surrogate would fail right here
+    return lines
+
+
+# Lone surrogates and line endings
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"synthesize","id":"s1","mode":"speak","text":"Hello \\ud800 there."}',
+        '{"type":"synthesize","id":"s1","mode":"speak","text":"Hi.","voice":"\\udfff"}',
+        '{"type":"synthesize","id":"s1","mode":"speak","text":"Hi.","instructions":"\\ud83d"}',
+    ],
+)
+async def test_ws_lone_surrogate_is_invalid_request(
+    app_factory: AppFactory, caplog: pytest.LogCaptureFixture, frame: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = await app_factory()
+    async with open_ws(ws_url(app)) as ws:
+        await ws.send(frame)
+        error = await receive(ws)
+        assert isinstance(error, dict) and error["type"] == "error"
+        assert (error["id"], error["code"]) == ("s1", "invalid_request")
+        assert "surrogate" in error["message"]
+        # The connection goes on serving, and a real emoji (a surrogate pair) is fine.
+        await send(ws, type="synthesize", id="s2", mode="speak", text="Fine 😀 now.", format="pcm")
+        assert (await until_end(ws))[-1]["type"] == "finished"  # type: ignore[index]
+    assert app.synthesizer.active_streams == 0
+    assert not any("Traceback" in line for line in logged(caplog))
+
+
+async def test_ws_lone_surrogate_in_the_id_gets_a_null_id(app_factory: AppFactory) -> None:
+    app = await app_factory()
+    async with open_ws(ws_url(app)) as ws:
+        await ws.send('{"type":"synthesize","id":"x\\ud800","mode":"speak","text":"Hi."}')
+        error = await receive(ws)
+        assert isinstance(error, dict)
+        assert (error["type"], error["id"], error["code"]) == ("error", None, "invalid_request")
+
+
+async def test_grpc_invalid_utf8_is_invalid_argument(app_factory: AppFactory) -> None:
+    app = await app_factory()
+    good = pb.SynthesizeRequest(text="Hello XXXX.", mode=pb.MODE_SPEAK).SerializeToString()
+    bad = good.replace(b"XXXX", b"\xed\xa0\x80X")  # U+D800 as a lax UTF-8 encoder writes it
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        call = channel.unary_stream(
+            "/voxrelay.v1.Synthesizer/Synthesize",
+            request_serializer=bytes,
+            response_deserializer=pb.SynthesizeResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in call(bad, timeout=WAIT):
+                pass
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "UTF-8" in (refused.value.details() or "")
+        voices = channel.unary_unary(
+            "/voxrelay.v1.Synthesizer/ListVoices",
+            request_serializer=bytes,
+            response_deserializer=pb.ListVoicesResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await voices(b"\x0a\x02e\x80")  # language: "e" and a stray continuation byte
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The same door serves a good request meanwhile.
+        stub = pb_grpc.SynthesizerStub(channel)
+        responses = [
+            r
+            async for r in stub.Synthesize(
+                pb.SynthesizeRequest(text=SHORT, mode=pb.MODE_SPEAK), timeout=WAIT
+            )
+        ]
+        assert responses[-1].HasField("finished")
+
+
+async def test_windows_line_endings_are_spoken(app_factory: AppFactory) -> None:
+    app = await app_factory()
+    text = "First line.\r\nSecond line.\r\n"
+    async with open_ws(ws_url(app)) as ws:
+        for mode in ("speak", "chat"):
+            await send(ws, type="synthesize", text=text, mode=mode, instructions="Be\r\nbrief.")
+            last = (await until_end(ws))[-1]
+            assert isinstance(last, dict) and last["type"] == "finished", last
+        await send(ws, type="synthesize", id="c", text="Bell\x07.", mode="speak")
+        error = await receive(ws)
+        assert isinstance(error, dict) and error["code"] == "invalid_request"
+        assert "carriage return" in error["message"]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        stub = pb_grpc.SynthesizerStub(channel)
+        history = [pb.ChatMessage(role="user", content="a\r\nb")]
+        request = pb.SynthesizeRequest(text=text, history=history)
+        responses = [r async for r in stub.Synthesize(request, timeout=WAIT)]
+        assert responses[-1].HasField("finished")
