@@ -15,7 +15,29 @@ from typing import Protocol, runtime_checkable
 
 from ..model import ChatMessage, Voice
 
-__all__ = ["ChatDelta", "ChatProvider", "SpeakingModel", "SpeechEngine", "SpokenDelta"]
+__all__ = [
+    "MAX_TOKEN_COUNT",
+    "ChatDelta",
+    "ChatProvider",
+    "SpeakingModel",
+    "SpeechEngine",
+    "SpokenDelta",
+    "token_count",
+]
+
+#: The largest token count passed on: what ``StreamFinished``'s uint32 fields can carry.
+MAX_TOKEN_COUNT = 2**32 - 1
+
+
+def token_count(value: object) -> int | None:
+    """Read a usage figure an upstream reported: a whole number clamped to ≥ 0, else None.
+
+    Counters only go up and the gRPC figures are unsigned: a negative or huge count from
+    a faulty upstream must not fail the stream that reports it.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    return min(max(value, 0), MAX_TOKEN_COUNT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,9 @@ import anyio
 import httpx2
 import openai
 
-from ..errors import UpstreamError, UpstreamTimeout
+from ..errors import UpstreamError, UpstreamTimeout, clamp_wait
 from ..model import ChatMessage
-from .base import ChatDelta
+from .base import ChatDelta, token_count
 
 __all__ = [
     "OpenAIChat",
@@ -87,16 +87,20 @@ def redact(text: str, api_key: str) -> str:
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Return the wait the upstream asked for (``retry-after-ms`` first), in seconds."""
+    """Return the wait the upstream asked for (``retry-after-ms`` first), in seconds.
+
+    The wait is clamped to [0, :data:`~service.errors.MAX_WAIT_S`]: a negative one means
+    now, an enormous one (``1e306``, ``inf``) the longest voxrelay advises; NaN is none.
+    """
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
         try:
-            seconds = float(value) * scale
+            seconds = clamp_wait(float(value) * scale)
         except ValueError:
             continue  # an HTTP date: rare from LLM APIs; the core's backoff applies
-        if seconds >= 0 and seconds != float("inf"):
+        if seconds is not None:
             return seconds
     return None
 
@@ -176,8 +180,9 @@ def _read_chunk(chunk: object) -> tuple[str, tuple[int, int] | None]:
             text += content
     usage = chunk.get("usage")
     if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int) and isinstance(completion, int):
+        prompt = token_count(usage.get("prompt_tokens"))
+        completion = token_count(usage.get("completion_tokens"))
+        if prompt is not None and completion is not None:
             return text, (prompt, completion)
     return text, None
 

@@ -37,7 +37,7 @@ from websockets.exceptions import (
 
 from ..errors import UpstreamError, UpstreamTimeout
 from ..model import ChatMessage, Voice
-from .base import SpokenDelta
+from .base import SpokenDelta, token_count
 from .openai_chat import build_client, redact, status_error
 
 __all__ = ["REALTIME_VOICES", "OpenAIRealtime", "realtime_errors"]
@@ -284,8 +284,7 @@ class OpenAIRealtime:
             return None
         prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
         return SpokenDelta(
-            prompt_tokens=prompt if isinstance(prompt, int) else None,
-            completion_tokens=completion if isinstance(completion, int) else None,
+            prompt_tokens=token_count(prompt), completion_tokens=token_count(completion)
         )
 
     async def aclose(self) -> None:

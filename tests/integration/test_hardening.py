@@ -8,11 +8,16 @@ client should see unclamped, and upstream error bodies that must stay in the log
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from tests.conftest import AppFactory
+from tests.fakes.openai_upstream import FakeOpenAI, Latency, status
 from tests.integration.test_websocket import SHORT, WAIT, open_ws, receive, send, until_end
 from voxrelay.gateways.app import App
 from voxrelay.service.logs import JsonFormatter
@@ -123,3 +128,87 @@ async def test_windows_line_endings_are_spoken(app_factory: AppFactory) -> None:
         request = pb.SynthesizeRequest(text=text, history=history)
         responses = [r async for r in stub.Synthesize(request, timeout=WAIT)]
         assert responses[-1].HasField("finished")
+
+
+# What an upstream says, passed on only within bounds
+
+CHAT_KEY = "sk-chat-hardening-5d1c9e2a7b"
+TTS_KEY = "sk-speech-hardening-8f0e3b6d2c"
+
+
+@dataclass
+class Upstreams:
+    app: App
+    chat: FakeOpenAI
+    tts: FakeOpenAI
+
+
+@pytest.fixture
+async def upstreams(app_factory: AppFactory) -> AsyncIterator[Upstreams]:
+    """The app on two fake OpenAI upstreams, no retries, the breaker off."""
+    async with (
+        FakeOpenAI(latency=Latency.zero(), api_key=CHAT_KEY) as chat,
+        FakeOpenAI(latency=Latency.zero(), api_key=TTS_KEY) as tts,
+    ):
+        app = await app_factory(
+            llm="openai",
+            tts="openai",
+            llm_base_url=chat.base_url,
+            llm_api_key=CHAT_KEY,
+            tts_base_url=tts.base_url,
+            tts_api_key=TTS_KEY,
+            upstream_retries=0,
+            breaker_failures=0,
+        )
+        yield Upstreams(app, chat, tts)
+        await app.drain_and_stop()
+
+
+def retry_delay_ms(error: grpc.aio.AioRpcError) -> int | None:
+    status_proto = rpc_status.from_call(error)
+    for detail in status_proto.details if status_proto is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return int(info.retry_delay.ToMilliseconds())
+    return None
+
+
+@pytest.mark.parametrize(
+    ("header", "wait_ms"),
+    [("1e306", 3_600_000), ("inf", 3_600_000), ("-5", 0), ("nan", None), ("7200", 3_600_000)],
+)
+async def test_an_upstream_wait_is_clamped_to_an_hour(
+    upstreams: Upstreams, header: str, wait_ms: int | None
+) -> None:
+    r = upstreams
+    r.chat.chat_faults.extend([status(429, retry_after=header)] * 2)
+    async with open_ws(ws_url(r.app)) as ws:
+        await send(ws, type="synthesize", id="w", text=SHORT, format="pcm")
+        error = (await until_end(ws))[-1]
+        assert isinstance(error, dict) and error["type"] == "error", error
+        assert (error["code"], error["retryable"]) == ("upstream_error", True)
+        assert error["retry_after_ms"] == wait_ms
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{r.app.grpc_port}") as channel:
+        stub = pb_grpc.SynthesizerStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in stub.Synthesize(pb.SynthesizeRequest(text=SHORT), timeout=WAIT):
+                pass
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+        assert retry_delay_ms(failed.value) == wait_ms
+
+
+async def test_impossible_usage_figures_are_clamped(upstreams: Upstreams) -> None:
+    r = upstreams
+    r.chat.usage = {"prompt_tokens": -5, "completion_tokens": 2**40}
+    async with open_ws(ws_url(r.app)) as ws:
+        await send(ws, type="synthesize", text=SHORT, format="pcm")
+        finished = (await until_end(ws))[-1]
+        assert isinstance(finished, dict) and finished["type"] == "finished", finished
+        assert (finished["prompt_tokens"], finished["completion_tokens"]) == (0, 2**32 - 1)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{r.app.grpc_port}") as channel:
+        stub = pb_grpc.SynthesizerStub(channel)
+        responses = [
+            response
+            async for response in stub.Synthesize(pb.SynthesizeRequest(text=SHORT), timeout=WAIT)
+        ]
+        assert responses[-1].finished.prompt_tokens == 0
