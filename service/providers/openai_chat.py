@@ -18,6 +18,7 @@ non-retryable :class:`~service.errors.UpstreamError`.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import ssl
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "retry_after",
     "status_error",
     "upstream_errors",
+    "upstream_said",
 ]
 
 # Transport failures the SDK lets through unwrapped (mid-body reads: those the aiohttp
@@ -51,6 +53,8 @@ _TRANSPORT_ERRORS = (
     anyio.EndOfStream,
     ConnectionError,
 )
+log = logging.getLogger(__name__)
+
 _SECRET = re.compile(r"\b(?:sk|rk|pk|key)[-_][\w*.-]+|\*{3}\w*", re.IGNORECASE)
 
 
@@ -105,30 +109,51 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+def upstream_said(stage: str, answer: str, detail: str) -> None:
+    """Log what an upstream said about a failure; its caller is told only *answer*.
+
+    An upstream's error text can name the operator's account, organisation, quota or
+    billing: the operator's business, not a caller's. *detail* must be redacted already.
+    """
+    if detail:
+        log.warning(
+            "%s upstream answered %s",
+            stage,
+            answer,
+            extra={
+                "event": "upstream_error",
+                "upstream": stage,
+                "answer": answer,
+                "detail": detail,
+            },
+        )
+
+
 def status_error(stage: str, status: int, detail: str, headers: Mapping[str, str]) -> UpstreamError:
-    """Return the error for an upstream's HTTP *status*: retryable for 429, 5xx, 408, 409."""
+    """Return the error for an upstream's HTTP *status*: retryable for 429, 5xx, 408, 409.
+
+    The error names the stage and the status; *detail* (the redacted body) is logged.
+    """
+    upstream_said(stage, str(status), detail)
     if status == 429 or status >= 500 or status in (408, 409):
         return UpstreamError(
-            f"{stage} upstream is unavailable: {detail}",
+            f"{stage} upstream is unavailable: {status}",
             retryable=True,
             status=status,
             retry_after_s=retry_after(headers),
         )
     return UpstreamError(
-        f"{stage} upstream rejected the request: {detail}", retryable=False, status=status
+        f"{stage} upstream rejected the request: {status}", retryable=False, status=status
     )
 
 
 def _status_error(stage: str, exc: openai.APIStatusError, api_key: str) -> UpstreamError:
-    status = exc.status_code
-    detail = f"{status}"
-    if exc.code and exc.code != detail:
-        detail += f" {exc.code}"
+    detail = exc.code if isinstance(exc.code, str) else ""
     # OpenAI nests {"error": {...}} (the SDK unwraps it); others send a flat object or text.
     message = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
     if isinstance(message, str) and message.strip():
-        detail += f": {redact(' '.join(message.split()), api_key)[:300]}"
-    return status_error(stage, status, detail, exc.response.headers)
+        detail += f": {' '.join(message.split())[:300]}"
+    return status_error(stage, exc.status_code, redact(detail, api_key), exc.response.headers)
 
 
 @contextmanager
@@ -155,8 +180,8 @@ def upstream_errors(stage: str, api_key: str) -> Iterator[None]:
         raise UpstreamError(f"{stage} upstream sent a malformed reply", retryable=False) from exc
     except openai.APIError as exc:
         # An error event inside a 200 stream: the upstream failed after it began to answer.
-        message = redact(exc.message, api_key)[:300]
-        raise UpstreamError(f"{stage} upstream failed mid-stream: {message}") from exc
+        upstream_said(stage, "an error mid-stream", redact(exc.message[:300], api_key))
+        raise UpstreamError(f"{stage} upstream failed mid-stream") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UpstreamError(f"{stage} upstream sent a malformed reply", retryable=False) from exc
 

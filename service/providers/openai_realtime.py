@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import ssl
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from websockets.exceptions import (
 from ..errors import UpstreamError, UpstreamTimeout
 from ..model import ChatMessage, Voice
 from .base import SpokenDelta, token_count
-from .openai_chat import build_client, redact, status_error
+from .openai_chat import build_client, redact, status_error, upstream_said
 
 __all__ = ["REALTIME_VOICES", "OpenAIRealtime", "realtime_errors"]
 
@@ -65,6 +66,8 @@ _AUDIO_DELTAS = frozenset({"response.output_audio.delta", "response.audio.delta"
 _TRANSCRIPT_DELTAS = frozenset(
     {"response.output_audio_transcript.delta", "response.audio_transcript.delta"}
 )
+#: What an error type looks like ("server_error"); anything else is not passed on.
+_ERROR_TYPE = re.compile(r"[a-z_]{1,40}")
 #: error types and codes after which the same request may succeed later.
 _RETRYABLE_ERRORS = frozenset({"server_error", "rate_limit_exceeded", "session_expired"})
 
@@ -77,12 +80,10 @@ def realtime_errors(api_key: str) -> Iterator[None]:
     except InvalidStatus as exc:
         response = exc.response
         body = response.body.decode("utf-8", "replace") if response.body else ""
-        detail = f"{response.status_code}"
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             message = json.loads(body)["error"]["message"]
             body = message if isinstance(message, str) else body
-        if body.strip():
-            detail += f": {redact(' '.join(body.split()), api_key)[:300]}"
+        detail = redact(" ".join(body.split())[:300], api_key)
         raise status_error("realtime", response.status_code, detail, response.headers) from exc
     except InvalidMessage as exc:
         # The connection broke during the handshake (a reset, a proxy hanging up).
@@ -107,14 +108,16 @@ def realtime_errors(api_key: str) -> Iterator[None]:
 def _error(error: Any, api_key: str, *, context: str) -> UpstreamError:
     """Return the error for an ``error`` event's (or a failed response's) error object."""
     error = error if isinstance(error, dict) else {}
-    kind = str(error.get("type") or "error")
+    kind = error.get("type")
+    kind = kind if isinstance(kind, str) and _ERROR_TYPE.fullmatch(kind) else "error"
     code = error.get("code")
     message = error.get("message")
-    detail = kind if not code else f"{kind} {code}"
+    detail = str(code) if code else ""
     if isinstance(message, str) and message.strip():
-        detail += f": {redact(' '.join(message.split()), api_key)[:300]}"
+        detail += f": {' '.join(message.split())[:300]}"
+    upstream_said("realtime", kind, redact(detail, api_key))
     retryable = kind in _RETRYABLE_ERRORS or code in _RETRYABLE_ERRORS
-    return UpstreamError(f"realtime upstream {context}: {detail}", retryable=retryable)
+    return UpstreamError(f"realtime upstream {context}: {kind}", retryable=retryable)
 
 
 async def _close(conn: AsyncRealtimeConnection) -> None:

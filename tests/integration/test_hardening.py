@@ -7,6 +7,7 @@ client should see unclamped, and upstream error bodies that must stay in the log
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -212,3 +213,32 @@ async def test_impossible_usage_figures_are_clamped(upstreams: Upstreams) -> Non
             async for response in stub.Synthesize(pb.SynthesizeRequest(text=SHORT), timeout=WAIT)
         ]
         assert responses[-1].finished.prompt_tokens == 0
+
+
+ACCOUNT = "Org org-acme-4417 (billing@acme.example) is over its monthly quota"
+
+
+@pytest.mark.parametrize("stage", ["chat", "speech"])
+async def test_upstream_error_bodies_are_logged_not_sent(
+    upstreams: Upstreams, caplog: pytest.LogCaptureFixture, stage: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    r = upstreams
+    if stage == "chat":
+        r.chat.chat_faults.append(status(429, message=f"{ACCOUNT}; key {CHAT_KEY}"))
+    else:
+        r.tts.speech_faults.append(status(400, message=f"{ACCOUNT}; key {TTS_KEY}"))
+    mode = "chat" if stage == "chat" else "speak"
+    async with open_ws(ws_url(r.app)) as ws:
+        await send(ws, type="synthesize", id="b", text=SHORT, mode=mode, format="pcm")
+        error = (await until_end(ws))[-1]
+    assert isinstance(error, dict) and error["code"] == "upstream_error", error
+    code = 429 if stage == "chat" else 400
+    assert error["message"].startswith(f"{stage} upstream ")
+    assert error["message"].endswith(f": {code}")
+    assert "acme" not in json.dumps(error)
+    # The operator finds the upstream's words in the log, the key redacted.
+    lines = logged(caplog)
+    said = [e for e in map(json.loads, lines) if e.get("event") == "upstream_error"]
+    assert said and ACCOUNT in said[-1]["detail"], lines
+    assert not any(CHAT_KEY in line or TTS_KEY in line for line in lines)
