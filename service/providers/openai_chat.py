@@ -29,7 +29,8 @@ import anyio
 import httpx2
 import openai
 
-from ..errors import UpstreamError, UpstreamTimeout, clamp_wait
+from ..descriptors import out_of_descriptors, shortage_error
+from ..errors import UpstreamError, UpstreamTimeout, VoxrelayError, clamp_wait
 from ..model import ChatMessage
 from .base import ChatDelta, token_count
 
@@ -161,8 +162,21 @@ def upstream_errors(stage: str, api_key: str) -> Iterator[None]:
     """Translate SDK and transport failures of one call into :mod:`service.errors`.
 
     *stage* names the upstream in messages ("chat", "speech"); *api_key* is scrubbed
-    from anything the upstream echoed back.
+    from anything the upstream echoed back. A call that found no file descriptor free
+    (the SDK reports it as a connect timeout or error) is :class:`Unavailable`: our
+    shortage, not the upstream's failure.
     """
+    try:
+        with _sdk_errors(stage, api_key):
+            yield
+    except VoxrelayError as exc:
+        if out_of_descriptors(exc):
+            raise shortage_error(stage) from exc
+        raise
+
+
+@contextmanager
+def _sdk_errors(stage: str, api_key: str) -> Iterator[None]:
     try:
         yield
     except openai.APITimeoutError as exc:

@@ -36,6 +36,7 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
+from ..descriptors import out_of_descriptors, shortage_error
 from ..errors import UpstreamError, UpstreamTimeout
 from ..model import ChatMessage, Voice
 from .base import SpokenDelta, token_count
@@ -100,6 +101,8 @@ def realtime_errors(api_key: str) -> Iterator[None]:
         # websockets' open_timeout: the connection or its handshake took too long.
         raise UpstreamTimeout("realtime upstream did not accept the connection in time") from exc
     except (OSError, ssl.SSLError) as exc:
+        if out_of_descriptors(exc):
+            raise shortage_error("realtime") from exc
         raise UpstreamError(f"realtime upstream connection failed ({type(exc).__name__})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError, binascii.Error) as exc:
         raise UpstreamError("realtime upstream sent a malformed event", retryable=False) from exc

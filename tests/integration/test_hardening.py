@@ -7,10 +7,16 @@ client should see unclamped, and upstream error bodies that must stay in the log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import os
+import resource
+import shlex
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,6 +26,7 @@ from grpc_status import rpc_status
 from tests.conftest import AppFactory
 from tests.fakes.openai_upstream import FakeOpenAI, Latency, status
 from tests.integration.test_websocket import SHORT, WAIT, open_ws, receive, send, until_end
+from tests.servers import ServerProcess, serve_process
 from voxrelay.gateways.app import App
 from voxrelay.service.logs import JsonFormatter
 from voxrelay.v1 import synthesis_pb2 as pb
@@ -242,3 +249,101 @@ async def test_upstream_error_bodies_are_logged_not_sent(
     said = [e for e in map(json.loads, lines) if e.get("event") == "upstream_error"]
     assert said and ACCOUNT in said[-1]["detail"], lines
     assert not any(CHAT_KEY in line or TTS_KEY in line for line in lines)
+
+
+# File descriptors
+
+
+@contextmanager
+def no_descriptor_free() -> Iterator[None]:
+    """Hold every descriptor this process may open (a lowered soft limit, filled)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 32, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_no_descriptor_free_is_unavailable_and_never_opens_the_breaker(
+    app_factory: AppFactory,
+) -> None:
+    async with (
+        FakeOpenAI(latency=Latency.zero(), api_key=CHAT_KEY) as chat,
+        FakeOpenAI(latency=Latency.zero(), api_key=TTS_KEY) as tts,
+    ):
+        app = await app_factory(
+            llm="openai",
+            tts="openai",
+            llm_base_url=chat.base_url,
+            llm_api_key=CHAT_KEY,
+            tts_base_url=tts.base_url,
+            tts_api_key=TTS_KEY,
+            breaker_failures=1,
+        )
+        async with open_ws(ws_url(app)) as ws:
+            with no_descriptor_free():
+                for request_id in ("a", "b"):
+                    await send(ws, type="synthesize", id=request_id, text=SHORT, format="pcm")
+                    error = (await until_end(ws))[-1]
+                    assert isinstance(error, dict) and error["type"] == "error", error
+                    assert (error["code"], error["retryable"]) == ("unavailable", True), error
+                    assert "file descriptor" in error["message"]
+            assert not chat.requests  # nothing reached the upstream
+            # Descriptors free again: the breaker never opened, the next request is served.
+            await send(ws, type="synthesize", id="c", text=SHORT, format="pcm")
+            last = (await until_end(ws))[-1]
+            assert isinstance(last, dict) and last["type"] == "finished", last
+        await app.drain_and_stop()
+
+
+def soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-file limit in /proc")
+
+
+def serve_under_ulimit(soft: int, hard: int | None = None, **env: str) -> ServerProcess:
+    """``voxrelay serve`` started by a shell that set the open-file limits first."""
+    server = serve_process(**env)
+    command = " ".join(shlex.quote(arg) for arg in server.argv)
+    limits = f"ulimit -S -n {soft}" + (f" && ulimit -H -n {hard}" if hard else "")
+    return ServerProcess(["sh", "-c", f"{limits} && exec {command}"], server.env)
+
+
+async def test_serve_raises_the_soft_open_file_limit_to_the_hard_one() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 1024:
+        pytest.skip("needs a finite hard limit above 1024")
+    async with serve_under_ulimit(1024) as server:
+        assert server.proc is not None
+        assert soft_nofile(server.proc.pid) == hard
+        raised = [line for line in server.lines if line.get("event") == "fd_limit"]
+        needed = 4096 + 256 * 4 + 256
+        if hard >= needed:
+            assert raised and raised[0]["level"] == "info" and raised[0]["soft"] == hard
+        else:
+            assert raised and raised[0]["level"] == "warning"
+
+
+async def test_serve_warns_once_when_the_hard_limit_is_below_the_caps() -> None:
+    async with serve_under_ulimit(1024, 2000, VOXRELAY_MAX_CONNECTIONS="4096") as server:
+        assert server.proc is not None
+        assert soft_nofile(server.proc.pid) == 2000
+        warned = [line for line in server.lines if line.get("event") == "fd_limit"]
+        assert len(warned) == 1 and warned[0]["level"] == "warning", warned
+        assert warned[0]["soft"] == 2000 and warned[0]["needed"] > 2000
+        assert "VOXRELAY_MAX_CONNECTIONS" in warned[0]["msg"]
+    # Caps that fit: no warning.
+    async with serve_under_ulimit(
+        1024, 2000, VOXRELAY_MAX_CONNECTIONS="1000", VOXRELAY_MAX_STREAMS="100"
+    ) as server:
+        assert not [line for line in server.lines if line.get("level") == "warning"]
