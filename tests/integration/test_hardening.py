@@ -25,7 +25,15 @@ from grpc_status import rpc_status
 
 from tests.conftest import AppFactory
 from tests.fakes.openai_upstream import FakeOpenAI, Latency, status
-from tests.integration.test_websocket import SHORT, WAIT, open_ws, receive, send, until_end
+from tests.integration.test_websocket import (
+    SHORT,
+    WAIT,
+    http_get,
+    open_ws,
+    receive,
+    send,
+    until_end,
+)
 from tests.servers import ServerProcess, serve_process
 from voxrelay.gateways.app import App
 from voxrelay.service.logs import JsonFormatter
@@ -347,3 +355,18 @@ async def test_serve_warns_once_when_the_hard_limit_is_below_the_caps() -> None:
         1024, 2000, VOXRELAY_MAX_CONNECTIONS="1000", VOXRELAY_MAX_STREAMS="100"
     ) as server:
         assert not [line for line in server.lines if line.get("level") == "warning"]
+
+
+# The demo page
+
+
+async def test_demo_page_sends_a_content_security_policy(app_factory: AppFactory) -> None:
+    app = await app_factory()
+    code, headers, body = await http_get(f"http://127.0.0.1:{app.ws_port}/")
+    assert code == 200 and b"<script>" in body
+    policy = [part.strip() for part in headers["Content-Security-Policy"].split(";")]
+    assert "frame-ancestors 'none'" in policy
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    # The page's one inline script runs by its hash: nothing injected would.
+    script = next(p for p in policy if p.startswith("script-src "))
+    assert "'unsafe-inline'" not in script and script.count("'sha256-") == 1
