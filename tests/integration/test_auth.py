@@ -313,6 +313,29 @@ async def test_sighup_in_a_served_process_and_keys_never_logged(tmp_path: Path) 
     assert KEY not in logged and OTHER_KEY not in logged
 
 
+async def test_keys_added_by_sighup_are_redacted_from_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"{KEY}\n")
+    async with serve_process(
+        VOXRELAY_API_KEYS_FILE=str(path), VOXRELAY_LLM="echo", VOXRELAY_TTS="espeak"
+    ) as server:
+        path.write_text(f"{KEY}\n{OTHER_KEY}\n")
+        server.signal(signal.SIGHUP)
+        async with asyncio.timeout(WAIT):
+            while not any(  # noqa: ASYNC110 - the log is the only sign of the reload
+                line.get("event") == "keys" and line.get("count") == 2 for line in server.lines
+            ):
+                await asyncio.sleep(0.05)
+        # A careless client names its request after its key: the log line must not show it.
+        async with open_ws(server.ws_url, additional_headers=bearer(OTHER_KEY)) as ws:
+            await send(ws, type="synthesize", id=f"req-{OTHER_KEY}", text=SHORT, mode="speak")
+            assert (await until_end(ws))[-1]["type"] == "finished"  # type: ignore[index]
+        await server.wait_for_event("stream_end")
+    ended = [line for line in server.lines if line.get("event") == "stream_end"]
+    assert ended and ended[-1]["request_id"] == "req-[redacted]"
+    assert OTHER_KEY not in json.dumps(server.lines)
+
+
 # Caller identity
 
 
