@@ -32,7 +32,7 @@ import openai
 from ..descriptors import out_of_descriptors, shortage_error
 from ..errors import UpstreamError, UpstreamTimeout, VoxrelayError, clamp_wait
 from ..model import ChatMessage
-from .base import ChatDelta, token_count
+from .base import ChatDelta, token_count, valid_text
 
 __all__ = [
     "OpenAIChat",
@@ -216,7 +216,7 @@ def _read_chunk(chunk: object) -> tuple[str, tuple[int, int] | None]:
         delta = choice.get("delta")
         content = delta.get("content") if isinstance(delta, dict) else None
         if isinstance(content, str):
-            text += content
+            text += valid_text(content)
     usage = chunk.get("usage")
     if isinstance(usage, dict):
         prompt = token_count(usage.get("prompt_tokens"))

@@ -39,7 +39,7 @@ from websockets.exceptions import (
 from ..descriptors import out_of_descriptors, shortage_error
 from ..errors import UpstreamError, UpstreamTimeout
 from ..model import ChatMessage, Voice
-from .base import SpokenDelta, token_count
+from .base import SpokenDelta, token_count, valid_text
 from .openai_chat import build_client, redact, status_error, upstream_said
 
 __all__ = ["REALTIME_VOICES", "OpenAIRealtime", "realtime_errors"]
@@ -251,7 +251,7 @@ class OpenAIRealtime:
                     elif kind in _TRANSCRIPT_DELTAS:
                         text = event.get("delta")
                         if isinstance(text, str) and text:
-                            yield SpokenDelta(text=text)
+                            yield SpokenDelta(text=valid_text(text))
                     elif kind == "response.done":
                         done = True
                         usage = self._finish(event.get("response"))

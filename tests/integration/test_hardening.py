@@ -370,3 +370,14 @@ async def test_demo_page_sends_a_content_security_policy(app_factory: AppFactory
     # The page's one inline script runs by its hash: nothing injected would.
     script = next(p for p in policy if p.startswith("script-src "))
     assert "'unsafe-inline'" not in script and script.count("'sha256-") == 1
+
+
+async def test_a_lone_surrogate_from_the_chat_upstream_is_replaced(upstreams: Upstreams) -> None:
+    r = upstreams
+    r.chat.reply = "Here is a broken \ud800 character. And more."
+    async with open_ws(ws_url(r.app)) as ws:
+        await send(ws, type="synthesize", text=SHORT, format="pcm")
+        frames = await until_end(ws)
+    finished = frames[-1]
+    assert isinstance(finished, dict) and finished["type"] == "finished", finished
+    assert finished["reply_text"] == "Here is a broken \ufffd character. And more."
