@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from voxrelay.service import __version__
+from voxrelay.service.descriptors import raise_descriptor_limit
 from voxrelay.service.logs import configure_logging
 from voxrelay.service.model import AudioFormat, Mode
 from voxrelay.service.settings import ConfigError, load_settings
@@ -33,6 +34,7 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     configure_logging(settings.log_level)
+    raise_descriptor_limit(settings)
     from .app import App  # imported late: building providers is start-up work
 
     async def run() -> None:

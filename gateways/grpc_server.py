@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import json
 import logging
 import uuid
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc._cython import cygrpc  # channelz's queries (what grpcio-channelz wraps)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -23,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from voxrelay.service import metrics, model
 from voxrelay.service.auth import KeyStore, bearer_token
-from voxrelay.service.errors import VoxrelayError
+from voxrelay.service.errors import InvalidRequest, VoxrelayError
 from voxrelay.service.relay import ClientGone, Relay
 from voxrelay.service.settings import Settings
 from voxrelay.v1 import synthesis_pb2 as pb
@@ -251,6 +253,82 @@ def _refusal(
     return grpc.stream_stream_rpc_method_handler(streaming, **codec)
 
 
+class _Undecodable:
+    """A request message that could not be parsed (e.g. a string field not UTF-8)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse a request message that does not parse with ``INVALID_ARGUMENT``.
+
+    grpc.aio answers a deserializer's exception with ``UNKNOWN`` and its repr; a string
+    field that is not UTF-8 (a lone surrogate, say) is bad input like any other. The
+    deserializer hands the failure on as a value and the method answers it.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def decode(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Undecodable(str(exc))
+
+        codec: dict[str, Any] = dict(
+            request_deserializer=decode, response_serializer=handler.response_serializer
+        )
+        method = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        assert method is not None
+        if handler.response_streaming and inspect.isasyncgenfunction(method):
+            generate = method
+
+            async def streaming(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await _refuse_undecodable(request, context)
+                async for response in generate(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(streaming, **codec)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Undecodable):
+                await _refuse_undecodable(request, context)
+            return await method(request, context)
+
+        if handler.response_streaming:  # a method that writes its responses itself
+            return grpc.unary_stream_rpc_method_handler(unary, **codec)
+        if handler.response_streaming:  # a method that writes its responses itself
+            return grpc.unary_stream_rpc_method_handler(unary, **codec)
+        return grpc.unary_unary_rpc_method_handler(unary, **codec)
+
+
+async def _refuse_undecodable(
+    request: _Undecodable, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    error = InvalidRequest(
+        "the request message is not valid protobuf; string fields must be valid UTF-8"
+        " (no lone surrogates)"
+    )
+    metrics.ERRORS.labels("grpc", error.code).inc()
+    await context.abort_with_status(to_status(error))
+
+
 class GrpcDoor:
     """The grpc.aio server with the Synthesizer, health and (optionally) reflection."""
 
@@ -259,7 +337,7 @@ class GrpcDoor:
         limit = settings.ws_max_message_bytes or -1
         known = _channelz_servers()
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(keys)],
+            interceptors=[AuthInterceptor(keys), DecodeInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),

@@ -113,10 +113,20 @@ def parse_frame(message: Data) -> ClientFrame:
     if not isinstance(data, dict):
         raise BadFrame('frame must be a JSON object with a "type"')
     frame_id = data.get("id")
-    if frame_id is not None and (not isinstance(frame_id, str) or len(frame_id) > MAX_ID_CHARS):
-        raise BadFrame(f"id must be a string of at most {MAX_ID_CHARS} characters")
+    if frame_id is not None and (
+        not isinstance(frame_id, str) or len(frame_id) > MAX_ID_CHARS or _unencodable(frame_id)
+    ):
+        raise BadFrame(f"id must be a string of at most {MAX_ID_CHARS} valid Unicode characters")
     request_id = frame_id or None
     kind = data.get("type")
+    for name, value in data.items():
+        if _unencodable(name) or _unencodable(value):
+            shown = json.dumps(name)[:40] if not _unencodable(name) else "a field name"
+            raise BadFrame(
+                f"{shown} is not valid Unicode: it holds a lone surrogate (such as \\ud800)",
+                request_id,
+                is_request=kind == "synthesize",
+            )
     if kind == "synthesize":
         return _synthesize_frame(data, request_id or "")
     if kind == "cancel":
@@ -130,6 +140,29 @@ def parse_frame(message: Data) -> ClientFrame:
         return AuthFrame(token)
     shown = json.dumps(kind)[:40]
     raise BadFrame(f"unknown frame type {shown}: use synthesize, cancel, reset or auth", request_id)
+
+
+def _unencodable(value: Any) -> bool:
+    """Say whether *value* holds a string with a lone surrogate, which no UTF-8 can carry.
+
+    JSON may escape one (``"\\ud800"``); passed on, it fails every later encode: the
+    frames echoing it, the log lines naming it, the engine given it. The walk is a loop,
+    not a recursion: a frame may nest as deep as the JSON parser allows.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _synthesize_frame(data: Mapping[str, Any], request_id: str) -> SynthesizeFrame:

@@ -19,9 +19,12 @@ as plain HTTP through ``process_request``; only ``/v1/stream`` upgrades.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import http
 import json
 import logging
+import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -260,13 +263,44 @@ class WsDoor:
                 http.HTTPStatus.OK,
                 page,
                 content_type="text/html; charset=utf-8",
-                headers={"Cache-Control": "no-cache"},
+                headers={"Cache-Control": "no-cache", "Content-Security-Policy": page_policy(page)},
             )
         return _respond(
             connection,
             http.HTTPStatus.NOT_FOUND,
             f"not found: the WebSocket endpoint is {STREAM_PATH}\n",
         )
+
+
+_INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+def page_policy(page: str) -> str:
+    """Return the ``Content-Security-Policy`` of the demo *page*.
+
+    Only the page's own inline script and style run (by their SHA-256), it talks to
+    nothing but its own origin (``'self'`` covers ws: and wss: there), plays its
+    MediaSource audio (``blob:``), and no other site may frame it (clickjacking a key
+    field and a Speak button).
+    """
+    hashes: dict[str, list[str]] = {"script": [], "style": []}
+    for kind, body in _INLINE.findall(page):
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        hashes[kind].append(f"'sha256-{digest}'")
+    script, style = (" ".join(hashes[kind]) or "'none'" for kind in ("script", "style"))
+    return "; ".join(
+        (
+            "default-src 'none'",
+            f"script-src {script}",
+            f"style-src {style}",
+            "connect-src 'self'",
+            "media-src blob:",
+            "img-src data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        )
+    )
 
 
 def _respond(

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from .errors import Unauthorized
-from .settings import Settings
+from .logs import register_secrets
+from .settings import Settings, normalise_origin
 
 __all__ = [
     "KeyStore",
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: IPv6 clients usually hold a whole /64: limits count it as one address.
 IPV6_CLIENT_PREFIX = 64
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 def _digest(key: str) -> bytes:
@@ -89,6 +89,8 @@ class KeyStore:
                 extra={"event": "keys"},
             )
             return False
+        # Before they are in force: a key must not reach a log line even once.
+        register_secrets(keys)
         self._digests = tuple(dict.fromkeys(_digest(k) for k in keys))
         if self._digests:
             log.info("API keys loaded", extra={"event": "keys", "count": len(self._digests)})
@@ -202,39 +204,42 @@ class TrustedProxies:
 # Browser origins
 
 
-def _normalise_origin(origin: str) -> str | None:
-    """Return ``scheme://host:port`` in lower case, or None for what is not an origin."""
+def _own_host(host: str, public_hosts: frozenset[str]) -> bool:
+    """Say whether *host* (a Host header's name, no port) can only mean this server.
+
+    A name's address is whatever its DNS says, so a page on ``evil.example`` that
+    rebinds its name to 127.0.0.1 would be "its own origin" to a server that trusted
+    any Host: only addresses, ``localhost`` and the names the operator listed are ours.
+    """
+    if host == "localhost" or host in public_hosts:
+        return True
     try:
-        parts = urlsplit(origin.strip())
-        port = parts.port
+        ipaddress.ip_address(host)
     except ValueError:
-        return None
-    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
-    if not scheme or not host:
-        return None
-    port = port or _DEFAULT_PORTS.get(scheme)
-    shown = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}:{port}"
+        return False
+    return True
 
 
 class OriginPolicy:
     """Decide which browser origins may open a WebSocket.
 
     With no list configured: the server's own origin (the scheme it serves and the
-    Host the client used) and clients that send no ``Origin`` (not browsers). A list
+    Host the client used, when that Host is an IP address, ``localhost`` or one of
+    *public_hosts*) and clients that send no ``Origin`` (not browsers). A list
     replaces the own origin; ``*`` in it allows every origin.
     """
 
-    def __init__(self, allowed: Iterable[str]) -> None:
+    def __init__(self, allowed: Iterable[str], public_hosts: Iterable[str] = ()) -> None:
         entries = [entry.strip() for entry in allowed if entry.strip()]
         self.any = "*" in entries
         self.allowed = frozenset(
-            norm for entry in entries if (norm := _normalise_origin(entry)) is not None
+            norm for entry in entries if (norm := normalise_origin(entry)) is not None
         )
+        self.public_hosts = frozenset(h.strip().lower() for h in public_hosts if h.strip())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OriginPolicy:
-        return cls(settings.allowed_origins)
+        return cls(settings.allowed_origins, settings.public_hosts)
 
     def allows(self, origin: str | None, *, host: str | None, secure: bool) -> bool:
         """Say whether a handshake with *origin*, sent to *host*, may proceed."""
@@ -242,12 +247,14 @@ class OriginPolicy:
             return True
         if self.any:
             return True
-        norm = _normalise_origin(origin)
+        norm = normalise_origin(origin)
         if norm is None:
             return False  # "null" (a file or a sandboxed frame) and garbage
         if self.allowed:
             return norm in self.allowed
         if not host:
             return False
-        own = _normalise_origin(f"{'https' if secure else 'http'}://{host}")
+        own = normalise_origin(f"{'https' if secure else 'http'}://{host}")
+        if own is None or not _own_host(urlsplit(own).hostname or "", self.public_hosts):
+            return False
         return norm == own

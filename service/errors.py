@@ -6,9 +6,12 @@ SPEC's WebSocket vocabulary; each door maps the code to its own wire form in one
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "ERROR_CODES",
     "ERROR_TYPES",
+    "MAX_WAIT_S",
     "Busy",
     "Forbidden",
     "Internal",
@@ -20,8 +23,23 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "VoxrelayError",
+    "clamp_wait",
     "error_for_code",
 ]
+
+#: The longest wait voxrelay ever advises (``retry_after_ms``, ``RetryInfo``, ``Retry-After``).
+MAX_WAIT_S = 3600.0
+
+
+def clamp_wait(seconds: float | None) -> float | None:
+    """Return *seconds* within [0, :data:`MAX_WAIT_S`]; None for no advice (or NaN).
+
+    A wait can come from an upstream's ``Retry-After``: whatever it says, what voxrelay
+    passes on fits a protobuf ``Duration``, a JSON number and an ``asyncio.sleep``.
+    """
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_WAIT_S)
 
 
 class VoxrelayError(Exception):
@@ -39,7 +57,7 @@ class VoxrelayError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = clamp_wait(retry_after_s)
         if retryable is not None:
             self.retryable = retryable
 

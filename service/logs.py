@@ -8,7 +8,8 @@ Log lines are data from outside as much as from us, so the formatter is defensiv
 
 - every control character is escaped — the C0 ones by the JSON encoder, the rest
   (DEL, C1, line separators, bidi overrides) here — so one record is one line and a
-  value cannot rewrite a terminal or fake a second line;
+  value cannot rewrite a terminal or fake a second line; so is a lone surrogate, so
+  the line can be written at all;
 - registered secrets (:func:`register_secrets`: API keys, caller keys) and anything
   shaped like a bearer token or an OpenAI key are replaced with ``[redacted]``.
 
@@ -44,8 +45,11 @@ _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asc
 #: Libraries whose chatter (request lines with URLs, frames with user text) stays out.
 NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "openai", "websockets", "grpc", "asyncio")
 
-#: Characters the JSON encoder leaves raw that still harm a terminal or a log viewer.
-_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: Characters the JSON encoder leaves raw that still harm a terminal or a log viewer, and
+#: lone surrogates, which no UTF-8 stream can take (the handler's write would fail).
+_UNSAFE = re.compile(
+    "[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _TOKEN_SHAPES = re.compile(
     r"(?i)(?P<scheme>\bbearer\s+)[^\s\"',;]+"
     r"|\b(?:sk|rk)-[\w-]{8,}"

@@ -67,8 +67,8 @@ def check_text(text: str, what: str) -> None:
         category = unicodedata.category(ch)
         if category == "Cc" and ch not in ALLOWED_CONTROLS:
             raise InvalidRequest(
-                f"{what} contains control character U+{ord(ch):04X}; only line ends and tabs"
-                " are allowed"
+                f"{what} contains control character U+{ord(ch):04X}; only newline, carriage"
+                " return and tab are allowed"
             )
         if category == "Cs":
             raise InvalidRequest(f"{what} contains a lone surrogate U+{ord(ch):04X}")

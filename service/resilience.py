@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import metrics
+from .descriptors import out_of_descriptors
 from .errors import Unavailable, UpstreamError, UpstreamTimeout, VoxrelayError
 
 __all__ = ["CircuitBreaker", "GapTimer", "Stage", "guarded_stream"]
@@ -174,6 +175,8 @@ def backoff_s(attempt: int) -> float:
 
 
 def _is_failure(exc: BaseException) -> bool:
+    if out_of_descriptors(exc):
+        return False  # our shortage of file descriptors says nothing of the upstream
     if isinstance(exc, UpstreamError):
         # A 4xx other than 429 is our request's fault, not the upstream's health.
         return exc.retryable or exc.status is None or exc.status >= 500

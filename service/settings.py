@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -25,7 +27,7 @@ from pydantic_settings import BaseSettings, CliSuppress, NoDecode, SettingsConfi
 
 from .model import AudioFormat
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+__all__ = ["ConfigError", "Settings", "load_settings", "normalise_origin", "read_list_file"]
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,55 @@ def _split_list(value: Any) -> Any:
 
 
 def read_list_file(path: Path) -> list[str]:
-    """Read one entry per line; ``#`` starts a comment, blank lines are skipped."""
+    """Read one entry per line; blank lines and lines starting with ``#`` are skipped.
+
+    Only a ``#`` that begins a line (after spaces) starts a comment: a key may hold one.
+    A UTF-8 byte-order mark, which some editors write, is not part of the first entry.
+    """
     entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        entry = line.split("#", 1)[0].strip()
-        if entry:
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
             entries.append(entry)
     return entries
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def normalise_origin(origin: str) -> str | None:
+    """Return ``scheme://host:port`` in lower case, or None for what is not an origin."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if not scheme or not host:
+        return None
+    port = port or _DEFAULT_PORTS.get(scheme)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}"
+
+
+def _is_origin(entry: str) -> bool:
+    """Say whether *entry* is an origin as a browser sends it: scheme, host, port, no more."""
+    if normalise_origin(entry) is None:
+        return False
+    parts = urlsplit(entry)
+    return (
+        parts.netloc.rpartition("@")[1] == ""
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+#: A DNS host name: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?",
+    re.IGNORECASE,
+)
 
 
 class Settings(BaseSettings):
@@ -135,6 +179,8 @@ class Settings(BaseSettings):
     """a file of caller keys, one per line (reloaded on SIGHUP)"""
     allowed_origins: CommaList = Field(default_factory=list)
     """browser origins allowed on the WebSocket (default: own origin)"""
+    public_hosts: CommaList = Field(default_factory=list)
+    """host names (no port) that count as this server's own origin besides IPs and localhost"""
     #: Proxies whose X-Forwarded-For the WebSocket door believes (IPs or CIDRs).
     trusted_proxies: CommaList = Field(default_factory=list)
     """IPs/CIDRs whose X-Forwarded-For is believed"""
@@ -193,10 +239,31 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """(planned) shared rate limits across replicas"""
 
-    @field_validator("api_keys", "allowed_origins", "trusted_proxies", mode="before")
+    @field_validator(
+        "api_keys", "allowed_origins", "public_hosts", "trusted_proxies", mode="before"
+    )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry != "*" and not _is_origin(entry):
+                raise ValueError(
+                    f"{entry!r} is not an origin: write scheme://host[:port]"
+                    " (e.g. https://app.example.com), or * for any"
+                )
+        return value
+
+    @field_validator("public_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if _HOST_NAME.fullmatch(entry) is None:
+                raise ValueError(f"{entry!r} is not a host name (no scheme, no port)")
+        return [entry.lower() for entry in value]
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -9,13 +9,52 @@ and these types and raises :mod:`voxrelay.service.errors` for failures.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..model import ChatMessage, Voice
 
-__all__ = ["ChatDelta", "ChatProvider", "SpeakingModel", "SpeechEngine", "SpokenDelta"]
+__all__ = [
+    "MAX_TOKEN_COUNT",
+    "ChatDelta",
+    "ChatProvider",
+    "SpeakingModel",
+    "SpeechEngine",
+    "SpokenDelta",
+    "token_count",
+    "valid_text",
+]
+
+#: A surrogate code point: in a str, always a lone one (JSON decodes a pair as one).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: The largest token count passed on: what ``StreamFinished``'s uint32 fields can carry.
+MAX_TOKEN_COUNT = 2**32 - 1
+
+
+def valid_text(text: str) -> str:
+    """Return upstream *text* with any lone surrogate replaced by U+FFFD.
+
+    JSON may escape one that no UTF-8 can carry; passed on, it would fail the frame
+    and the log line that carry the reply, not just this piece of it.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def token_count(value: object) -> int | None:
+    """Read a usage figure an upstream reported: a whole number clamped to ≥ 0, else None.
+
+    Counters only go up and the gRPC figures are unsigned: a negative or huge count from
+    a faulty upstream must not fail the stream that reports it.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    return min(max(value, 0), MAX_TOKEN_COUNT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ non-retryable :class:`~voxrelay.service.errors.UpstreamError`.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import ssl
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
@@ -28,9 +29,10 @@ import anyio
 import httpx2
 import openai
 
-from ..errors import UpstreamError, UpstreamTimeout
+from ..descriptors import out_of_descriptors, shortage_error
+from ..errors import UpstreamError, UpstreamTimeout, VoxrelayError, clamp_wait
 from ..model import ChatMessage
-from .base import ChatDelta
+from .base import ChatDelta, token_count, valid_text
 
 __all__ = [
     "OpenAIChat",
@@ -40,6 +42,7 @@ __all__ = [
     "retry_after",
     "status_error",
     "upstream_errors",
+    "upstream_said",
 ]
 
 # Transport failures the SDK lets through unwrapped (mid-body reads: those the aiohttp
@@ -51,6 +54,8 @@ _TRANSPORT_ERRORS = (
     anyio.EndOfStream,
     ConnectionError,
 )
+log = logging.getLogger(__name__)
+
 _SECRET = re.compile(r"\b(?:sk|rk|pk|key)[-_][\w*.-]+|\*{3}\w*", re.IGNORECASE)
 
 
@@ -87,44 +92,69 @@ def redact(text: str, api_key: str) -> str:
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Return the wait the upstream asked for (``retry-after-ms`` first), in seconds."""
+    """Return the wait the upstream asked for (``retry-after-ms`` first), in seconds.
+
+    The wait is clamped to [0, :data:`~service.errors.MAX_WAIT_S`]: a negative one means
+    now, an enormous one (``1e306``, ``inf``) the longest voxrelay advises; NaN is none.
+    """
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
         try:
-            seconds = float(value) * scale
+            seconds = clamp_wait(float(value) * scale)
         except ValueError:
             continue  # an HTTP date: rare from LLM APIs; the core's backoff applies
-        if seconds >= 0 and seconds != float("inf"):
+        if seconds is not None:
             return seconds
     return None
 
 
+def upstream_said(stage: str, answer: str, detail: str) -> None:
+    """Log what an upstream said about a failure; its caller is told only *answer*.
+
+    An upstream's error text can name the operator's account, organisation, quota or
+    billing: the operator's business, not a caller's. *detail* must be redacted already.
+    """
+    if detail:
+        log.warning(
+            "%s upstream answered %s",
+            stage,
+            answer,
+            extra={
+                "event": "upstream_error",
+                "upstream": stage,
+                "answer": answer,
+                "detail": detail,
+            },
+        )
+
+
 def status_error(stage: str, status: int, detail: str, headers: Mapping[str, str]) -> UpstreamError:
-    """Return the error for an upstream's HTTP *status*: retryable for 429, 5xx, 408, 409."""
+    """Return the error for an upstream's HTTP *status*: retryable for 429, 5xx, 408, 409.
+
+    The error names the stage and the status; *detail* (the redacted body) is logged.
+    """
+    upstream_said(stage, str(status), detail)
     if status == 429 or status >= 500 or status in (408, 409):
         return UpstreamError(
-            f"{stage} upstream is unavailable: {detail}",
+            f"{stage} upstream is unavailable: {status}",
             retryable=True,
             status=status,
             retry_after_s=retry_after(headers),
         )
     return UpstreamError(
-        f"{stage} upstream rejected the request: {detail}", retryable=False, status=status
+        f"{stage} upstream rejected the request: {status}", retryable=False, status=status
     )
 
 
 def _status_error(stage: str, exc: openai.APIStatusError, api_key: str) -> UpstreamError:
-    status = exc.status_code
-    detail = f"{status}"
-    if exc.code and exc.code != detail:
-        detail += f" {exc.code}"
+    detail = exc.code if isinstance(exc.code, str) else ""
     # OpenAI nests {"error": {...}} (the SDK unwraps it); others send a flat object or text.
     message = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
     if isinstance(message, str) and message.strip():
-        detail += f": {redact(' '.join(message.split()), api_key)[:300]}"
-    return status_error(stage, status, detail, exc.response.headers)
+        detail += f": {' '.join(message.split())[:300]}"
+    return status_error(stage, exc.status_code, redact(detail, api_key), exc.response.headers)
 
 
 @contextmanager
@@ -132,8 +162,21 @@ def upstream_errors(stage: str, api_key: str) -> Iterator[None]:
     """Translate SDK and transport failures of one call into :mod:`voxrelay.service.errors`.
 
     *stage* names the upstream in messages ("chat", "speech"); *api_key* is scrubbed
-    from anything the upstream echoed back.
+    from anything the upstream echoed back. A call that found no file descriptor free
+    (the SDK reports it as a connect timeout or error) is :class:`Unavailable`: our
+    shortage, not the upstream's failure.
     """
+    try:
+        with _sdk_errors(stage, api_key):
+            yield
+    except VoxrelayError as exc:
+        if out_of_descriptors(exc):
+            raise shortage_error(stage) from exc
+        raise
+
+
+@contextmanager
+def _sdk_errors(stage: str, api_key: str) -> Iterator[None]:
     try:
         yield
     except openai.APITimeoutError as exc:
@@ -151,8 +194,8 @@ def upstream_errors(stage: str, api_key: str) -> Iterator[None]:
         raise UpstreamError(f"{stage} upstream sent a malformed reply", retryable=False) from exc
     except openai.APIError as exc:
         # An error event inside a 200 stream: the upstream failed after it began to answer.
-        message = redact(exc.message, api_key)[:300]
-        raise UpstreamError(f"{stage} upstream failed mid-stream: {message}") from exc
+        upstream_said(stage, "an error mid-stream", redact(exc.message[:300], api_key))
+        raise UpstreamError(f"{stage} upstream failed mid-stream") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UpstreamError(f"{stage} upstream sent a malformed reply", retryable=False) from exc
 
@@ -173,11 +216,12 @@ def _read_chunk(chunk: object) -> tuple[str, tuple[int, int] | None]:
         delta = choice.get("delta")
         content = delta.get("content") if isinstance(delta, dict) else None
         if isinstance(content, str):
-            text += content
+            text += valid_text(content)
     usage = chunk.get("usage")
     if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int) and isinstance(completion, int):
+        prompt = token_count(usage.get("prompt_tokens"))
+        completion = token_count(usage.get("completion_tokens"))
+        if prompt is not None and completion is not None:
             return text, (prompt, completion)
     return text, None
 

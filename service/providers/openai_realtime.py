@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import ssl
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,10 +36,11 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
+from ..descriptors import out_of_descriptors, shortage_error
 from ..errors import UpstreamError, UpstreamTimeout
 from ..model import ChatMessage, Voice
-from .base import SpokenDelta
-from .openai_chat import build_client, redact, status_error
+from .base import SpokenDelta, token_count, valid_text
+from .openai_chat import build_client, redact, status_error, upstream_said
 
 __all__ = ["REALTIME_VOICES", "OpenAIRealtime", "realtime_errors"]
 
@@ -65,6 +67,8 @@ _AUDIO_DELTAS = frozenset({"response.output_audio.delta", "response.audio.delta"
 _TRANSCRIPT_DELTAS = frozenset(
     {"response.output_audio_transcript.delta", "response.audio_transcript.delta"}
 )
+#: What an error type looks like ("server_error"); anything else is not passed on.
+_ERROR_TYPE = re.compile(r"[a-z_]{1,40}")
 #: error types and codes after which the same request may succeed later.
 _RETRYABLE_ERRORS = frozenset({"server_error", "rate_limit_exceeded", "session_expired"})
 
@@ -77,12 +81,10 @@ def realtime_errors(api_key: str) -> Iterator[None]:
     except InvalidStatus as exc:
         response = exc.response
         body = response.body.decode("utf-8", "replace") if response.body else ""
-        detail = f"{response.status_code}"
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             message = json.loads(body)["error"]["message"]
             body = message if isinstance(message, str) else body
-        if body.strip():
-            detail += f": {redact(' '.join(body.split()), api_key)[:300]}"
+        detail = redact(" ".join(body.split())[:300], api_key)
         raise status_error("realtime", response.status_code, detail, response.headers) from exc
     except InvalidMessage as exc:
         # The connection broke during the handshake (a reset, a proxy hanging up).
@@ -99,6 +101,8 @@ def realtime_errors(api_key: str) -> Iterator[None]:
         # websockets' open_timeout: the connection or its handshake took too long.
         raise UpstreamTimeout("realtime upstream did not accept the connection in time") from exc
     except (OSError, ssl.SSLError) as exc:
+        if out_of_descriptors(exc):
+            raise shortage_error("realtime") from exc
         raise UpstreamError(f"realtime upstream connection failed ({type(exc).__name__})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError, binascii.Error) as exc:
         raise UpstreamError("realtime upstream sent a malformed event", retryable=False) from exc
@@ -107,14 +111,16 @@ def realtime_errors(api_key: str) -> Iterator[None]:
 def _error(error: Any, api_key: str, *, context: str) -> UpstreamError:
     """Return the error for an ``error`` event's (or a failed response's) error object."""
     error = error if isinstance(error, dict) else {}
-    kind = str(error.get("type") or "error")
+    kind = error.get("type")
+    kind = kind if isinstance(kind, str) and _ERROR_TYPE.fullmatch(kind) else "error"
     code = error.get("code")
     message = error.get("message")
-    detail = kind if not code else f"{kind} {code}"
+    detail = str(code) if code else ""
     if isinstance(message, str) and message.strip():
-        detail += f": {redact(' '.join(message.split()), api_key)[:300]}"
+        detail += f": {' '.join(message.split())[:300]}"
+    upstream_said("realtime", kind, redact(detail, api_key))
     retryable = kind in _RETRYABLE_ERRORS or code in _RETRYABLE_ERRORS
-    return UpstreamError(f"realtime upstream {context}: {detail}", retryable=retryable)
+    return UpstreamError(f"realtime upstream {context}: {kind}", retryable=retryable)
 
 
 async def _close(conn: AsyncRealtimeConnection) -> None:
@@ -245,7 +251,7 @@ class OpenAIRealtime:
                     elif kind in _TRANSCRIPT_DELTAS:
                         text = event.get("delta")
                         if isinstance(text, str) and text:
-                            yield SpokenDelta(text=text)
+                            yield SpokenDelta(text=valid_text(text))
                     elif kind == "response.done":
                         done = True
                         usage = self._finish(event.get("response"))
@@ -284,8 +290,7 @@ class OpenAIRealtime:
             return None
         prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
         return SpokenDelta(
-            prompt_tokens=prompt if isinstance(prompt, int) else None,
-            completion_tokens=completion if isinstance(completion, int) else None,
+            prompt_tokens=token_count(prompt), completion_tokens=token_count(completion)
         )
 
     async def aclose(self) -> None:

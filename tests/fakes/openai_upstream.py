@@ -510,6 +510,8 @@ class FakeOpenAI(FakeServer):
         )
         self.chat_faults = FaultQueue()
         self.speech_faults = FaultQueue()
+        #: usage figures reported instead of the counted ones (a faulty upstream's).
+        self.usage: dict[str, Any] = {}
         self.requests: list[RecordedRequest] = []
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -728,6 +730,7 @@ class FakeOpenAI(FakeServer):
             "completion_tokens": len(tokens),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage.update(self.usage)
         base = {
             "id": f"chatcmpl-fake{next(self._ids)}",
             "created": int(time.time()),

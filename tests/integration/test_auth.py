@@ -217,11 +217,26 @@ async def test_ws_key_from_a_file_with_comments(
     app_factory: AppFactory, tmp_path: Path, no_key_in_logs: None
 ) -> None:
     path = tmp_path / "keys"
-    path.write_text(f"# callers\n{KEY}  # the test\n\n#{OTHER_KEY}\n")
+    path.write_text(f"# callers\n{KEY}\n\n  #{OTHER_KEY}\n")
     app = await app_factory(api_keys_file=path)
     async with open_ws(ws_url(app), additional_headers=bearer(KEY)) as ws:
         assert (await speak_ws(ws))["type"] == "finished"
     assert await refused_status(open_ws(ws_url(app), additional_headers=bearer(OTHER_KEY))) == 401
+
+
+async def test_ws_key_with_a_hash_from_a_file_with_a_byte_order_mark(
+    app_factory: AppFactory, tmp_path: Path
+) -> None:
+    hashed = "vx-key#with-a-hash-0123"
+    path = tmp_path / "keys"
+    path.write_bytes(f"\ufeff{KEY}\r\n{hashed}\r\n".encode())  # as Notepad saves it
+    app = await app_factory(api_keys_file=path)
+    for key in (KEY, hashed):
+        async with open_ws(ws_url(app), additional_headers=bearer(key)) as ws:
+            assert (await speak_ws(ws))["type"] == "finished"
+    # The part before the "#" is no key of its own.
+    cut = open_ws(ws_url(app), additional_headers=bearer(hashed.partition("#")[0]))
+    assert await refused_status(cut) == 401
 
 
 # Reloading keys
@@ -306,6 +321,29 @@ async def test_sighup_in_a_served_process_and_keys_never_logged(tmp_path: Path) 
     assert KEY not in logged and OTHER_KEY not in logged
 
 
+async def test_keys_added_by_sighup_are_redacted_from_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"{KEY}\n")
+    async with serve_process(
+        VOXRELAY_API_KEYS_FILE=str(path), VOXRELAY_LLM="echo", VOXRELAY_TTS="espeak"
+    ) as server:
+        path.write_text(f"{KEY}\n{OTHER_KEY}\n")
+        server.signal(signal.SIGHUP)
+        async with asyncio.timeout(WAIT):
+            while not any(  # noqa: ASYNC110 - the log is the only sign of the reload
+                line.get("event") == "keys" and line.get("count") == 2 for line in server.lines
+            ):
+                await asyncio.sleep(0.05)
+        # A careless client names its request after its key: the log line must not show it.
+        async with open_ws(server.ws_url, additional_headers=bearer(OTHER_KEY)) as ws:
+            await send(ws, type="synthesize", id=f"req-{OTHER_KEY}", text=SHORT, mode="speak")
+            assert (await until_end(ws))[-1]["type"] == "finished"  # type: ignore[index]
+        await server.wait_for_event("stream_end")
+    ended = [line for line in server.lines if line.get("event") == "stream_end"]
+    assert ended and ended[-1]["request_id"] == "req-[redacted]"
+    assert OTHER_KEY not in json.dumps(server.lines)
+
+
 # Caller identity
 
 
@@ -342,6 +380,36 @@ async def test_origin_default_is_own_origin_and_no_origin(app_factory: AppFactor
         async with open_ws(ws_url(app)) as plain:
             assert (await speak_ws(plain))["type"] == "finished"
         # ... and the one let in first goes on being served.
+        assert (await speak_ws(ws))["type"] == "finished"
+
+
+def ws_via(app: App, host: str, **options: Any) -> Any:
+    """Open the WebSocket at 127.0.0.1 with *host* in the URL: the Host header a browser sends."""
+    return open_ws(f"ws://{host}:{app.ws_port}/v1/stream", host="127.0.0.1", **options)
+
+
+async def test_a_rebound_host_name_is_not_the_own_origin(app_factory: AppFactory) -> None:
+    app = await app_factory()
+    # A page on rebind.example whose DNS now points at 127.0.0.1: its Origin matches its Host.
+    page = f"http://rebind.example:{app.ws_port}"
+    assert await refused_status(ws_via(app, "rebind.example", origin=page)) == 403
+    # localhost and the address itself still serve the demo page.
+    async with ws_via(app, "localhost", origin=f"http://localhost:{app.ws_port}") as ws:
+        assert (await speak_ws(ws))["type"] == "finished"
+    # A client that sends no Origin is no browser: any Host does.
+    async with ws_via(app, "rebind.example") as ws:
+        assert (await speak_ws(ws))["type"] == "finished"
+
+
+async def test_public_hosts_are_the_own_origin(app_factory: AppFactory) -> None:
+    app = await app_factory(public_hosts="voice.example.com")
+    page = f"http://voice.example.com:{app.ws_port}"
+    async with ws_via(app, "Voice.Example.com", origin=page) as ws:
+        assert (await speak_ws(ws))["type"] == "finished"
+    other = f"http://rebind.example:{app.ws_port}"
+    assert await refused_status(ws_via(app, "rebind.example", origin=other)) == 403
+    own = f"http://127.0.0.1:{app.ws_port}"
+    async with open_ws(ws_url(app), origin=own) as ws:
         assert (await speak_ws(ws))["type"] == "finished"
 
 

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,7 @@ def browser() -> Iterator[Any]:
         f"--user-data-dir={profile}",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP reports land there
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     try:
         yield driver
@@ -344,3 +347,67 @@ def test_api_key_field_appears_when_the_server_requires_one(browser: Any, keyed_
     key.send_keys("k1", Keys.ENTER)  # Enter in the key field speaks too
     state = wait_done(browser)
     assert state["state"] == "finished" and state["bytesReceived"] > 0
+
+
+def policy_reports(driver: Any) -> list[str]:
+    """Return the console lines since the last call that come from the page's CSP."""
+    return [
+        str(entry.get("message", ""))
+        for entry in driver.get_log("browser")
+        if "Content Security Policy" in str(entry.get("message", ""))
+    ]
+
+
+def test_the_page_keeps_to_its_policy_and_no_site_can_frame_it(browser: Any, base_url: str) -> None:
+    policy_reports(browser)  # forget what earlier tests logged
+    open_page(
+        browser, base_url, text="Hello there. The policy lets me speak.", mode="speak", fmt="pcm"
+    )
+    click(browser, "speak")
+    assert wait_done(browser)["state"] == "finished"
+    open_page(browser, base_url, text="And through MediaSource too.", mode="speak", fmt="mp3")
+    click(browser, "speak")
+    assert wait_done(browser)["state"] == "finished"
+    assert policy_reports(browser) == []
+
+    # Another site's page that frames the demo gets Chromium's error page in its frame.
+    with framing_site(base_url) as site:
+        browser.get(site)
+        try:
+            browser.switch_to.frame("f")
+            wait(browser, 15).until(
+                lambda d: d.execute_script(
+                    "return document.URL !== 'about:blank' && document.readyState === 'complete'"
+                )
+            )
+            assert browser.execute_script("return typeof window.voxrelay") == "undefined"
+            assert not browser.find_elements(By.ID, "speak")
+        finally:
+            browser.switch_to.default_content()
+
+
+@contextmanager
+def framing_site(target: str) -> Iterator[str]:
+    """Serve, from another origin, a page that frames *target*; yield its URL."""
+    page = f"<!doctype html><title>framer</title><iframe id=f src='{target}'></iframe>".encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -183,13 +183,15 @@ async def test_chat_faults_map_to_service_errors(
 
 
 async def test_chat_refusal_message_is_clear_and_keeps_the_key_secret(
-    fake: FakeOpenAI, chat: OpenAIChat
+    fake: FakeOpenAI, chat: OpenAIChat, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.api_key = "sk-the-right-one"
     with pytest.raises(UpstreamError) as caught:
         await collect(chat)
     message = str(caught.value)
-    assert message.startswith("chat upstream rejected the request: 401 invalid_api_key")
+    assert message == "chat upstream rejected the request: 401"
+    said = [r for r in caplog.records if getattr(r, "event", None) == "upstream_error"]
+    assert said and "invalid_api_key" in str(getattr(said[-1], "detail", ""))
     assert CHAT_KEY not in message
     assert f"{CHAT_KEY[:3]}***{CHAT_KEY[-2:]}" not in message  # OpenAI's masked echo
     assert "***" not in message

@@ -470,7 +470,7 @@ FAULTS: list[tuple[str, str, list[Fault], grpc.StatusCode, str]] = [
         "response",
         [error_event("invalid_request_error", "invalid_value", "Bad voice")],
         UNAVAILABLE,
-        "invalid_request_error invalid_value: Bad voice",
+        "failed: invalid_request_error",
     ),
     ("error mid-response", "response", [error_event(after=3)], UNAVAILABLE, "failed"),
     ("closed mid-response", "response", [close_after(3)], UNAVAILABLE, "closed mid-response"),

@@ -17,6 +17,7 @@ from voxrelay.service.auth import (
     key_id,
 )
 from voxrelay.service.errors import Unauthorized
+from voxrelay.service.logs import redact
 from voxrelay.service.settings import ConfigError, load_settings
 
 
@@ -44,11 +45,30 @@ def test_verify_returns_a_stable_id_that_is_not_the_key() -> None:
 
 def test_key_file_comments_and_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "keys"
-    path.write_text("# the team's keys\nk-one   # laptop\n\n  k-two\n#k-old\n")
+    path.write_text("# the team's keys\nk-one\n\n  k-two  \n  # k-old\n#k-older\nk#three\n")
     keys = KeyStore(make_settings(api_keys_file=path, api_keys="k-env"))
-    assert len(keys) == 3
-    assert all(keys.verify(k) for k in ("k-one", "k-two", "k-env"))
-    assert keys.verify("k-old") is None and keys.verify("# laptop") is None
+    assert len(keys) == 4
+    assert all(keys.verify(k) for k in ("k-one", "k-two", "k-env", "k#three"))
+    assert keys.verify("k-old") is None and keys.verify("k-older") is None
+    assert keys.verify("k") is None
+
+
+def test_key_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_bytes("\ufeffk-first\r\nk-second\r\n".encode())
+    keys = KeyStore(make_settings(api_keys_file=path))
+    assert keys.verify("k-first") and keys.verify("k-second")
+
+
+def test_reloaded_keys_are_redacted_from_logs(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("first-key-123\n")
+    keys = KeyStore(make_settings(api_keys_file=path))
+    path.write_text("added-by-sighup-456\n")
+    assert keys.reload()
+    assert (
+        redact("token added-by-sighup-456 and first-key-123") == "token [redacted] and [redacted]"
+    )
 
 
 def test_reload_picks_up_new_keys_and_drops_old_ones(
@@ -148,12 +168,63 @@ def test_default_origin_policy_is_own_origin_and_no_origin() -> None:
     assert policy.allows("HTTP://127.0.0.1:8765/", host=host, secure=False)
     assert not policy.allows("https://127.0.0.1:8765", host=host, secure=False)
     assert policy.allows("https://127.0.0.1:8765", host=host, secure=True)
-    assert policy.allows("http://example.com", host="example.com:80", secure=False)
+    assert policy.allows("http://localhost:8765", host="LOCALHOST:8765", secure=False)
+    assert policy.allows("http://[::1]:8765", host="[::1]:8765", secure=False)
     assert not policy.allows("http://127.0.0.1:9999", host=host, secure=False)
     assert not policy.allows("https://evil.example", host=host, secure=False)
     assert not policy.allows("null", host=host, secure=False)
     assert not policy.allows("http://127.0.0.1:8765", host=None, secure=False)
     assert not policy.allows("http://[::1", host=host, secure=False)
+
+
+def test_a_host_name_is_own_origin_only_when_listed() -> None:
+    # A rebinding page on evil.example names its own host, its origin matching it.
+    policy = OriginPolicy([])
+    assert not policy.allows("http://evil.example:8765", host="evil.example:8765", secure=False)
+    assert not policy.allows("http://example.com", host="example.com:80", secure=False)
+    listed = OriginPolicy([], ["voice.example.com"])
+    assert listed.allows("https://Voice.Example.com", host="voice.example.com", secure=True)
+    assert listed.allows(
+        "http://voice.example.com:8765", host="VOICE.example.com:8765", secure=False
+    )
+    assert not listed.allows("http://evil.example", host="evil.example", secure=False)
+    assert not listed.allows("http://a.voice.example.com", host="a.voice.example.com", secure=False)
+    assert listed.allows("http://127.0.0.1:8765", host="127.0.0.1:8765", secure=False)
+
+
+def test_public_hosts_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOXRELAY_PUBLIC_HOSTS", "Voice.Example.com, tts.internal")
+    settings = load_settings(llm="echo", tts="espeak")
+    assert settings.public_hosts == ["voice.example.com", "tts.internal"]
+    for bad in ("voice.example.com:8765", "https://voice.example.com", "a b", "*.example.com"):
+        monkeypatch.setenv("VOXRELAY_PUBLIC_HOSTS", bad)
+        with pytest.raises(ConfigError, match=r"^invalid VOXRELAY_PUBLIC_HOSTS: .*not a host name"):
+            load_settings(llm="echo", tts="espeak")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["app.example.com", "https://", "https://app.example.com/path", "https://app.example.com:99999",
+     "https://user@app.example.com", "https://app.example.com?x=1", "null"],
+)  # fmt: skip
+def test_an_invalid_allowed_origin_fails_start_up(
+    monkeypatch: pytest.MonkeyPatch, entry: str
+) -> None:
+    monkeypatch.setenv("VOXRELAY_ALLOWED_ORIGINS", f"https://ok.example.com, {entry}")
+    with pytest.raises(ConfigError) as failed:
+        load_settings(llm="echo", tts="espeak")
+    line = str(failed.value)
+    assert "\n" not in line
+    assert line.startswith("invalid VOXRELAY_ALLOWED_ORIGINS: ") and repr(entry) in line
+
+
+def test_valid_allowed_origins_start() -> None:
+    settings = load_settings(
+        allowed_origins="https://app.example.com/, http://localhost:3000, *",
+        llm="echo",
+        tts="espeak",
+    )
+    assert len(settings.allowed_origins) == 3
 
 
 def test_configured_origins_replace_the_own_origin() -> None:

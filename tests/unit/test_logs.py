@@ -68,11 +68,13 @@ def test_values_that_json_cannot_encode_are_logged_as_text() -> None:
         "ls\u2028ps\u2029",
         "bidi\u202eevil\u202c",
         "isolate\u2066x\u2069",
+        "lone \ud800 surrogate \udfff",
     ],
 )
 def test_control_characters_are_escaped_and_the_value_survives(hostile: str) -> None:
     text = record(voice=hostile, msg_arg=hostile)
     assert text.isprintable(), repr(text)
+    text.encode()  # stderr takes UTF-8
     line = one_line(text)
     assert line["voice"] == hostile  # escaped on the wire, the same value once parsed
 
