@@ -52,7 +52,8 @@ _UNSAFE = re.compile(
 )
 _TOKEN_SHAPES = re.compile(
     r"(?i)(?P<scheme>\bbearer\s+)[^\s\"',;]+"
-    r"|\b(?:sk|rk)-[\w-]{8,}"
+    r"|\b(?:sk|rk|pk)-[\w*-]{8,}"
+    r"|\*{3}\w*"  # the end of a key an upstream masked in an error ("sk-…***abcd")
 )
 #: A secret shorter than this would redact ordinary words; no real key is that short.
 MIN_SECRET_CHARS = 6

@@ -38,9 +38,10 @@ from websockets.exceptions import (
 
 from ..descriptors import out_of_descriptors, shortage_error
 from ..errors import UpstreamError, UpstreamTimeout
+from ..logs import redact
 from ..model import ChatMessage, Voice
 from .base import SpokenDelta, token_count, valid_text
-from .openai_chat import build_client, redact, status_error, upstream_said
+from .openai_upstream import build_client, status_error, upstream_said
 
 __all__ = ["REALTIME_VOICES", "OpenAIRealtime", "realtime_errors"]
 
@@ -84,7 +85,7 @@ def realtime_errors(api_key: str) -> Iterator[None]:
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             message = json.loads(body)["error"]["message"]
             body = message if isinstance(message, str) else body
-        detail = redact(" ".join(body.split())[:300], api_key)
+        detail = redact(" ".join(body.split())[:300])
         raise status_error("realtime", response.status_code, detail, response.headers) from exc
     except InvalidMessage as exc:
         # The connection broke during the handshake (a reset, a proxy hanging up).
@@ -118,7 +119,7 @@ def _error(error: Any, api_key: str, *, context: str) -> UpstreamError:
     detail = str(code) if code else ""
     if isinstance(message, str) and message.strip():
         detail += f": {' '.join(message.split())[:300]}"
-    upstream_said("realtime", kind, redact(detail, api_key))
+    upstream_said("realtime", kind, redact(detail))
     retryable = kind in _RETRYABLE_ERRORS or code in _RETRYABLE_ERRORS
     return UpstreamError(f"realtime upstream {context}: {kind}", retryable=retryable)
 

@@ -16,7 +16,7 @@ import httpx2
 
 from ..errors import UpstreamError
 from ..model import Voice
-from .openai_chat import build_client, call_timeout, upstream_errors
+from .openai_upstream import build_client, call_timeout, upstream_errors
 
 __all__ = ["OPENAI_VOICES", "OpenAISpeech"]
 
