@@ -127,13 +127,17 @@ def from_marks(
     offset_ms: int,
     audio_ms: int,
     text_offset: int = 0,
+    pcm: bytes | None = None,
+    sample_rate: int = 0,
 ) -> list[WordTiming]:
     """Return the timings of *segment_text*'s words from an engine's word marks.
 
-    *spoken* is what the engine was given (its map leads back to *segment_text*);
-    a word lasts until the next mark, the last one until the end of the segment's
-    audio (*audio_ms* long, starting at *offset_ms* on the stream's clock).
-    *text_offset* is where the segment starts in the reply.
+    *spoken* is what the engine was given (its map leads back to *segment_text*).
+    A word starts at its mark and lasts until the next one, the last until the end
+    of the segment's audio (*audio_ms* long, starting at *offset_ms* on the stream's
+    clock). Given the segment's *pcm* (s16le mono at *sample_rate*), a word ends
+    where speech stops instead, before the silence of a pause. *text_offset* is
+    where the segment starts in the reply.
     """
     _check(segment_text, spoken)
     audio_ms = max(0, audio_ms)
@@ -142,12 +146,31 @@ def from_marks(
     for mark in marks:
         last = min(audio_ms, max(last, mark.time_ms))
         times.append(last)
+    loud = _loudness(pcm, sample_rate) if pcm is not None and sample_rate > 0 else None
     units = []
     for i, mark in enumerate(marks):
         low, high = spoken.original_span(mark.offset, mark.offset + max(1, mark.length))
         end = times[i + 1] if i + 1 < len(marks) else audio_ms
+        if loud is not None:
+            end = _speech_end(loud, times[i], end)
         units.append(_Unit(low, high, times[i], end))
     return _assign(segment_text, units, offset_ms, 0, audio_ms, text_offset)
+
+
+def _loudness(pcm: bytes, sample_rate: int) -> list[bool]:
+    """Return, for each 10 ms frame of *pcm*, whether it holds speech."""
+    samples = _samples(pcm)
+    frame = max(1, sample_rate * _FRAME_MS // 1000)
+    return [_loud(samples[i : i + frame]) for i in range(0, len(samples), frame)]
+
+
+def _speech_end(loud: list[bool], start_ms: int, end_ms: int) -> int:
+    """Return where the speech between *start_ms* and *end_ms* stops (else *end_ms*)."""
+    first = start_ms // _FRAME_MS
+    frame = min(len(loud), -(-end_ms // _FRAME_MS))
+    while frame > first + 1 and not loud[frame - 1]:
+        frame -= 1
+    return max(start_ms, min(end_ms, frame * _FRAME_MS))
 
 
 def estimate(
@@ -201,9 +224,7 @@ def speech_bounds(pcm: bytes, sample_rate: int) -> tuple[int, int]:
     """
     if sample_rate <= 0:
         return 0, 0
-    samples = array.array("h", pcm[: len(pcm) // 2 * 2])
-    if sys.byteorder == "big":
-        samples.byteswap()
+    samples = _samples(pcm)
     n = len(samples)
     total_ms = n * 1000 // sample_rate
     frame = max(1, sample_rate * _FRAME_MS // 1000)
@@ -216,6 +237,13 @@ def speech_bounds(pcm: bytes, sample_rate: int) -> tuple[int, int]:
     while end > start and not _loud(samples[max(start, end - frame) : end]):
         end -= frame
     return start * 1000 // sample_rate, min(total_ms, -(-end * 1000 // sample_rate))
+
+
+def _samples(pcm: bytes) -> array.array[int]:
+    samples = array.array("h", pcm[: len(pcm) // 2 * 2])
+    if sys.byteorder == "big":
+        samples.byteswap()
+    return samples
 
 
 def _loud(frame: array.array[int]) -> bool:

@@ -247,3 +247,34 @@ def test_estimated_timings_are_monotonic_and_inside_the_audio(
     timings = estimate(text, spoken, pcm, RATE, offset_ms=offset_ms)
     audio_ms = len(pcm) // 2 * 1000 // RATE
     assert_well_formed(text, timings, offset_ms, offset_ms + audio_ms)
+
+
+def test_from_marks_with_the_pcm_ends_words_where_speech_stops() -> None:
+    # "Hello," then a pause, "there" (marks at 0 and 500 ms), then trailing silence.
+    text = "Hello, there."
+    pcm = tone(300) + silence(200) + tone(400) + silence(300)
+    marks = [WordMark(0, 5, 0), WordMark(7, 5, 500)]
+    timings = from_marks(
+        text, Spoken.verbatim(text), marks, offset_ms=0, audio_ms=1200, pcm=pcm, sample_rate=RATE
+    )
+    assert [(t.start_ms, t.end_ms) for t in timings] == [(0, 300), (500, 900)]
+    without = from_marks(text, Spoken.verbatim(text), marks, offset_ms=0, audio_ms=1200)
+    assert [(t.start_ms, t.end_ms) for t in without] == [(0, 500), (500, 1200)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    MARKDOWNISH, st.lists(st.integers(0, 1500)), st.lists(st.sampled_from([0, 3000]), max_size=60)
+)
+def test_timings_from_marks_and_pcm_are_monotonic_and_inside_the_audio(
+    text: str, times: list[int], levels: list[int]
+) -> None:
+    spoken = TextNormalizer().normalize(text)
+    spans = word_spans(spoken.text) or [(0, 0)]
+    marks = [WordMark(spans[i % len(spans)][0], 1, t) for i, t in enumerate(sorted(times))]
+    pcm = b"".join(tone(20) if level else silence(20) for level in levels)
+    audio_ms = len(pcm) // 2 * 1000 // RATE
+    timings = from_marks(
+        text, spoken, marks, offset_ms=0, audio_ms=audio_ms, pcm=pcm, sample_rate=RATE
+    )
+    assert_well_formed(text, timings, 0, audio_ms)
