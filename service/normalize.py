@@ -37,8 +37,11 @@ from .verbalize import verbalize
 __all__ = ["TextNormalizer"]
 
 # Anything markdown-it could read as syntax; a segment with none of it is plain text.
-_MARKUP = re.compile(r"[*_`\[\]#<>|~\\&!]|^[ \t]*(?:[-+=]+|\d{1,9}[.)])(?:[ \t]|$)", re.MULTILINE)
+_MARKUP = re.compile(
+    r"[*_`\[\]#<>|~\\&!]|(?:^|\r)[ \t]*(?:[-+=]+|\d{1,9}[.)])(?:[ \t]|$|\r)", re.MULTILINE
+)
 _FENCE = re.compile(r"[ \t]*(`{3,}|~{3,})")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # Characters that may start an emoji (or take part in one); text without them has none.
 _EMOJI_HINT = re.compile("[\u00a9\u00ae\u203c-\u32ff\U0001f000-\U0001faff\ufe0f\u200d]")
 # A heading or list item without closing punctuation ends a sentence all the same.
@@ -101,10 +104,11 @@ class TextNormalizer:
         """Read *segment* as markdown; carry open fences and tables to the next one."""
         out = SpokenBuilder(segment)
         run_start: int | None = None  # start of the lines markdown-it reads together
-        pos = 0
-        for line in segment.splitlines(keepends=True):
-            start, pos = pos, pos + len(line)
-            if self._skips(line):
+        ends = [m.end() for m in _LINE_BREAK.finditer(segment)]
+        if not ends or ends[-1] < len(segment):
+            ends.append(len(segment))
+        for start, end in zip([0, *ends], ends, strict=False):
+            if self._skips(segment[start:end]):
                 if run_start is not None:
                     _read_blocks(out, segment, run_start, start)
                     run_start = None
@@ -137,11 +141,9 @@ class TextNormalizer:
 def _read_blocks(out: SpokenBuilder, source: str, start: int, end: int) -> None:
     """Speak the prose of ``source[start:end]``, read as markdown blocks."""
     text = source[start:end]
-    line_starts = [0]
-    for i, ch in enumerate(text):
-        if ch == "\n":
-            line_starts.append(i + 1)
-    line_starts.append(len(text))
+    # Lines as markdown-it counts them in token.map.
+    line_starts = [0, *(m.end() for m in _LINE_BREAK.finditer(text)), len(text)]
+    last_line = len(line_starts) - 1
     tokens = _MD.parse(text)
     skip_until = -1
     for index, token in enumerate(tokens):
@@ -152,8 +154,8 @@ def _read_blocks(out: SpokenBuilder, source: str, start: int, end: int) -> None:
             continue
         if token.type != "inline" or token.map is None or not token.children:
             continue
-        low = line_starts[token.map[0]]
-        high = line_starts[min(token.map[1], len(line_starts) - 1)]
+        low = line_starts[min(token.map[0], last_line)]
+        high = line_starts[min(token.map[1], last_line)]
         if not out.empty and not out.ends_with(_NO_SPACE):
             # A new block: a sentence break after a heading or list item with no stop.
             separator = " " if out.ends_with(_SENTENCE_END) else ". "

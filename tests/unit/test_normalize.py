@@ -275,7 +275,7 @@ def test_normalization_never_raises_and_its_map_is_monotonic(segments: list[str]
 
 
 MARKDOWNISH = st.lists(
-    st.sampled_from([*"ab 19$.,%:-*_`#|[]()<>!&\n", "km", "pm", "Dec", "🎉", "```"]),
+    st.sampled_from([*"ab 19$.,%:-*_`#|[]()<>!&\n\r", "km", "pm", "Dec", "🎉", "```"]),
     max_size=30,
 ).map("".join)
 
@@ -293,3 +293,9 @@ def test_every_spoken_word_comes_from_inside_its_segment(segments: list[str]) ->
             if copied:
                 text = spoken.text[spoken.spoken[k] : spoken.spoken[k + 1]]
                 assert text == segment[spoken.origin[k] : spoken.origin[k + 1]]
+
+
+def test_carriage_returns_break_lines_as_markdown_reads_them() -> None:
+    assert say("# Title\r\n- one\r- two\r\n```\r\ncode\r\n```\r\nEnd.") == "Title. one. two. End."
+    assert say("# Title\r\rMore text here\r- item") == "Title. More text here. item"
+    assert say("Intro\r- one\r- two") == "Intro. one. two"
