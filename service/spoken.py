@@ -30,15 +30,15 @@ Edit = tuple[int, int, str]
 class Spoken:
     """A spoken text and where each of its positions comes from in *original*.
 
-    Piece ``k`` covers ``text[spoken[k]:spoken[k + 1]]`` and
-    ``original[origin[k]:origin[k + 1]]``; both lists end with the texts' lengths,
-    so they hold one entry more than *copied*.
+    Piece ``k`` covers ``text[starts[k]:starts[k + 1]]`` and
+    ``original[origins[k]:origins[k + 1]]``, a verbatim copy if ``copied[k]``; both
+    lists end with the texts' lengths, so they hold one entry more than *copied*.
     """
 
     text: str
     original: str
-    spoken: tuple[int, ...]
-    origin: tuple[int, ...]
+    starts: tuple[int, ...]
+    origins: tuple[int, ...]
     copied: tuple[bool, ...]
 
     @classmethod
@@ -55,7 +55,7 @@ class Spoken:
         """Return the non-empty piece holding spoken position *i* (``0 <= i < len``)."""
         # Empty pieces share their start with the next piece, and bisect_right picks
         # the last of those: the non-empty one.
-        return bisect_right(self.spoken, i, 0, len(self.copied)) - 1
+        return bisect_right(self.starts, i, 0, len(self.copied)) - 1
 
     def to_original(self, i: int) -> int:
         """Return the original position that spoken position *i* comes from."""
@@ -64,8 +64,8 @@ class Spoken:
         i = max(i, 0)
         k = self._piece_at(i)
         if self.copied[k]:
-            return self.origin[k] + i - self.spoken[k]
-        return self.origin[k]
+            return self.origins[k] + i - self.starts[k]
+        return self.origins[k]
 
     def original_span(self, start: int, end: int) -> tuple[int, int]:
         """Return the original span the spoken span ``[start, end)`` was made from.
@@ -80,13 +80,13 @@ class Spoken:
             return at, at
         first, last = self._piece_at(start), self._piece_at(end - 1)
         if self.copied[first]:
-            lo = self.origin[first] + start - self.spoken[first]
+            lo = self.origins[first] + start - self.starts[first]
         else:
-            lo = self.origin[first]
+            lo = self.origins[first]
         if self.copied[last]:
-            hi = self.origin[last] + end - self.spoken[last]
+            hi = self.origins[last] + end - self.starts[last]
         else:
-            hi = self.origin[last + 1]
+            hi = self.origins[last + 1]
         return lo, hi
 
     def rewrite(self, edits: Iterable[Edit]) -> Spoken:
@@ -138,12 +138,12 @@ class Spoken:
         """Widen ``[start, end)`` to whole replacements at either side."""
         if start < len(self.text):
             k = self._piece_at(start)
-            if not self.copied[k] and start > self.spoken[k]:
-                start = self.spoken[k]
+            if not self.copied[k] and start > self.starts[k]:
+                start = self.starts[k]
         if 0 < end < len(self.text):
             k = self._piece_at(end)
-            if not self.copied[k] and end > self.spoken[k]:
-                end = self.spoken[k + 1]
+            if not self.copied[k] and end > self.starts[k]:
+                end = self.starts[k + 1]
         return start, end
 
     def _copy_range(self, out: SpokenBuilder, start: int, end: int) -> None:
@@ -155,14 +155,14 @@ class Spoken:
         if end <= start:
             return
         k = self._piece_at(start)
-        while k < len(self.copied) and self.spoken[k] < end:
-            s0, s1 = self.spoken[k], self.spoken[k + 1]
+        while k < len(self.copied) and self.starts[k] < end:
+            s0, s1 = self.starts[k], self.starts[k + 1]
             if s1 > s0:
                 if self.copied[k]:
-                    delta = self.origin[k] - s0
+                    delta = self.origins[k] - s0
                     out.keep(max(start, s0) + delta, min(end, s1) + delta)
                 else:
-                    out.replace(self.origin[k], self.origin[k + 1], self.text[s0:s1])
+                    out.replace(self.origins[k], self.origins[k + 1], self.text[s0:s1])
             k += 1
 
 
@@ -174,17 +174,17 @@ class SpokenBuilder:
     """
 
     def __init__(self, original: str) -> None:
-        self._original = original
+        self._originsal = original
         self._parts: list[str] = []
-        self._spoken: list[int] = [0]
-        self._origin: list[int] = [0]
+        self._starts: list[int] = [0]
+        self._origins: list[int] = [0]
         self._copied: list[bool] = []
         self._length = 0
 
     @property
     def position(self) -> int:
         """Return the original position built up to."""
-        return self._origin[-1]
+        return self._origins[-1]
 
     def ends_with(self, chars: str) -> bool:
         """Return whether the spoken text so far ends with one of *chars*."""
@@ -205,11 +205,11 @@ class SpokenBuilder:
             return
         if self._copied and self._copied[-1]:
             # Merge with the previous copy: fewer pieces, faster lookups.
-            self._spoken[-1] += end - start
-            self._origin[-1] = end
+            self._starts[-1] += end - start
+            self._origins[-1] = end
         else:
             self._piece(end, end - start, True)
-        self._parts.append(self._original[start:end])
+        self._parts.append(self._originsal[start:end])
         self._length += end - start
 
     def replace(self, start: int, end: int, text: str) -> None:
@@ -228,14 +228,14 @@ class SpokenBuilder:
 
     def build(self) -> Spoken:
         """Return the result; the rest of the original is dropped."""
-        self._advance(len(self._original))
+        self._advance(len(self._originsal))
         if not self._copied:
-            self._piece(len(self._original), 0, False)
+            self._piece(len(self._originsal), 0, False)
         return Spoken(
             "".join(self._parts),
-            self._original,
-            tuple(self._spoken),
-            tuple(self._origin),
+            self._originsal,
+            tuple(self._starts),
+            tuple(self._origins),
             tuple(self._copied),
         )
 
@@ -245,6 +245,6 @@ class SpokenBuilder:
             self._piece(start, 0, False)
 
     def _piece(self, origin_end: int, length: int, copied: bool) -> None:
-        self._spoken.append(self._length + length)
-        self._origin.append(origin_end)
+        self._starts.append(self._length + length)
+        self._origins.append(origin_end)
         self._copied.append(copied)

@@ -291,8 +291,8 @@ def test_every_spoken_word_comes_from_inside_its_segment(segments: list[str]) ->
             assert 0 <= low <= high <= len(segment)
         for k, copied in enumerate(spoken.copied):
             if copied:
-                text = spoken.text[spoken.spoken[k] : spoken.spoken[k + 1]]
-                assert text == segment[spoken.origin[k] : spoken.origin[k + 1]]
+                text = spoken.text[spoken.starts[k] : spoken.starts[k + 1]]
+                assert text == segment[spoken.origins[k] : spoken.origins[k + 1]]
 
 
 def test_carriage_returns_break_lines_as_markdown_reads_them() -> None:

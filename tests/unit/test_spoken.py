@@ -133,9 +133,9 @@ def test_the_map_is_monotonic_and_inside_the_original(spoken: Spoken) -> None:
 
 @given(rewrites())
 def test_copied_pieces_hold_the_original_text(spoken: Spoken) -> None:
-    assert spoken.spoken[-1] == len(spoken.text)
-    assert spoken.origin[-1] == len(spoken.original)
+    assert spoken.starts[-1] == len(spoken.text)
+    assert spoken.origins[-1] == len(spoken.original)
     for k, copied in enumerate(spoken.copied):
         if copied:
-            piece = spoken.text[spoken.spoken[k] : spoken.spoken[k + 1]]
-            assert piece == spoken.original[spoken.origin[k] : spoken.origin[k + 1]]
+            piece = spoken.text[spoken.starts[k] : spoken.starts[k + 1]]
+            assert piece == spoken.original[spoken.origins[k] : spoken.origins[k + 1]]
