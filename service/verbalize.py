@@ -109,6 +109,8 @@ _ABBREVIATIONS = {
     "no.": "number",
     "&": "and",
 }
+# Titles that are street names when no name follows: "Dr. Lee" but "Elm Dr.".
+_STREETS = {"dr.": "Drive", "st.": "Street"}
 # Abbreviations that may end a sentence, their dot doubling as its stop.
 _SENTENCE_FINAL = frozenset({"etc.", "approx.", "vs.", "e.g.", "i.e."})
 # A word before a four-digit number that makes it a year: "in 1999", "since 2020".
@@ -164,8 +166,9 @@ _KINDS: dict[str, str] = {
     "ordinal": r"(?<![\w.])(?P<onum>\d+)(?:st|nd|rd|th)(?!\w)",
     "unit": r"(?<![\w.])(?P<unum>" + _NUMBER + r")\s?(?P<uname>" + _UNIT + r")(?![\w/])",
     "scaled": r"(?<![\w.])(?P<snum>" + _NUMBER + r")(?P<scale>[kK]|M|[bB]n|B)(?!\w)",
+    "fraction": r"(?<![\w/.])(?P<fn>\d)/(?P<fd>\d{1,2})(?![\w/]|\.\d)",
     "range": r"(?<![\w.-])(?P<ra>\d{1,4})(?:–|-(?=\d))(?P<rb>\d{1,4})(?![\w-]|\.\d)",
-    "number": r"(?<![\w.])(?P<neg>(?<!\S)-)?(?P<num>" + _NUMBER + r")(?P<decade>'?s)?(?![\w])",
+    "number": r"(?<![\w.])(?P<neg>(?<!\S)[-−])?(?P<num>" + _NUMBER + r")(?P<decade>'?s)?(?![\w])",
     "abbreviation": _ABBREVIATION,
 }
 _STARTS_WITH_LETTER = ("month_day", "abbreviation")
@@ -176,7 +179,7 @@ def _scanner() -> re.Pattern[str]:
     # spares trying each of them at every position.
     symbols = "|".join(f"(?P<{k}>{p})" for k, p in _KINDS.items() if k not in _STARTS_WITH_LETTER)
     words = "|".join(f"(?P<{k}>{p})" for k, p in _KINDS.items() if k in _STARTS_WITH_LETTER)
-    return re.compile(rf"(?=[\d$€£¥₹+(\-])(?:{symbols})|(?<![\w.])(?=[A-Za-z&])(?:{words})")
+    return re.compile(rf"(?=[\d$€£¥₹+(\-−])(?:{symbols})|(?<![\w.])(?=[A-Za-z&])(?:{words})")
 
 
 _SCANNER = _scanner()
@@ -359,6 +362,23 @@ def _say_scaled(match: re.Match[str], text: str) -> list[Edit]:
     return _whole(match, f"{say_cardinal(match['snum'])} {_SCALES[match['scale'].lower()]}")
 
 
+def _say_fraction(match: re.Match[str], text: str) -> list[Edit]:
+    numerator, denominator = int(match["fn"]), int(match["fd"])
+    if not 0 < numerator < denominator <= 10:
+        # Not a simple fraction ("24/7", "9/11"): say the numbers, keep the slash.
+        return [
+            _group(match, "fn", say_cardinal(match["fn"])),
+            _group(match, "fd", say_cardinal(match["fd"])),
+        ]
+    if denominator == 2:
+        name = "half" if numerator == 1 else "halves"
+    elif denominator == 4:
+        name = "quarter" if numerator == 1 else "quarters"
+    else:
+        name = say_ordinal(denominator) + ("" if numerator == 1 else "s")
+    return _whole(match, f"{say_cardinal(match['fn'])} {name}")
+
+
 def _say_range(match: re.Match[str], text: str) -> list[Edit]:
     first, second = match["ra"], match["rb"]
     if len(first) == 4 and len(second) == 4:
@@ -406,6 +426,10 @@ def _reads_as_year(match: re.Match[str], text: str) -> bool:
 def _say_abbreviation(match: re.Match[str], text: str) -> list[Edit]:
     written = match.group()
     words = _ABBREVIATIONS[written.lower()]
+    if written.lower() in _STREETS:
+        following = text[match.end() :].lstrip(" ")
+        if not following[:1].isupper():
+            words = _STREETS[written.lower()] + _stop(match, text)
     if written.lower() in _SENTENCE_FINAL:
         words += _stop(match, text)
     return _whole(match, words)
@@ -424,6 +448,7 @@ _SAYERS: dict[str, Sayer] = {
     "ordinal": _say_ordinal,
     "unit": _say_unit,
     "scaled": _say_scaled,
+    "fraction": _say_fraction,
     "range": _say_range,
     "number": _say_plain_number,
     "abbreviation": _say_abbreviation,

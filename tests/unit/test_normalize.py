@@ -35,6 +35,10 @@ NUMBERS = [
         "five hundred and sixty-seven people.",
     ),
     ("It fell to -5 overnight.", "It fell to minus five overnight."),
+    ("It fell to −5 overnight.", "It fell to minus five overnight."),
+    ("Add 1/2 cup or 3/4 cup.", "Add one half cup or three quarters cup."),
+    ("Two 2/3 and 1/10 parts.", "Two two thirds and one tenth parts."),
+    ("Open 24/7 daily.", "Open twenty-four/seven daily."),
     ("Agent 007 waits.", "Agent zero zero seven waits."),
     (
         "Order 12345678901 shipped.",
@@ -113,6 +117,9 @@ UNITS = [
 ]
 ABBREVIATIONS = [
     ("Dr. Smith is in.", "Doctor Smith is in."),
+    ("Live at 5 Elm Dr. now.", "Live at five Elm Drive now."),
+    ("Turn on Main St., then left.", "Turn on Main Street, then left."),
+    ("Visit St. Paul's.", "Visit Saint Paul's."),
     ("Mr. and Mrs. Smith.", "Mister and Missus Smith."),
     ("Fruit, e.g. apples.", "Fruit, for example apples."),
     ("Fruit, i.e. apples.", "Fruit, that is apples."),
