@@ -131,6 +131,7 @@ def from_marks(
     text_offset: int = 0,
     pcm: bytes | None = None,
     sample_rate: int = 0,
+    partial: bool = False,
 ) -> list[WordTiming]:
     """Return the timings of *segment_text*'s words from an engine's word marks.
 
@@ -140,6 +141,10 @@ def from_marks(
     clock). Given the segment's *pcm* (s16le mono at *sample_rate*), a word ends
     where speech stops instead, before the silence of a pause. *text_offset* is
     where the segment starts in the reply.
+
+    With *partial*, the segment is still being spoken (a cancel came mid-segment):
+    *marks*, *pcm* and *audio_ms* are those so far, and the words after the last
+    mark are left out, as not yet said, rather than given zero-length timings.
     """
     _check(segment_text, spoken)
     audio_ms = max(0, audio_ms)
@@ -156,7 +161,22 @@ def from_marks(
         if samples is not None:
             end = _speech_end(samples, sample_rate, times[i], end)
         units.append(_Unit(low, high, times[i], end))
-    return _assign(segment_text, units, offset_ms, 0, audio_ms, text_offset)
+    timings = _assign(segment_text, units, offset_ms, 0, audio_ms, text_offset)
+    if partial:
+        timings = timings[: _said_words(spoken, marks)]
+    return timings
+
+
+def _said_words(spoken: Spoken, marks: Sequence[WordMark]) -> int:
+    """Return how many words of the original have all their spoken words marked."""
+    said_until = max((mark.offset + max(1, mark.length) for mark in marks), default=0)
+    # The first spoken word not yet said: the original words from its origin on
+    # ("$3.50" when "fifty" is still to come) are not said in full.
+    unsaid = next((a for a, _ in word_spans(spoken.text) if a >= said_until), None)
+    if unsaid is None:
+        return len(word_spans(spoken.original))
+    low, _ = spoken.original_span(unsaid, unsaid + 1)
+    return sum(1 for _, end in word_spans(spoken.original) if end <= low)
 
 
 def _speech_end(samples: array.array[int], sample_rate: int, start_ms: int, end_ms: int) -> int:

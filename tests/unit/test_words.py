@@ -278,3 +278,42 @@ def test_timings_from_marks_and_pcm_are_monotonic_and_inside_the_audio(
         text, spoken, marks, offset_ms=0, audio_ms=audio_ms, pcm=pcm, sample_rate=RATE
     )
     assert_well_formed(text, timings, 0, audio_ms)
+
+
+def test_a_partial_segment_leaves_out_the_words_not_yet_said() -> None:
+    text = "It costs $3.50 🎉 today, friend."
+    spoken = TextNormalizer().normalize(text)
+    marks = [
+        WordMark(spoken.text.index(word), len(word), ms)
+        for word, ms in (("It", 0), ("costs", 100), ("three", 400), ("dollars", 600))
+    ]
+    # "$3.50" is half said ("fifty" is still to come): not heard yet.
+    timings = from_marks(text, spoken, marks, offset_ms=0, audio_ms=800, partial=True)
+    assert [(t.text, t.start_ms, t.end_ms) for t in timings] == [
+        ("It", 0, 100),
+        ("costs", 100, 400),
+    ]
+    assert heard_text(text, timings, 800) == "It costs"
+    marks.append(WordMark(spoken.text.index("fifty"), 5, 700))
+    timings = from_marks(text, spoken, marks, offset_ms=0, audio_ms=800, partial=True)
+    assert [t.text for t in timings] == ["It", "costs", "$3.50", "🎉"]  # nothing to say
+    marks.append(WordMark(spoken.text.index("today"), 5, 900))
+    timings = from_marks(text, spoken, marks, offset_ms=0, audio_ms=1000, partial=True)
+    assert [t.text for t in timings] == ["It", "costs", "$3.50", "🎉", "today"]
+    whole = from_marks(text, spoken, marks, offset_ms=0, audio_ms=800)
+    assert [t.text for t in whole] == ["It", "costs", "$3.50", "🎉", "today", "friend"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(MARKDOWNISH, st.lists(st.integers(0, 2000)), st.integers(0, 2000))
+def test_a_partial_segment_gives_a_prefix_of_its_words(
+    text: str, times: list[int], audio_ms: int
+) -> None:
+    spoken = TextNormalizer().normalize(text)
+    spans = word_spans(spoken.text)
+    marks = [WordMark(a, b - a, t) for (a, b), t in zip(spans, sorted(times), strict=False)]
+    timings = from_marks(text, spoken, marks, offset_ms=0, audio_ms=audio_ms, partial=True)
+    words = [(t.text_offset, t.text_offset + len(t.text)) for t in timings]
+    assert words == word_spans(text)[: len(words)]
+    for before, after in itertools.pairwise(timings):
+        assert before.end_ms <= after.start_ms
