@@ -93,7 +93,9 @@ def word_spans(text: str) -> list[tuple[int, int]]:
         while end > start and _is_edge_punctuation(text[end - 1]):
             end -= 1
         # Dots end an abbreviation rather than close it: "e.g.", "U.S.", "a.m.".
-        if end < match.end() and text[end] == "." and "." in text[start:end]:
+        word = text[start:end]
+        dotted = "." in word and word.replace(".", "").isalpha()
+        if dotted and end < match.end() and text[end] == ".":
             end += 1
         if end > start:
             spans.append((start, end))
@@ -101,12 +103,10 @@ def word_spans(text: str) -> list[tuple[int, int]]:
 
 
 def weight(word: str) -> float:
-    """Return how long *word* takes to say, relative to other words: its letters, plus
-    a little for the word itself.
+    """Return how long *word* takes to say, relative to other words.
 
-    Letters follow the sounds more closely than a syllable count does: against
-    espeak's own word times, sharing by letters puts word starts about a third
-    closer (docs/words.md).
+    That is its letters, plus a little for the word itself: letters follow the
+    sounds more closely than a syllable count does (see docs/words.md).
     """
     return sum(1 for ch in word if ch.isalnum()) + _WORD_WEIGHT
 

@@ -48,6 +48,7 @@ def words_of(timings: list[WordTiming]) -> list[tuple[str, int, int, int]]:
         ("Don't stop — it's 20°C.", ["Don't", "stop", "it's", "20°C"]),
         ("(quoted) «words» “here”", ["quoted", "words", "here"]),
         ("e.g. the U.S. at 3 p.m.", ["e.g.", "the", "U.S.", "at", "3", "p.m."]),
+        ("It grew 3.5. Then 1.2.", ["It", "grew", "3.5", "Then", "1.2"]),
         ("**bold** `code` | cell |", ["bold", "code", "cell"]),
         ("Hi 🎉 there", ["Hi", "🎉", "there"]),
         ("well-known a—b", ["well-known", "a", "b"]),
