@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from num2words import num2words
 
@@ -195,13 +195,13 @@ def say_cardinal(number: str) -> str:
     try:
         value = Decimal(plain)
         words: str = num2words(value if "." in plain else int(plain), lang="en")
-    except (InvalidOperation, OverflowError, ValueError, ArithmeticError):
+    except (ArithmeticError, ValueError):  # InvalidOperation, OverflowError
         return say_digits(plain)
     return words.replace(",", "")
 
 
 def say_digits(digits: str) -> str:
-    """Say each digit of *digits* on its own ("oh" for none); other characters are dropped."""
+    """Say each digit of *digits* on its own; other characters are dropped."""
     return " ".join(_DIGITS[int(ch)] for ch in digits if ch.isdigit())
 
 
@@ -272,12 +272,12 @@ def _say_clock(match: re.Match[str], text: str) -> list[Edit]:
         words += " oh " + _DIGITS[minute]
     else:
         words += " " + say_cardinal(str(minute))
-    edits = [(match.start(), match.end("cm"), words)]
-    if match["cap"] is not None:
-        edits.append(
-            (match.start("cap"), match.end(), _say_ampm(match["cap"]) + _stop(match, text))
-        )
-    return edits
+    if match["cap"] is None:
+        return _whole(match, words)
+    ampm = _say_ampm(match["cap"]) + _stop(match, text)
+    if match.end("cm") == match.start("cap"):  # "3:30pm": one word in, one word out
+        return _whole(match, f"{words} {ampm}")
+    return [(match.start(), match.end("cm"), words), (match.start("cap"), match.end(), ampm)]
 
 
 def _say_hour(match: re.Match[str], text: str) -> list[Edit]:

@@ -90,6 +90,7 @@ DATES = [
 TIMES = [
     ("Meet at 3:30 pm today.", "Meet at three thirty p m today."),
     ("Meet at 7:05 am.", "Meet at seven oh five a m."),
+    ("Meet at 7:05pm today.", "Meet at seven oh five p m today."),
     ("Open at 10:00 sharp.", "Open at ten o'clock sharp."),
     ("Land at 15:00 sharp.", "Land at fifteen hundred sharp."),
     ("Land at 23:45 sharp.", "Land at twenty-three forty-five sharp."),
