@@ -108,6 +108,7 @@ _ABBREVIATIONS = {
     "approx.": "approximately",
     "no.": "number",
     "&": "and",
+    "#": "number ",
 }
 # Titles that are street names when no name follows: "Dr. Lee" but "Elm Dr.".
 _STREETS = {"dr.": "Drive", "st.": "Street"}
@@ -128,7 +129,7 @@ _MONTH = (
 _UNIT = "|".join(re.escape(unit) for unit in sorted(_UNITS, key=len, reverse=True))
 _ABBREVIATION = (
     r"(?<!\w)(?i:e\.g\.|i\.e\.|etc\.|vs\.?|dr\.|mr\.|mrs\.|prof\.|st\.|jr\.|sr\.|approx\.)"
-    r"|(?i:no\.)(?=\s?\d)|(?<=\s)&(?=\s)"
+    r"|(?i:no\.)(?=\s?\d)|(?<=\s)&(?=\s)|#(?=\d)"
 )
 _AMPM = r"(?P<{}>[AaPp])(?:\.[Mm]\.|[Mm])(?!\w)"
 
@@ -179,7 +180,7 @@ def _scanner() -> re.Pattern[str]:
     # spares trying each of them at every position.
     symbols = "|".join(f"(?P<{k}>{p})" for k, p in _KINDS.items() if k not in _STARTS_WITH_LETTER)
     words = "|".join(f"(?P<{k}>{p})" for k, p in _KINDS.items() if k in _STARTS_WITH_LETTER)
-    return re.compile(rf"(?=[\d$€£¥₹+(\-−])(?:{symbols})|(?<![\w.])(?=[A-Za-z&])(?:{words})")
+    return re.compile(rf"(?=[\d$€£¥₹+(\-−])(?:{symbols})|(?<![\w.])(?=[A-Za-z&#])(?:{words})")
 
 
 _SCANNER = _scanner()

@@ -130,6 +130,7 @@ ABBREVIATIONS = [
     ("Cats vs dogs.", "Cats versus dogs."),
     ("Salt & pepper.", "Salt and pepper."),
     ("Room No. 5 now.", "Room number five now."),
+    ("Order #12 ships.", "Order number twelve ships."),
     ("The first step.", "The first step."),  # "st." inside a word is no abbreviation
 ]
 PLAIN = [
