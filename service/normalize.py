@@ -261,10 +261,16 @@ def _skip_target(source: str, pos: int, end: int) -> int:
 def _drop_emoji(spoken: Spoken) -> Spoken:
     """Drop the emoji of *spoken*, leaving a space where one stood between two words."""
     text = spoken.text
-    edits = []
-    last = 0
+    runs: list[list[int]] = []  # emoji side by side go as one
     for match in emoji.emoji_list(text):
         start, end = match["match_start"], match["match_end"]
+        if runs and runs[-1][1] == start:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end])
+    edits = []
+    last = 0
+    for start, end in runs:
         space_before = start == 0 or text[start - 1].isspace()
         word_after = end < len(text) and not text[end].isspace()
         if space_before and not (word_after and text[end].isalnum()):

@@ -262,6 +262,8 @@ EMOJI = [
     ("🎉 Party time.", " Party time."),
     ("Family 👨‍👩‍👧 and flag 🇫🇷!", "Family and flag!"),
     ("Keycap 1️⃣ gone.", "Keycap gone."),
+    ("Cheers🎉🎉🎉 all.", "Cheers all."),
+    ("Wow 🎉🎉 yes 🎉🎉", "Wow yes"),
     ("Plain text only.", "Plain text only."),
 ]
 
