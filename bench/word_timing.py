@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import espeakng_loader
 
+from voxrelay.service.model import WordTiming
 from voxrelay.service.normalize import TextNormalizer
-from voxrelay.service.words import WordMark, WordTiming, estimate, from_marks
+from voxrelay.service.words import WordMark, estimate, from_marks
 
 __all__ = ["SENTENCES", "EspeakEvent", "espeak_speak", "measure"]
 

@@ -23,6 +23,8 @@ from voxrelay.service.model import (
     StreamFinished,
     StreamStarted,
     Voice,
+    WordTiming,
+    WordTimings,
 )
 
 from .client import TLS, Client, Via
@@ -42,4 +44,6 @@ __all__ = [
     "StreamStarted",
     "Via",
     "Voice",
+    "WordTiming",
+    "WordTimings",
 ]

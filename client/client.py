@@ -149,11 +149,15 @@ class Client:
         instructions: str = "",
         history: Sequence[model.ChatMessage] = (),
         request_id: str = "",
+        word_timestamps: bool = False,
+        normalization: bool | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[model.Event]:
         """Stream the spoken answer to *text* (chat) or *text* itself (``mode="speak"``).
 
-        Empty strings and zeros leave the choice to the server. *timeout* (default:
+        Empty strings and zeros leave the choice to the server. With *word_timestamps*,
+        each segment's :class:`~voxrelay.service.model.WordTimings` follow its audio;
+        *normalization* True or False overrides the server's default. *timeout* (default:
         the client's) bounds the whole call. Leaving the ``async for`` early — ``break``,
         an exception, a cancelled task — cancels the stream on the server; to have that
         done before the next line runs, iterate inside
@@ -169,6 +173,8 @@ class Client:
             history=tuple(history),
             speed=speed,
             request_id=request_id,
+            word_timestamps=word_timestamps,
+            normalization=normalization,
         )
         return self._transport.synthesize(request, timeout=self._timeout(timeout))
 

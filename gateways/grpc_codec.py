@@ -28,6 +28,8 @@ __all__ = [
     "FORMAT_ENUM",
     "MODES",
     "MODE_ENUM",
+    "NORMALIZATION",
+    "NORMALIZATION_ENUM",
     "request_message",
     "response_event",
     "status_error",
@@ -46,6 +48,13 @@ MODES = {
     **{getattr(pb, f"MODE_{mode.name}"): mode for mode in model.Mode},
 }
 MODE_ENUM = {mode: num for num, mode in MODES.items() if num != pb.MODE_UNSPECIFIED}
+#: ``TextNormalization`` → on, off, or None for the server's default.
+NORMALIZATION: dict[int, bool | None] = {
+    pb.TEXT_NORMALIZATION_UNSPECIFIED: None,
+    pb.TEXT_NORMALIZATION_OFF: False,
+    pb.TEXT_NORMALIZATION_ON: True,
+}
+NORMALIZATION_ENUM = {value: num for num, value in NORMALIZATION.items()}
 
 #: ``ErrorInfo.domain`` of voxrelay's own errors; the reason is the core's code, upper case.
 ERROR_DOMAIN = "voxrelay"
@@ -71,6 +80,8 @@ def to_request(msg: pb.SynthesizeRequest, request_id: str) -> model.SynthesisReq
         raise InvalidRequest(f"mode {msg.mode} is not a known Mode (use MODE_CHAT or MODE_SPEAK)")
     if msg.format not in FORMATS:
         raise InvalidRequest(f"format {msg.format} is not a known AudioFormat")
+    if msg.normalization not in NORMALIZATION:
+        raise InvalidRequest(f"normalization {msg.normalization} is not a known TextNormalization")
     return model.SynthesisRequest(
         text=msg.text,
         mode=MODES[msg.mode],
@@ -81,6 +92,8 @@ def to_request(msg: pb.SynthesizeRequest, request_id: str) -> model.SynthesisReq
         history=tuple(model.ChatMessage(m.role, m.content) for m in msg.history),
         speed=msg.speed,
         request_id=msg.request_id or request_id,
+        word_timestamps=msg.word_timestamps,
+        normalization=NORMALIZATION[msg.normalization],
     )
 
 
@@ -97,9 +110,21 @@ def to_response(event: model.Event) -> pb.SynthesizeResponse:
             audio.data = event.data
             return response
         case model.SegmentStarted():
-            return pb.SynthesizeResponse(
-                segment=pb.TextSegment(index=event.index, text=event.text, start_ms=event.start_ms)
+            segment = pb.TextSegment(
+                index=event.index, text=event.text, start_ms=event.start_ms, spoken=event.spoken
             )
+            return pb.SynthesizeResponse(segment=segment)
+        case model.WordTimings():
+            words = [
+                pb.WordTiming(
+                    text=w.text, start_ms=w.start_ms, end_ms=w.end_ms, text_offset=w.text_offset
+                )
+                for w in event.words
+            ]
+            timings = pb.WordTimings(
+                segment_index=event.segment_index, words=words, estimated=event.estimated
+            )
+            return pb.SynthesizeResponse(words=timings)
         case model.StreamStarted():
             started: dict[str, Any] = {name: getattr(event, name) for name in _STARTED_FIELDS}
             return pb.SynthesizeResponse(
@@ -150,6 +175,8 @@ def request_message(request: model.SynthesisRequest) -> pb.SynthesizeRequest:
         history=[pb.ChatMessage(role=m.role, content=m.content) for m in request.history],
         speed=request.speed,
         request_id=request.request_id,
+        word_timestamps=request.word_timestamps,
+        normalization=NORMALIZATION_ENUM[request.normalization],  # type: ignore[arg-type]
     )
 
 
@@ -165,7 +192,16 @@ def response_event(msg: pb.SynthesizeResponse) -> model.Event | None:
         return model.AudioChunk(audio.segment_index, audio.seq, audio.data)
     if kind == "segment":
         segment = msg.segment
-        return model.SegmentStarted(segment.index, segment.text, segment.start_ms)
+        return model.SegmentStarted(segment.index, segment.text, segment.start_ms, segment.spoken)
+    if kind == "words":
+        words = msg.words
+        return model.WordTimings(
+            words.segment_index,
+            tuple(
+                model.WordTiming(w.text, w.start_ms, w.end_ms, w.text_offset) for w in words.words
+            ),
+            words.estimated,
+        )
     if kind == "started":
         started = msg.started
         fmt = FORMATS.get(started.format)

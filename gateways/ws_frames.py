@@ -51,6 +51,7 @@ MAX_SAMPLE_RATE_HZ = 384_000
 
 _MODES = {m.value: m for m in model.Mode}
 _FORMATS = {f.value: f for f in model.AudioFormat}
+_NORMALIZATION = {"on": True, "off": False}
 
 
 # Client frames
@@ -67,9 +68,14 @@ class SynthesizeFrame:
 
 @dataclass(frozen=True, slots=True)
 class CancelFrame:
-    """``cancel``: stop the stream in flight (``id`` ``None`` means whichever it is)."""
+    """``cancel``: stop the stream in flight (``id`` ``None`` means whichever it is).
+
+    ``played_ms``, the client's playback position in the stream's audio, asks for the
+    text that was heard.
+    """
 
     id: str | None = None
+    played_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +136,12 @@ def parse_frame(message: Data) -> ClientFrame:
     if kind == "synthesize":
         return _synthesize_frame(data, request_id or "")
     if kind == "cancel":
-        return CancelFrame(request_id)
+        played = data.get("played_ms")
+        if played is not None and (
+            not isinstance(played, int) or isinstance(played, bool) or played < 0
+        ):
+            raise BadFrame("played_ms must be a whole number of milliseconds", request_id)
+        return CancelFrame(request_id, played)
     if kind == "reset":
         return ResetFrame()
     if kind == "auth":
@@ -198,6 +209,9 @@ def _synthesize_frame(data: Mapping[str, Any], request_id: str) -> SynthesizeFra
     except OverflowError:  # an int too big for a float
         raise bad("speed must be a number (1.0 is normal speed)") from None
     stream = optional("stream", (bool,), "true or false")
+    normalization = optional("normalization", (str,), '"on" or "off"')
+    if normalization is not None and normalization not in _NORMALIZATION:
+        raise bad('normalization must be "on" or "off"')
     return SynthesizeFrame(
         id=request_id,
         request=model.SynthesisRequest(
@@ -209,6 +223,8 @@ def _synthesize_frame(data: Mapping[str, Any], request_id: str) -> SynthesizeFra
             instructions=optional("instructions", (str,), "a string") or "",
             speed=speed,
             request_id=request_id,
+            word_timestamps=bool(optional("word_timestamps", (bool,), "true or false")),
+            normalization=None if normalization is None else _NORMALIZATION[normalization],
         ),
         stream=True if stream is None else stream,
     )
@@ -218,7 +234,8 @@ def _synthesize_frame(data: Mapping[str, Any], request_id: str) -> SynthesizeFra
 
 
 def event_frame(
-    request_id: str, event: model.StreamStarted | model.SegmentStarted | model.StreamFinished
+    request_id: str,
+    event: model.StreamStarted | model.SegmentStarted | model.WordTimings | model.StreamFinished,
 ) -> dict[str, Any]:
     """Translate one core event (not audio) into its JSON frame."""
     match event:
@@ -235,12 +252,23 @@ def event_frame(
                 "tts_model": event.tts_model,
             }
         case model.SegmentStarted():
-            return {
+            segment = {
                 "type": "segment",
                 "id": request_id,
                 "index": event.index,
                 "text": event.text,
                 "start_ms": event.start_ms,
+            }
+            if event.spoken:
+                segment["spoken"] = event.spoken
+            return segment
+        case model.WordTimings():
+            return {
+                "type": "words",
+                "id": request_id,
+                "segment_index": event.segment_index,
+                "estimated": event.estimated,
+                "words": [dataclasses.asdict(word) for word in event.words],
             }
         case model.StreamFinished():
             return {"type": "finished", "id": request_id, **dataclasses.asdict(event)}
@@ -301,10 +329,14 @@ def cancel_frame(request_id: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Cancelled:
-    """``cancelled``: the stream stopped as asked; not one more byte of it follows."""
+    """``cancelled``: the stream stopped as asked; not one more byte of it follows.
+
+    ``heard_text`` is there when the cancel gave the playback position.
+    """
 
     id: str | None
     audio_ms: int
+    heard_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +348,12 @@ class ErrorFrame:
 
 
 ServerFrame = (
-    model.StreamStarted | model.SegmentStarted | model.StreamFinished | Cancelled | ErrorFrame
+    model.StreamStarted
+    | model.SegmentStarted
+    | model.WordTimings
+    | model.StreamFinished
+    | Cancelled
+    | ErrorFrame
 )
 
 #: The figures of ``finished``, read off the core's event (one source with :func:`event_frame`).
@@ -345,14 +382,33 @@ def parse_server_frame(message: str) -> ServerFrame | None:
             )
         if kind == "segment":
             return model.SegmentStarted(
-                int(frame["index"]), frame["text"], int(frame.get("start_ms", 0))
+                int(frame["index"]),
+                frame["text"],
+                int(frame.get("start_ms", 0)),
+                str(frame.get("spoken", "")),
+            )
+        if kind == "words":
+            return model.WordTimings(
+                int(frame["segment_index"]),
+                tuple(
+                    model.WordTiming(
+                        str(w["text"]), int(w["start_ms"]), int(w["end_ms"]), int(w["text_offset"])
+                    )
+                    for w in frame["words"]
+                ),
+                bool(frame["estimated"]),
             )
         if kind == "finished":
             return model.StreamFinished(
                 **{name: frame[name] for name in _FINISHED_FIELDS if name in frame}
             )
         if kind == "cancelled":
-            return Cancelled(frame.get("id"), int(frame.get("audio_ms") or 0))
+            heard = frame.get("heard_text")
+            return Cancelled(
+                frame.get("id"),
+                int(frame.get("audio_ms") or 0),
+                heard if isinstance(heard, str) else None,
+            )
         if kind == "error":
             retry_ms = frame.get("retry_after_ms")
             error = error_for_code(

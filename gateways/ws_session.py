@@ -223,7 +223,7 @@ class Session:
             case SynthesizeFrame():
                 await self._start(frame)
             case CancelFrame():
-                await self._cancel(frame.id)
+                await self._cancel(frame.id, frame.played_ms)
             case ResetFrame():
                 self.conversation.reset()
             case AuthFrame():
@@ -270,18 +270,28 @@ class Session:
         # Runs before whoever awaits the task (a cancel) goes on; a no-op if it ended.
         task.add_done_callback(lambda _: run.end_cancelled(run.cancel_reason or "client"))
 
-    async def _cancel(self, request_id: str | None) -> None:
+    async def _cancel(self, request_id: str | None, played_ms: int | None) -> None:
         flight = self.flight
         if flight is None or flight.task is None:
             return
         if request_id is not None and request_id != flight.id:
             return  # idempotent: only the stream in flight can be cancelled
+        epoch = self.conversation.epoch
         self._release(flight)
         flight.task.cancel()
         await asyncio.wait([flight.task])
-        await self._send_json(
-            {"type": "cancelled", "id": flight.id, "audio_ms": flight.run.audio_ms}
-        )
+        cancelled: dict[str, Any] = {
+            "type": "cancelled",
+            "id": flight.id,
+            "audio_ms": flight.run.audio_ms,
+        }
+        if played_ms is not None:
+            heard = cancelled["heard_text"] = flight.run.heard_text(played_ms)
+            request = flight.run.request
+            if request.mode is model.Mode.CHAT:
+                # The next turn's LLM call learns where its last reply was interrupted.
+                self.conversation.remember(request.text, heard, epoch=epoch)
+        await self._send_json(cancelled)
 
     def _release(self, flight: _Flight) -> None:
         """Free the connection's stream slot; from now on a cancel does not apply."""
@@ -377,7 +387,8 @@ class _Sink:
         self.held: list[bytes] | None = None if streaming else []
 
     async def send(
-        self, event: model.StreamStarted | model.SegmentStarted | model.AudioChunk
+        self,
+        event: model.StreamStarted | model.SegmentStarted | model.AudioChunk | model.WordTimings,
     ) -> None:
         try:
             if not isinstance(event, model.AudioChunk):

@@ -20,6 +20,8 @@ __all__ = [
     "StreamStarted",
     "SynthesisRequest",
     "Voice",
+    "WordTiming",
+    "WordTimings",
 ]
 
 
@@ -76,6 +78,10 @@ class SynthesisRequest:
     history: Sequence[ChatMessage] = ()
     speed: float = 0.0
     request_id: str = ""
+    #: send each segment's words with their times after its audio.
+    word_timestamps: bool = False
+    #: make the text speakable first; None is the server's default.
+    normalization: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,10 @@ class SegmentStarted:
     index: int
     text: str
     start_ms: int
+    #: what the engine was given, when normalization changed it; else empty.
+    spoken: str = ""
+    #: where ``text`` starts in the reply (chat) or the caller's text (speak).
+    text_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +118,29 @@ class AudioChunk:
     segment_index: int
     seq: int
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WordTiming:
+    """One word of a segment's text: where it is heard and where it stands in the text.
+
+    Times are on the stream's audio clock (as ``SegmentStarted.start_ms``); ``text_offset``
+    counts code points into the reply (chat) or the caller's text (speak).
+    """
+
+    text: str
+    start_ms: int
+    end_ms: int
+    text_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class WordTimings:
+    """The words of one segment, after its audio; ``estimated`` unless the engine said."""
+
+    segment_index: int
+    words: tuple[WordTiming, ...]
+    estimated: bool
 
 
 @dataclass(slots=True)
@@ -126,4 +159,4 @@ class StreamFinished:
     completion_tokens: int = 0
 
 
-Event = StreamStarted | SegmentStarted | AudioChunk | StreamFinished
+Event = StreamStarted | SegmentStarted | AudioChunk | WordTimings | StreamFinished

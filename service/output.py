@@ -18,7 +18,7 @@ from typing import Any
 
 from .audio import StreamEncoder
 from .errors import TooLarge, VoxrelayError
-from .model import AudioChunk, Event, SegmentStarted, StreamFinished
+from .model import AudioChunk, Event, SegmentStarted, StreamFinished, WordTiming, WordTimings
 
 __all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamEnd", "StreamOutput"]
 
@@ -277,10 +277,14 @@ class StreamOutput:
         """Put an event other than audio on the queue."""
         await self._queue.put(event)
 
-    async def segment(self, text: str) -> None:
+    async def segment(self, text: str, *, spoken: str = "", text_offset: int = 0) -> None:
         """Announce the next segment; its audio starts where the stream's audio is now."""
         self.index += 1
-        await self._queue.put(SegmentStarted(self.index, text, self.audio_ms))
+        await self._queue.put(SegmentStarted(self.index, text, self.audio_ms, spoken, text_offset))
+
+    async def words(self, timings: list[WordTiming], *, estimated: bool) -> None:
+        """Send the current segment's words (after its audio)."""
+        await self._queue.put(WordTimings(max(self.index, 0), tuple(timings), estimated))
 
     async def audio(self, pcm: bytes) -> None:
         """Encode PCM of the current segment and send what the encoder gives back."""

@@ -25,8 +25,11 @@ from .output import PcmFeed, StreamOutput
 from .planner import Plan
 from .resilience import guarded_stream
 from .settings import Settings
+from .speakable import SpeakableText
+from .spoken import Spoken
+from .words import SpeechSpan, estimate_in
 
-__all__ = ["ChainedPipeline", "SpeakingPipeline", "StreamContext"]
+__all__ = ["ChainedPipeline", "Segment", "SegmentLocator", "SpeakingPipeline", "StreamContext"]
 
 #: A read that took longer than this found the upstream's socket empty.
 READ_WAITED_S = 0.001
@@ -48,10 +51,46 @@ class StreamContext:
     deadline: float | None
     #: whom the stream is for (a key id or a client address), for fair shares.
     caller: str | None
+    #: the process's normalization and lexicon.
+    speakable: SpeakableText
 
 
 def _call_timeout(timeout_s: float) -> float:
     return timeout_s or UNBOUNDED_CALL_S
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A segment of the text: as written, as the engine is given it, and where it stands."""
+
+    text: str
+    spoken: Spoken
+    #: where ``text`` starts in the whole text (the reply, or the caller's text).
+    offset: int
+
+
+class SegmentLocator:
+    """Find each segment's offset in a text that arrives in pieces (sans-I/O).
+
+    Segments are stripped slices of the text, in order; only the text after the last
+    segment found is kept.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._base = 0
+
+    def feed(self, piece: str) -> None:
+        self._pending += piece
+
+    def locate(self, segment: str) -> int:
+        at = self._pending.find(segment)
+        at = max(at, 0)
+        offset = self._base + at
+        cut = at + len(segment)
+        self._pending = self._pending[cut:]
+        self._base += cut
+        return offset
 
 
 class ChainedPipeline:
@@ -61,8 +100,8 @@ class ChainedPipeline:
         self.ctx = ctx
         self.out = out
         self.reply_parts: list[str] = []
-        self._segments: asyncio.Queue[str | None] = asyncio.Queue()
-        self._spoken: asyncio.Queue[tuple[str, PcmFeed] | None] = asyncio.Queue()
+        self._segments: asyncio.Queue[Segment | None] = asyncio.Queue()
+        self._spoken: asyncio.Queue[tuple[Segment, PcmFeed] | None] = asyncio.Queue()
         self._lookahead = asyncio.Semaphore(ctx.settings.lookahead_segments)
 
     async def run(self, started: StreamStarted) -> str:
@@ -77,15 +116,22 @@ class ChainedPipeline:
         return "".join(self.reply_parts)
 
     async def _write(self) -> None:
-        """Cut the text into segments as it arrives."""
+        """Cut the text into segments as it arrives, and make each speakable."""
+        plan = self.ctx.plan
         chunker = SentenceChunker()
+        shape = self.ctx.speakable.shaper(normalize=plan.normalize, language=plan.language)
+        locator = SegmentLocator()
+
+        def put(segments: list[str]) -> None:
+            for text in segments:
+                self._segments.put_nowait(Segment(text, shape(text), locator.locate(text)))
+
         async with aclosing(self._text()) as pieces:
             async for piece in pieces:
                 self.reply_parts.append(piece)
-                for segment in chunker.feed(piece):
-                    self._segments.put_nowait(segment)
-        for segment in chunker.flush():
-            self._segments.put_nowait(segment)
+                locator.feed(piece)
+                put(chunker.feed(piece))
+        put(chunker.flush())
         self._segments.put_nowait(None)
 
     async def _text(self) -> AsyncIterator[str]:
@@ -119,15 +165,18 @@ class ChainedPipeline:
 
     async def _schedule(self, tg: asyncio.TaskGroup) -> None:
         """Start speaking each segment as soon as the look-ahead allows."""
-        while (text := await self._segments.get()) is not None:
+        while (segment := await self._segments.get()) is not None:
             await self._lookahead.acquire()
             feed = PcmFeed()
-            tg.create_task(self._speak(text, feed))
-            self._spoken.put_nowait((text, feed))
+            tg.create_task(self._speak(segment.spoken.text, feed))
+            self._spoken.put_nowait((segment, feed))
         self._spoken.put_nowait(None)
 
     async def _speak(self, text: str, feed: PcmFeed) -> None:
-        """Speak one segment into *feed*."""
+        """Speak one segment into *feed* (nothing, when nothing of it is to be said)."""
+        if not text.strip():
+            feed.end()
+            return
         ctx, out = self.ctx, self.out
         speech, finished = ctx.engines.speech, out.finished
         loop = asyncio.get_running_loop()
@@ -164,22 +213,52 @@ class ChainedPipeline:
         feed.end()
 
     async def _relay(self) -> None:
-        """Send the segments in order, each with its audio as it comes."""
+        """Send the segments in order, each with its audio as it comes, then its words."""
         out = self.out
+        rate = self.ctx.engines.speech.sample_rate
         while (item := await self._spoken.get()) is not None:
-            text, feed = item
-            await out.segment(text)
+            segment, feed = item
+            spoken = segment.spoken
+            start_ms = out.audio_ms
+            await out.segment(
+                segment.text,
+                spoken=spoken.text if spoken.changed else "",
+                text_offset=segment.offset,
+            )
+            span = SpeechSpan(rate)
             while (pcm := await feed.take(hold_s=out.hold_s())) is not None:
                 await out.audio(pcm)
+                span.feed(pcm)
             self._lookahead.release()
+            first, last = span.bounds()
+            timings = estimate_in(
+                segment.text,
+                spoken,
+                first,
+                last,
+                span.audio_ms,
+                offset_ms=start_ms,
+                text_offset=segment.offset,
+            )
+            await out.words(timings, estimated=True)
 
 
 class SpeakingPipeline:
-    """A speaking model's reply: its transcript cut into segments, its audio in between."""
+    """A speaking model's reply: its transcript cut into segments, its audio in between.
+
+    The model speaks its own words, so they are not normalized; each segment's words
+    are fitted into its audio once the next segment begins (or the reply ends).
+    """
 
     def __init__(self, ctx: StreamContext, out: StreamOutput) -> None:
         self.ctx = ctx
         self.out = out
+        speaking = ctx.engines.speaking
+        assert speaking is not None
+        self.rate = speaking.sample_rate
+        self._locator = SegmentLocator()
+        self._current: tuple[str, int, int] | None = None
+        self._span: SpeechSpan | None = None
 
     async def run(self, started: StreamStarted) -> str:
         """Produce the stream and return the reply's transcript."""
@@ -210,14 +289,49 @@ class SpeakingPipeline:
             async for delta in reply:
                 if delta.text:
                     transcript.append(delta.text)
-                    await out.send(aligner.transcript(delta.text))
+                    self._locator.feed(delta.text)
+                    await self._send(aligner.transcript(delta.text))
                 elif delta.pcm:
                     if not finished.tts_first_byte_ms:
                         finished.tts_first_byte_ms = out.since()
-                    await out.send(aligner.audio(delta.pcm))
+                    await self._send(aligner.audio(delta.pcm))
                 count_usage(finished, speaking.name, delta.prompt_tokens, delta.completion_tokens)
-        await out.send(aligner.end())
+        await self._send(aligner.end())
+        await self._close_segment()
         return "".join(transcript)
+
+    async def _send(self, items: list[str | bytes]) -> None:
+        """Send segment texts and PCM in order; each segment's words follow its audio."""
+        out = self.out
+        for item in items:
+            if isinstance(item, bytes):
+                await out.audio(item)
+                if self._span is not None:
+                    self._span.feed(item)
+                continue
+            await self._close_segment()
+            offset = self._locator.locate(item)
+            self._current = (item, out.audio_ms, offset)
+            self._span = SpeechSpan(self.rate)
+            await out.segment(item, text_offset=offset)
+
+    async def _close_segment(self) -> None:
+        """Send the words of the segment whose audio is complete, fitted into it."""
+        if self._current is None or self._span is None:
+            return
+        text, start_ms, offset = self._current
+        first, last = self._span.bounds()
+        timings = estimate_in(
+            text,
+            Spoken.verbatim(text),
+            first,
+            last,
+            self._span.audio_ms,
+            offset_ms=start_ms,
+            text_offset=offset,
+        )
+        self._current = self._span = None
+        await self.out.words(timings, estimated=True)
 
 
 def count_usage(

@@ -39,6 +39,8 @@ HISTORY_CHARS_PER_INPUT = 8
 HISTORY_ROLES = frozenset({"system", "user", "assistant"})
 #: Control characters allowed in text: line ends (Unix and Windows) and tabs.
 ALLOWED_CONTROLS = frozenset("\n\t\r")
+#: The language of a voice the engine does not describe.
+DEFAULT_LANGUAGE = "en"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,11 @@ class Plan:
     #: the characters charged to the caller's budget: text, instructions and history,
     #: each once (instructions go to the speech upstream with every segment).
     cost_chars: int
+    #: make segments speakable (normalization), in the voice's *language*.
+    normalize: bool = True
+    language: str = "en"
+    #: send each segment's words after its audio.
+    word_timestamps: bool = False
 
 
 def check_text(text: str, what: str) -> None:
@@ -106,7 +113,7 @@ class RequestPlanner:
                 f" {instructions_limit} (VOXRELAY_MAX_INSTRUCTIONS_CHARS)"
             )
         self._check_history(request.history)
-        voice = await self._voice(request)
+        voice, language = await self._voice(request)
         engine = self.engines.voice_of(request.mode)
         speed = request.speed or 1.0
         high = min(SPEED_RANGE[1], engine.max_speed)
@@ -130,6 +137,11 @@ class RequestPlanner:
             cost_chars=len(text)
             + len(request.instructions)
             + sum(len(turn.content) for turn in request.history),
+            normalize=(
+                self.settings.normalize if request.normalization is None else request.normalization
+            ),
+            language=language,
+            word_timestamps=request.word_timestamps,
         )
 
     def _check_history(self, history: Sequence[ChatMessage]) -> None:
@@ -144,17 +156,19 @@ class RequestPlanner:
         if sum(len(t.content) for t in history) > self.history_budget:
             raise TooLarge("history is too long: send fewer or shorter turns")
 
-    async def _voice(self, request: SynthesisRequest) -> str:
+    async def _voice(self, request: SynthesisRequest) -> tuple[str, str]:
+        """Return the voice that speaks *request*, and its language (English if unknown)."""
         engine = self.engines.voice_of(request.mode)
         voice = request.voice or engine.default_voice
-        if engine.validates_voices:
-            if engine is self.engines.speech:
-                known = await self.engines.voices()
-            else:
-                known = await engine.voices()
-            if voice.lower() not in {v.name.lower() for v in known}:
-                raise InvalidRequest(
-                    f"unknown voice {voice[:40]!r}: list voices with `voxrelay voices`"
-                    " or ListVoices"
-                )
-        return voice
+        if not engine.validates_voices:
+            return voice, DEFAULT_LANGUAGE
+        if engine is self.engines.speech:
+            known = await self.engines.voices()
+        else:
+            known = await engine.voices()
+        for candidate in known:
+            if candidate.name.lower() == voice.lower():
+                return voice, candidate.language or DEFAULT_LANGUAGE
+        raise InvalidRequest(
+            f"unknown voice {voice[:40]!r}: list voices with `voxrelay voices` or ListVoices"
+        )

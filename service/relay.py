@@ -32,9 +32,12 @@ from .model import (
     StreamFinished,
     StreamStarted,
     SynthesisRequest,
+    WordTiming,
+    WordTimings,
 )
 from .synthesizer import SynthesisStream, Synthesizer
 from .telemetry import StreamRecord, WireProtocol
+from .words import heard_text
 
 __all__ = ["AudioClock", "ClientGone", "EventSink", "RefusalLog", "Relay", "RelayedStream"]
 
@@ -48,7 +51,7 @@ class ClientGone(Exception):
 class EventSink(Protocol):
     """Where a door puts a stream's events on its wire."""
 
-    async def send(self, event: StreamStarted | SegmentStarted | AudioChunk) -> None:
+    async def send(self, event: StreamStarted | SegmentStarted | AudioChunk | WordTimings) -> None:
         """Deliver *event* to the client, or raise :class:`ClientGone`."""
         ...
 
@@ -151,6 +154,9 @@ class RelayedStream:
         self.request = request
         self.deadline = deadline
         self.clock = AudioClock()
+        #: the words of the segments sent so far, and those segments (what was heard).
+        self.words: list[WordTiming] = []
+        self._segments: list[SegmentStarted] = []
         #: why a cancel of the task running :meth:`relay` would be: the door may say
         #: (``client``, ``disconnect``); else the deadline or the client, by the clock.
         self.cancel_reason: str | None = None
@@ -211,7 +217,19 @@ class RelayedStream:
                 await sink.send(event)
             case SegmentStarted():
                 self.clock.segment(event)
+                self._segments.append(event)
                 await sink.send(event)
+            case WordTimings():
+                self.words.extend(event.words)
+                if self.request.word_timestamps:
+                    await sink.send(event)
+
+    def heard_text(self, played_ms: int) -> str:
+        """Return the text the listener heard by *played_ms* of this stream's audio."""
+        text = ""
+        for segment in self._segments:
+            text += " " * max(0, segment.text_offset - len(text)) + segment.text
+        return heard_text(text, self.words, played_ms)
 
     def end_cancelled(self, reason: str) -> None:
         """Record the stream as cancelled (a no-op once it has ended otherwise).

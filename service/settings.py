@@ -165,6 +165,10 @@ class Settings(BaseSettings):
     """segments synthesised at once (the one playing + look-ahead)"""
     memory_turns: int = Field(8, ge=0)
     """turns a WebSocket connection remembers in chat mode"""
+    normalize: bool = True
+    """make text speakable: markdown as plain text, no emoji, numbers as words"""
+    lexicon_file: Path | None = None
+    """lines 'word<TAB>spoken form', applied after normalization (reloaded on SIGHUP)"""
 
     # Logging
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -316,6 +320,13 @@ class Settings(BaseSettings):
                     f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} holds no keys"
                     " (unset it to run open)"
                 )
+        if self.lexicon_file is not None:
+            from .lexicon import Lexicon, LexiconError  # a lexicon is read only when set
+
+            try:
+                Lexicon.load(self.lexicon_file)
+            except (OSError, LexiconError) as exc:
+                raise ValueError(f"VOXRELAY_LEXICON_FILE: {exc}") from None
         if self.chat_provider in ("openai", "realtime") and self.llm_credentials[0] is None:
             raise ValueError(
                 f"VOXRELAY_LLM={self.chat_provider} needs OPENAI_API_KEY or VOXRELAY_LLM_API_KEY"

@@ -33,6 +33,7 @@ from .planner import Plan, RequestPlanner
 from .providers.base import ChatProvider, SpeakingModel, SpeechEngine
 from .runtime import Runtime
 from .settings import Settings
+from .speakable import SpeakableText
 
 __all__ = ["SynthesisStream", "Synthesizer"]
 
@@ -52,6 +53,7 @@ class Synthesizer:
         self.engines = Engines(settings, chat, speech)
         self.planner = RequestPlanner(settings, self.engines)
         self.runtime = Runtime(settings, Admission.from_settings(settings))
+        self.speakable = SpeakableText(settings.lexicon_file)
         # Encoding is CPU work: it runs here, never on the event loop.
         self._encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="encode")
 
@@ -233,7 +235,9 @@ class SynthesisStream:
         out, encoder = core._output(plan, self._queue, since)
         self._output = out
         started = core._started(plan, encoder)
-        ctx = StreamContext(plan, core.settings, core.engines, self._deadline, self._caller)
+        ctx = StreamContext(
+            plan, core.settings, core.engines, self._deadline, self._caller, core.speakable
+        )
         speaking = plan.mode is Mode.CHAT and core.engines.speaking is not None
         pipeline = SpeakingPipeline(ctx, out) if speaking else ChainedPipeline(ctx, out)
         try:

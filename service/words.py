@@ -27,12 +27,14 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .model import WordTiming
 from .spoken import Spoken
 
 __all__ = [
+    "SpeechSpan",
     "WordMark",
-    "WordTiming",
     "estimate",
+    "estimate_in",
     "from_marks",
     "heard_text",
     "speech_bounds",
@@ -54,16 +56,6 @@ _FRAME_MS = 10
 _SPEECH_PEAK = 512
 # Speech holds its level over many samples, so every fourth is enough to find it.
 _STRIDE = 4
-
-
-@dataclass(frozen=True, slots=True)
-class WordTiming:
-    """When one word of the original text is spoken, on the stream's audio clock."""
-
-    text: str
-    start_ms: int
-    end_ms: int
-    text_offset: int  # code points from the start of the reply (or the caller's text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,23 +199,90 @@ def estimate(
     *pcm* is the segment's audio as sent (s16le mono at *sample_rate*), starting at
     *offset_ms* on the stream's clock; *spoken* is what the engine was given.
     """
-    _check(segment_text, spoken)
     audio_ms = len(pcm) // 2 * 1000 // sample_rate if sample_rate > 0 else 0
     first, last = speech_bounds(pcm, sample_rate)
+    return estimate_in(
+        segment_text, spoken, first, last, audio_ms, offset_ms=offset_ms, text_offset=text_offset
+    )
+
+
+def estimate_in(
+    segment_text: str,
+    spoken: Spoken,
+    first_ms: int,
+    last_ms: int,
+    audio_ms: int,
+    *,
+    offset_ms: int,
+    text_offset: int = 0,
+) -> list[WordTiming]:
+    """Return estimated timings of *segment_text*'s words, spoken from *first_ms* to
+    *last_ms* of the segment's *audio_ms* (as :func:`speech_bounds` or :class:`SpeechSpan`
+    found them)."""
+    _check(segment_text, spoken)
     text = spoken.text
     spans = word_spans(text)
     weights = [weight(text[a:b]) for a, b in spans]
     pauses = [_pause(text[spans[i][1] : spans[i + 1][0]]) for i in range(len(spans) - 1)]
     total = sum(weights) + sum(pauses)
-    per_unit = (last - first) / total if total > 0 else 0.0
+    per_unit = (last_ms - first_ms) / total if total > 0 else 0.0
     units = []
-    at = float(first)
+    at = float(first_ms)
     for i, (a, b) in enumerate(spans):
         low, high = spoken.original_span(a, b)
         end = at + weights[i] * per_unit
         units.append(_Unit(low, high, at, end))
         at = end + (pauses[i] * per_unit if i < len(pauses) else 0.0)
-    return _assign(segment_text, units, offset_ms, first, audio_ms, text_offset)
+    return _assign(segment_text, units, offset_ms, first_ms, audio_ms, text_offset)
+
+
+class SpeechSpan:
+    """Find where speech starts and ends in a segment's audio as it streams past.
+
+    The same test as :func:`speech_bounds`, frame by frame from the segment's start,
+    without holding the audio: a stream keeps a few bytes, not its segment's PCM.
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self._frame = max(1, sample_rate * _FRAME_MS // 1000)
+        self._carry = b""
+        self._samples = 0
+        self._first: int | None = None
+        self._end = 0
+
+    def feed(self, pcm: bytes) -> None:
+        """Take the next PCM of the segment (s16le mono)."""
+        data = self._carry + pcm if self._carry else pcm
+        whole = len(data) // (2 * self._frame) * (2 * self._frame)
+        self._carry = data[whole:]
+        if whole:
+            self._scan(_samples(data[:whole]))
+
+    def _scan(self, samples: array.array[int]) -> None:
+        frame = self._frame
+        for start in range(0, len(samples), frame):
+            if _loud(samples, start, start + frame):
+                at = self._samples + start
+                if self._first is None:
+                    self._first = at
+                self._end = at + min(frame, len(samples) - start)
+        self._samples += len(samples)
+
+    @property
+    def audio_ms(self) -> int:
+        return (self._samples + len(self._carry) // 2) * 1000 // self.sample_rate
+
+    def bounds(self) -> tuple[int, int]:
+        """Return (start, end) of the speech so far in ms, as :func:`speech_bounds` does."""
+        if self._carry:
+            self._scan(_samples(self._carry))
+            self._carry = b""
+        total_ms = self.audio_ms
+        if self._first is None:
+            return 0, total_ms
+        rate = self.sample_rate
+        return self._first * 1000 // rate, min(total_ms, -(-self._end * 1000 // rate))
 
 
 def _check(segment_text: str, spoken: Spoken) -> None:

@@ -201,7 +201,8 @@ async def grpc_traffic(app: App, fake: FakeOpenAI, seen: Traffic) -> None:
             async for r in stub.Synthesize(request, timeout=WAIT):
                 if r.HasField("segment"):
                     seen.segments += 1
-                    seen.segment_chars += len(r.segment.text)
+                    # The engine is given what the segment says it speaks.
+                    seen.segment_chars += len(r.segment.spoken or r.segment.text)
                 elif r.HasField("audio"):
                     seen.grpc_audio_bytes += len(r.audio.data)
                 elif r.HasField("finished"):
@@ -247,7 +248,7 @@ async def ws_traffic(app: App, fake: FakeOpenAI, seen: Traffic) -> None:
                 seen.ws_audio_bytes += len(frame)
             elif frame["type"] == "segment":
                 seen.segments += 1
-                seen.segment_chars += len(frame["text"])
+                seen.segment_chars += len(frame.get("spoken") or frame["text"])
             else:
                 assert frame["type"] != "error", frame
 

@@ -51,6 +51,11 @@ TTS_KEY = "sk-speech-2b8e6d4f0a9c13755d0e"
 QUESTION = "How much is a ticket, and how often do trains run?"
 #: DEFAULT_REPLY cut where a listener hears a sentence end ("$3.50" stays whole).
 SENTENCES = re.split(r"(?<=[.!?]) ", DEFAULT_REPLY)
+#: What the speech upstream is given: the sentences made speakable.
+SPOKEN = [
+    s.replace("$3.50", "three dollars fifty").replace("12 minutes", "twelve minutes")
+    for s in SENTENCES
+]
 CLOSE_BUDGET_S = 0.1  # SPEC: upstream requests closed within 100 ms of a cancel
 #: Small budgets so failures surface fast.
 FAST: dict[str, Any] = dict(
@@ -213,7 +218,7 @@ def check_reply(
     assert started.llm_model == "gpt-4o-mini" and started.tts_model == "gpt-4o-mini-tts"
     segments = [r.segment for r in responses if r.HasField("segment")]
     assert [s.text for s in segments] == SENTENCES
-    assert [q.body["input"] for q in speech] == SENTENCES
+    assert [q.body["input"] for q in speech] == SPOKEN
     assert finished.reply_text == DEFAULT_REPLY
     assert finished.segments == len(SENTENCES)
 
@@ -222,7 +227,7 @@ def check_reply(
     for response in responses:
         if response.HasField("audio"):
             per_segment[response.audio.segment_index] += response.audio.data
-    assert [len(a) for a in per_segment] == [expected_pcm_bytes(s) for s in SENTENCES]
+    assert [len(a) for a in per_segment] == [expected_pcm_bytes(s) for s in SPOKEN]
     assert finished.audio_bytes == sum(len(a) for a in per_segment)
 
     # Usage as the upstream reported it.
@@ -282,7 +287,7 @@ async def test_next_segment_is_synthesised_while_one_streams(lookahead: int) -> 
     async with rig(latency, lookahead_segments=lookahead) as r:
         assert completed(await synthesize(r.stub))
     speech = r.tts.speech_requests
-    assert [q.body["input"] for q in speech] == SENTENCES
+    assert [q.body["input"] for q in speech] == SPOKEN
     ended = [q.first("tts_done") for q in speech]
     assert all(at is not None for at in ended)
     if lookahead >= 2:
@@ -407,7 +412,7 @@ async def test_a_later_segment_failing_ends_the_stream_after_the_audio_before_it
         assert len(first) == expected_pcm_bytes(SENTENCES[0])
         await r.settled()
         inputs = [q.body["input"] for q in r.tts.speech_requests]
-        assert inputs == SENTENCES[:3] + [SENTENCES[2]] * 2
+        assert inputs == SPOKEN[:3] + [SPOKEN[2]] * 2
         [chat] = r.chat.requests
         assert chat.finished_at is not None  # done or closed: nothing left streaming
         responses = await synthesize(r.stub)

@@ -99,7 +99,7 @@ def test_ws_errors_round_trip(code: str) -> None:
 
 
 def test_ws_frames_a_client_skips_or_refuses() -> None:
-    assert ws_frames.parse_server_frame('{"type":"words","id":"r"}') is None
+    assert ws_frames.parse_server_frame('{"type":"newer","id":"r"}') is None
     cancelled = ws_frames.parse_server_frame('{"type":"cancelled","id":"r","audio_ms":5}')
     assert cancelled == ws_frames.Cancelled("r", 5)
     with pytest.raises(errors.Internal):

@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from voxrelay.service.model import WordTiming
 from voxrelay.service.normalize import TextNormalizer
 from voxrelay.service.spoken import Spoken
 from voxrelay.service.words import (
+    SpeechSpan,
     WordMark,
-    WordTiming,
     estimate,
     from_marks,
     heard_text,
@@ -318,3 +319,23 @@ def test_a_partial_segment_gives_a_prefix_of_its_words(
     assert words == word_spans(text)[: len(words)]
     for before, after in itertools.pairwise(timings):
         assert before.end_ms <= after.start_ms
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    parts=st.lists(st.tuples(st.booleans(), st.integers(1, 400)), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(1, 5000), max_size=6),
+)
+def test_speech_span_finds_what_speech_bounds_finds_piece_by_piece(
+    parts: list[tuple[bool, int]], cuts: list[int]
+) -> None:
+    pcm = b"".join(tone(ms) if loud else silence(ms) for loud, ms in parts)
+    span = SpeechSpan(RATE)
+    bounds = sorted({0, *(c * 2 for c in cuts if c * 2 < len(pcm)), len(pcm)})
+    for a, b in itertools.pairwise(bounds):
+        span.feed(pcm[a:b])
+    first, last = speech_bounds(pcm, RATE)
+    got_first, got_last = span.bounds()
+    assert span.audio_ms == len(pcm) // 2 * 1000 // RATE
+    assert got_first == first
+    assert abs(got_last - last) <= 10  # frames counted from the start, not the end

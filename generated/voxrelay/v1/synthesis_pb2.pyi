@@ -91,6 +91,30 @@ AUDIO_FORMAT_ALAW: AudioFormat.ValueType  # 8
 """G.711 A-law, headerless, 8000 Hz unless asked otherwise."""
 Global___AudioFormat: _TypeAlias = AudioFormat  # noqa: Y015
 
+class _TextNormalization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TextNormalizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TextNormalization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TEXT_NORMALIZATION_UNSPECIFIED: _TextNormalization.ValueType  # 0
+    """Unspecified means the server's default (VOXRELAY_NORMALIZE)."""
+    TEXT_NORMALIZATION_OFF: _TextNormalization.ValueType  # 1
+    """The engine is given the text as written."""
+    TEXT_NORMALIZATION_ON: _TextNormalization.ValueType  # 2
+    """Markdown read as plain text, emoji dropped, numbers and units as words (English)."""
+
+class TextNormalization(_TextNormalization, metaclass=_TextNormalizationEnumTypeWrapper):
+    """TextNormalization says whether text is made speakable before an engine is given it."""
+
+TEXT_NORMALIZATION_UNSPECIFIED: TextNormalization.ValueType  # 0
+"""Unspecified means the server's default (VOXRELAY_NORMALIZE)."""
+TEXT_NORMALIZATION_OFF: TextNormalization.ValueType  # 1
+"""The engine is given the text as written."""
+TEXT_NORMALIZATION_ON: TextNormalization.ValueType  # 2
+"""Markdown read as plain text, emoji dropped, numbers and units as words (English)."""
+Global___TextNormalization: _TypeAlias = TextNormalization  # noqa: Y015
+
 @_typing.final
 class SynthesizeRequest(_message.Message):
     """SynthesizeRequest asks for one spoken stream."""
@@ -106,6 +130,8 @@ class SynthesizeRequest(_message.Message):
     HISTORY_FIELD_NUMBER: _builtins.int
     SPEED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WORD_TIMESTAMPS_FIELD_NUMBER: _builtins.int
+    NORMALIZATION_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     mode: Global___Mode.ValueType
     voice: _builtins.str
@@ -116,6 +142,9 @@ class SynthesizeRequest(_message.Message):
     speed: _builtins.float
     """0 means 1.0."""
     request_id: _builtins.str
+    word_timestamps: _builtins.bool
+    """After each segment's audio, send its words with their times."""
+    normalization: Global___TextNormalization.ValueType
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     def __init__(
@@ -130,10 +159,12 @@ class SynthesizeRequest(_message.Message):
         history: _abc.Iterable[Global___ChatMessage] | None = ...,
         speed: _builtins.float = ...,
         request_id: _builtins.str = ...,
+        word_timestamps: _builtins.bool = ...,
+        normalization: Global___TextNormalization.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "history", b"history", "instructions", b"instructions", "mode", b"mode", "request_id", b"request_id", "sample_rate_hz", b"sample_rate_hz", "speed", b"speed", "text", b"text", "voice", b"voice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "history", b"history", "instructions", b"instructions", "mode", b"mode", "normalization", b"normalization", "request_id", b"request_id", "sample_rate_hz", b"sample_rate_hz", "speed", b"speed", "text", b"text", "voice", b"voice", "word_timestamps", b"word_timestamps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -173,6 +204,7 @@ class SynthesizeResponse(_message.Message):
     SEGMENT_FIELD_NUMBER: _builtins.int
     AUDIO_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___StreamStarted: ...
     @_builtins.property
@@ -181,6 +213,8 @@ class SynthesizeResponse(_message.Message):
     def audio(self) -> Global___AudioChunk: ...
     @_builtins.property
     def finished(self) -> Global___StreamFinished: ...
+    @_builtins.property
+    def words(self) -> Global___WordTimings: ...
     def __init__(
         self,
         *,
@@ -188,12 +222,13 @@ class SynthesizeResponse(_message.Message):
         segment: Global___TextSegment | None = ...,
         audio: Global___AudioChunk | None = ...,
         finished: Global___StreamFinished | None = ...,
+        words: Global___WordTimings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "event", b"event", "finished", b"finished", "segment", b"segment", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "event", b"event", "finished", b"finished", "segment", b"segment", "started", b"started", "words", b"words"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "event", b"event", "finished", b"finished", "segment", b"segment", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "event", b"event", "finished", b"finished", "segment", b"segment", "started", b"started", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "segment", "audio", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "segment", "audio", "finished", "words"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -250,24 +285,89 @@ class TextSegment(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     START_MS_FIELD_NUMBER: _builtins.int
+    SPOKEN_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     text: _builtins.str
     start_ms: _builtins.int
     """Where its audio starts in the stream."""
+    spoken: _builtins.str
+    """What the engine was given, when normalization changed it; else empty."""
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         text: _builtins.str = ...,
         start_ms: _builtins.int = ...,
+        spoken: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "start_ms", b"start_ms", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "spoken", b"spoken", "start_ms", b"start_ms", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TextSegment: _TypeAlias = TextSegment  # noqa: Y015
+
+@_typing.final
+class WordTimings(_message.Message):
+    """WordTimings are the words of one segment, sent after its audio."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_INDEX_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
+    segment_index: _builtins.int
+    estimated: _builtins.bool
+    """True where voxrelay fitted the words into the audio; false where the engine said."""
+    @_builtins.property
+    def words(self) -> _containers.RepeatedCompositeFieldContainer[Global___WordTiming]: ...
+    def __init__(
+        self,
+        *,
+        segment_index: _builtins.int = ...,
+        words: _abc.Iterable[Global___WordTiming] | None = ...,
+        estimated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated", b"estimated", "segment_index", b"segment_index", "words", b"words"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WordTimings: _TypeAlias = WordTimings  # noqa: Y015
+
+@_typing.final
+class WordTiming(_message.Message):
+    """WordTiming is one word of a segment's text and where it is heard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    START_MS_FIELD_NUMBER: _builtins.int
+    END_MS_FIELD_NUMBER: _builtins.int
+    TEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    start_ms: _builtins.int
+    """On the stream's audio clock, as the segments' start_ms."""
+    end_ms: _builtins.int
+    text_offset: _builtins.int
+    """Offset in code points of the word in reply_text (chat) or the caller's text (speak)."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        start_ms: _builtins.int = ...,
+        end_ms: _builtins.int = ...,
+        text_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_ms", b"end_ms", "start_ms", b"start_ms", "text", b"text", "text_offset", b"text_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WordTiming: _TypeAlias = WordTiming  # noqa: Y015
 
 @_typing.final
 class AudioChunk(_message.Message):
