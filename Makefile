@@ -43,7 +43,7 @@ buf-lint: $(BUF)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check service gateways client tests scripts
+	$(BIN)/ruff format --check service gateways client tests scripts bench fakes
 
 ## mypy --strict on the packages as they install: voxrelay.{service,gateways,client} beside voxrelay.v1.
 TYPES_ROOT := build/typecheck

@@ -243,7 +243,7 @@ async def fake_process(
         *pinning.prefix(pinning.fake),
         sys.executable,
         "-m",
-        "tests.fakes.openai_upstream",
+        "fakes.openai_upstream",
         "--port",
         "0",
         "--ttft-ms",

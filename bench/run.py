@@ -34,7 +34,7 @@ from typing import Any
 
 import uvloop
 
-from tests.fakes.openai_upstream import DEFAULT_REPLY, tokenize
+from fakes.openai_upstream import DEFAULT_REPLY, tokenize
 from voxrelay.service.chunker import SentenceChunker
 
 from . import report

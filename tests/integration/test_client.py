@@ -17,8 +17,8 @@ from typing import Any
 import av
 import pytest
 
+from fakes.openai_upstream import FakeOpenAI, Latency, hang
 from tests.conftest import AppFactory
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang
 from tests.servers import running_app
 from voxrelay.client import (
     AudioChunk,

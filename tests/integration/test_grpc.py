@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang
+from fakes.openai_upstream import FakeOpenAI, Latency, hang
 from tests.servers import running_app
 from voxrelay.gateways.app import App
 from voxrelay.v1 import synthesis_pb2 as pb

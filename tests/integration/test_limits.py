@@ -24,8 +24,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 
+from fakes.openai_upstream import FakeOpenAI, Latency
 from tests.conftest import AppFactory
-from tests.fakes.openai_upstream import FakeOpenAI, Latency
 from tests.integration.test_grpc import retry_delay_ms
 from tests.integration.test_websocket import (
     SHORT,

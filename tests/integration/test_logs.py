@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang, status
+from fakes.openai_upstream import FakeOpenAI, Latency, hang, status
 from tests.servers import running_app, serve_process
 from voxrelay.gateways.app import App
 from voxrelay.service import __version__

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang, status
+from fakes.openai_upstream import FakeOpenAI, Latency, hang, status
 from tests.servers import running_app
 from voxrelay.gateways.app import App
 from voxrelay.service import __version__, metrics

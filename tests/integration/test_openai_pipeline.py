@@ -26,7 +26,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.fakes.openai_upstream import (
+from fakes.openai_upstream import (
     DEFAULT_REPLY,
     FakeOpenAI,
     Fault,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from tests.fakes.openai_upstream import (
+from fakes.openai_upstream import (
     DEFAULT_REPLY,
     FakeOpenAI,
     Fault,

@@ -23,7 +23,7 @@ import grpc
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.fakes.openai_realtime import (
+from fakes.openai_realtime import (
     DEFAULT_REPLY,
     SAMPLE_RATE,
     FakeRealtime,
@@ -37,7 +37,7 @@ from tests.fakes.openai_realtime import (
     reset_after,
     status,
 )
-from tests.fakes.openai_upstream import FakeOpenAI
+from fakes.openai_upstream import FakeOpenAI
 from tests.integration.test_grpc import decode_seconds, retry_delay_ms
 from tests.integration.test_openai_pipeline import wait_until
 from tests.servers import running_app
