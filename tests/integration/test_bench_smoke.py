@@ -13,13 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bench.report import JSON_KEYS, SCHEMA
 from tests.servers import ROOT
+from tests.waiting import eventually
 
 RUN_KEYS = {
     "kind", "streams", "format", "load", "requests", "probes", "errors", "error_kinds",
@@ -126,12 +126,6 @@ def _descendants(root: int) -> dict[int, str]:
     return found
 
 
-async def _eventually(condition: Callable[[], bool], within: float) -> None:
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - /proc announces nothing
-            await asyncio.sleep(0.05)
-
-
 #: What the benchmark runs while it probes each door's floor: all three of its servers.
 SERVERS = ("fakes.openai_upstream", "voxrelay.gateways.cli", "bench.floor")
 
@@ -163,12 +157,12 @@ async def test_a_stopped_benchmark_leaves_no_process_behind(
             alive = [cmd for pid, cmd in tree.items() if _alive(pid)]
             return all(any(name in cmd for cmd in alive) for name in SERVERS)
 
-        await _eventually(all_servers_run, within=120)
+        await eventually(all_servers_run, within=120)
         bench.send_signal(sig)
         async with asyncio.timeout(30):
             assert await bench.wait() == -sig
         # SIGKILL leaves it to the kernel (PDEATHSIG) and voxrelay's own drain.
-        await _eventually(lambda: not any(map(_alive, tree)), within=30)
+        await eventually(lambda: not any(map(_alive, tree)), within=30)
     finally:
         if bench.returncode is None:
             bench.kill()

@@ -31,7 +31,6 @@ from tests.integration.test_websocket import (
     WAIT,
     _raw_client,
     closed,
-    eventually,
     http_get,
     open_ws,
     receive,
@@ -40,6 +39,7 @@ from tests.integration.test_websocket import (
     until_type,
 )
 from tests.unit.test_limits import Clock
+from tests.waiting import eventually
 from voxrelay.gateways import ws_server
 from voxrelay.gateways.app import App
 from voxrelay.service.errors import UpstreamError
@@ -451,7 +451,7 @@ async def test_idle_close_1000_while_a_busy_client_stays(app_factory: AppFactory
         waiting = asyncio.create_task(closed(idle))
         while not waiting.done():
             await send(busy, type="reset")  # a frame now and then keeps it alive
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the pace of a busy client is the behaviour under test
         assert waiting.result() == (1000, "idle")
         assert (await speak_ws(busy))["type"] == "finished"
     async with open_ws(url(app)) as again:

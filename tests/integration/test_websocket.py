@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from fakes.providers import EndlessChat, GatedChat, SpyChat
 from tests.conftest import AppFactory
 from tests.servers import make_settings
+from tests.waiting import eventually
 from voxrelay.client import AudioChunk, Client, StreamFinished
 from voxrelay.gateways.app import App
 from voxrelay.gateways.ws_server import WsDoor
@@ -119,13 +120,6 @@ async def until_type(ws: ClientConnection, kind: str) -> list[Frame]:
     while not (frames and isinstance(frames[-1], dict) and frames[-1]["type"] == kind):
         frames.append(await receive(ws))
     return frames
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Wait until *condition* holds, for state no event announces (a metric)."""
-    async with asyncio.timeout(WAIT):
-        while not condition():  # noqa: ASYNC110 - a gauge has no event to await
-            await asyncio.sleep(0.01)
 
 
 async def closed(ws: ClientConnection) -> tuple[int | None, str | None]:
