@@ -25,10 +25,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from voxrelay.service.errors import UpstreamError
 from voxrelay.service.model import ChatMessage, Voice
-from voxrelay.service.providers.base import ChatDelta, SpokenDelta
+from voxrelay.service.providers.base import (
+    ChatDelta,
+    ChatProvider,
+    SpeakingModel,
+    SpeechEngine,
+    SpokenDelta,
+)
 
 from .openai_upstream import SAMPLE_RATE, tokenize, voice_pcm
 
@@ -314,3 +321,9 @@ class ToneSpeaker:
 
     async def aclose(self) -> None:
         pass
+
+
+if TYPE_CHECKING:  # mypy holds each fake to its Protocol (make types)
+    _chats: tuple[ChatProvider, ...] = (SpyChat(), ScriptedChat(), GatedChat(), EndlessChat())
+    _speech: SpeechEngine = ToneSpeech()
+    _speaking: SpeakingModel = ToneSpeaker()
