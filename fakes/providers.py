@@ -272,7 +272,8 @@ class ToneSpeaker:
     """Write *reply* and speak it in one call: each token's text, then its tone, then usage.
 
     Transcript deltas come just ahead of the audio that speaks them, as from a realtime
-    model; each token lasts :data:`MS_PER_CHAR` ms a character.
+    model; each token lasts :data:`MS_PER_CHAR` ms a character. ``gate``, when given,
+    holds the reply after its first sentence until it is set.
     """
 
     reply: str = "Hello from the speaking model. It talks and writes at once."
@@ -291,16 +292,18 @@ class ToneSpeaker:
 
     async def _respond(self, speed: float) -> AsyncGenerator[SpokenDelta, None]:
         tokens = tokenize(self.reply)
+        gate = self.gate
         done = False
         try:
-            for i, token in enumerate(tokens):
+            for token in tokens:
                 await asyncio.sleep(0)
                 yield SpokenDelta(text=token)
                 samples = pcm_bytes(token, speed, self.sample_rate) // 2
                 for chunk in _chunks(voice_pcm(samples), self.sample_rate):
                     yield SpokenDelta(pcm=chunk)
-                if i == 0 and self.gate is not None:
-                    await self.gate.wait()
+                if gate is not None and token.rstrip().endswith((".", "!", "?")):
+                    await gate.wait()
+                    gate = None
             yield SpokenDelta(prompt_tokens=7, completion_tokens=len(tokens))
             done = True
         finally:

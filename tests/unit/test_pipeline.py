@@ -32,6 +32,7 @@ from voxrelay.service.errors import (
     TooLarge,
     Unavailable,
     UpstreamError,
+    UpstreamTimeout,
     VoxrelayError,
 )
 from voxrelay.service.model import (
@@ -225,6 +226,20 @@ async def test_leaving_a_stream_early_closes_the_chat_reply(speech: ToneSpeech) 
         await core.aclose()
 
 
+async def test_leaving_early_closes_the_speaking_models_reply(speech: ToneSpeech) -> None:
+    speaker = ToneSpeaker(gate=asyncio.Event())
+    core = core_with(speaker, speech)
+    try:
+        async with asyncio.timeout(WAIT), core.stream(chat("Talk.")) as events:
+            async for event in events:
+                if isinstance(event, AudioChunk):
+                    break
+        assert speaker.closed.is_set()
+        assert core.runtime.active_streams == 0
+    finally:
+        await core.aclose()
+
+
 async def test_a_cancelled_consumer_closes_the_speech_call() -> None:
     held = ToneSpeech(gate=asyncio.Event())
     core = core_with(SpyChat(), held)
@@ -369,3 +384,21 @@ async def test_the_relay_closes_upstream_when_the_client_goes(speech: ToneSpeech
     assert gated.closed.is_set()
     assert outcomes("grpc", "chat", "cancelled") == before + 1
     assert core.runtime.active_streams == 0
+
+
+async def test_the_relay_counts_an_expired_deadline_as_the_callers_cancel(
+    speech: ToneSpeech,
+) -> None:
+    gated = GatedChat()
+    core = core_with(gated, speech)
+    before = outcomes("grpc", "chat", "cancelled")
+    try:
+        # The deadline running out is the behaviour under test: the reply waits at its gate.
+        deadline = asyncio.get_running_loop().time() + 0.2
+        relayed = Relay(core).open("grpc", "127.0.0.1:1", chat("Talk."), deadline=deadline)
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(relayed.relay(ListSink()), WAIT)
+    finally:
+        await core.aclose()
+    assert gated.closed.is_set()
+    assert outcomes("grpc", "chat", "cancelled") == before + 1
