@@ -9,8 +9,9 @@ of a real provider (``Synthesizer(settings, chat=SpyChat(), speech=ToneSpeech())
   :class:`SpyChat` answers and records every conversation; :class:`ScriptedChat` replays
   given deltas and errors; :class:`GatedChat` says one sentence, then holds the rest until
   the test opens its gate; :class:`EndlessChat` never stops talking;
-- a speech engine (:class:`~voxrelay.service.providers.base.SpeechEngine`):
+- speech engines (:class:`~voxrelay.service.providers.base.SpeechEngine`):
   :class:`ToneSpeech` speaks any text as a tone whose length follows the text;
+  :class:`EndlessSpeech` speaks as long as it is told, as fast as it is read;
 - a speaking model (:class:`~voxrelay.service.providers.base.SpeakingModel`):
   :class:`ToneSpeaker` writes a reply and speaks it in one call.
 
@@ -41,6 +42,7 @@ from .openai_upstream import SAMPLE_RATE, tokenize, voice_pcm
 
 __all__ = [
     "EndlessChat",
+    "EndlessSpeech",
     "GatedChat",
     "ScriptedChat",
     "SpyChat",
@@ -264,6 +266,50 @@ class ToneSpeech:
         pass
 
 
+@dataclass
+class EndlessSpeech:
+    """Speak any text as *seconds* of silence, in *chunk_ms* chunks, as fast as it is read.
+
+    ``pulled`` counts the bytes the core has taken so far: how far ahead of its listener
+    the core lets an engine run. Change ``seconds`` mid-test to end the next segments sooner.
+    """
+
+    seconds: float = 600.0
+    chunk_ms: int = 100
+    name: str = "espeak"
+    model: str = "endless"
+    sample_rate: int = SAMPLE_RATE
+    default_voice: str = "plain"
+    max_speed: float = 4.0
+    validates_voices: bool = False
+    #: every segment asked for, in order.
+    calls: list[str] = field(default_factory=list)
+    pulled: int = 0
+
+    @property
+    def pulled_s(self) -> float:
+        return self.pulled / 2 / self.sample_rate
+
+    async def voices(self) -> list[Voice]:
+        return [Voice("plain", "en")]
+
+    async def _speak(self, text: str) -> AsyncGenerator[bytes, None]:
+        self.calls.append(text)
+        chunk = bytes(self.sample_rate * self.chunk_ms // 1000 * 2)
+        for _ in range(round(self.seconds * 1000 / self.chunk_ms)):
+            self.pulled += len(chunk)
+            yield chunk
+            await asyncio.sleep(0)
+
+    def synthesize(
+        self, text: str, *, voice: str, speed: float, instructions: str, timeout: float
+    ) -> AsyncGenerator[bytes, None]:
+        return self._speak(text)
+
+    async def aclose(self) -> None:
+        pass
+
+
 # A speaking model
 
 
@@ -328,5 +374,5 @@ class ToneSpeaker:
 
 if TYPE_CHECKING:  # mypy holds each fake to its Protocol (make types)
     _chats: tuple[ChatProvider, ...] = (SpyChat(), ScriptedChat(), GatedChat(), EndlessChat())
-    _speech: SpeechEngine = ToneSpeech()
+    _speech: tuple[SpeechEngine, ...] = (ToneSpeech(), EndlessSpeech())
     _speaking: SpeakingModel = ToneSpeaker()
