@@ -43,15 +43,16 @@ buf-lint: $(BUF)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check service gateways client tests scripts
+	$(BIN)/ruff format --check service gateways client tests scripts bench fakes
 
-## mypy --strict on the packages as they install: voxrelay.{service,gateways,client} beside voxrelay.v1.
+## mypy --strict on the packages as they install: voxrelay.{service,gateways,client} beside voxrelay.v1;
+## and on the fakes, which must keep to the Protocols they stand in for.
 TYPES_ROOT := build/typecheck
 types: $(STAMP)
 	rm -rf $(TYPES_ROOT) && mkdir -p $(TYPES_ROOT)/voxrelay
 	for part in generated/voxrelay/__init__.py generated/voxrelay/py.typed generated/voxrelay/v1 \
 	            service gateways client; do ln -s "$(CURDIR)/$$part" $(TYPES_ROOT)/voxrelay/; done
-	MYPYPATH=$(TYPES_ROOT) $(BIN)/mypy -p voxrelay.service -p voxrelay.gateways -p voxrelay.client
+	MYPYPATH=$(TYPES_ROOT) $(BIN)/mypy -p voxrelay.service -p voxrelay.gateways -p voxrelay.client -p fakes
 
 check: lint types proto-check buf-lint
 

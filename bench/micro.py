@@ -10,8 +10,7 @@ import asyncio
 import time
 from typing import Any
 
-from tests.fakes.openai_upstream import CHUNK_MS, DEFAULT_REPLY, SAMPLE_RATE
-from tests.fakes.openai_upstream import _voice_pcm as voice_pcm  # the signal the fake sends
+from fakes.openai_upstream import CHUNK_MS, DEFAULT_REPLY, SAMPLE_RATE, voice_pcm
 from voxrelay.service.audio import StreamEncoder, output_rate
 from voxrelay.service.chunker import SentenceChunker
 from voxrelay.service.model import AudioFormat

@@ -1,8 +1,8 @@
 """The processes under test: the fake upstream and voxrelay, pinned, and what they cost.
 
-Each runs as its own child process, started under ``taskset`` so that voxrelay has a core
-to itself and the fake shares the other with the load generator (this process). CPU and
-memory are read from ``/proc/<pid>/stat`` and ``/proc/<pid>/status``.
+Each runs as its own child process (see :mod:`bench.children`), started under ``taskset``
+so that voxrelay has a core to itself and the fake shares the other with the load generator
+(this process). CPU and memory are read from ``/proc/<pid>/stat`` and ``/proc/<pid>/status``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import children
 
 __all__ = [
     "CPU_GENERATOR",
@@ -159,7 +161,7 @@ class ChildProcess:
         return out
 
     async def stop(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
-        """SIGTERM, wait, SIGKILL if it will not go."""
+        """SIGTERM, wait, SIGKILL its whole process group if it will not go."""
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
@@ -167,8 +169,9 @@ class ChildProcess:
                 await asyncio.wait_for(self.proc.wait(), timeout)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
+                    os.killpg(self.pid, signal.SIGKILL)
                 await self.proc.wait()
+        children.forget(self.pid)
         if self.reader is not None:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -193,14 +196,14 @@ async def _start(
 
     Its named groups are kept as the child's ``info``, else group 1 as ``base_url``.
     """
-    proc = await asyncio.create_subprocess_exec(
+    proc = await children.spawn(
+        name,
         *argv,
         env=env,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     child = ChildProcess(name, proc)
     started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -243,7 +246,7 @@ async def fake_process(
         *pinning.prefix(pinning.fake),
         sys.executable,
         "-m",
-        "tests.fakes.openai_upstream",
+        "fakes.openai_upstream",
         "--port",
         "0",
         "--ttft-ms",
@@ -339,14 +342,14 @@ async def voxrelay_process(pinning: Pinning, upstream: str) -> ChildProcess:
         "voxrelay.gateways.cli",
         "serve",
     ]
-    proc = await asyncio.create_subprocess_exec(
+    proc = await children.spawn(
+        "voxrelay",
         *argv,
         env=env,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        start_new_session=True,
     )
     child = ChildProcess("voxrelay", proc)
 

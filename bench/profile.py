@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import children
+
 __all__ = ["Profiler", "summarise"]
 
 _LINE = re.compile(r":\d+\)$")
@@ -56,7 +58,8 @@ class Profiler:
         exe = _py_spy()
         if exe is None:
             return
-        self._proc = await asyncio.create_subprocess_exec(
+        self._proc = await children.spawn(
+            "py-spy",
             *self.prefix,
             exe,
             "record",
@@ -84,6 +87,7 @@ class Profiler:
         except TimeoutError:
             self._proc.kill()
             await self._proc.wait()
+        children.forget(self._proc.pid)
         return self.path.exists()
 
 

@@ -34,10 +34,10 @@ from typing import Any
 
 import uvloop
 
-from tests.fakes.openai_upstream import DEFAULT_REPLY, tokenize
+from fakes.openai_upstream import DEFAULT_REPLY, tokenize
 from voxrelay.service.chunker import SentenceChunker
 
-from . import report
+from . import children, report
 from .clients import (
     GrpcClient,
     LimitClient,
@@ -628,7 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     gc.disable()
     try:
         # uvloop, as voxrelay runs: the generator shares its core with the fake upstream.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with (
+            children.stopping_children(),
+            asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+        ):
             doc = runner.run(Bench(cfg, pinning).run())
     finally:
         gc.enable()

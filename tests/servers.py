@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -93,14 +93,20 @@ class ServerProcess:
                 self.startup = line
                 self._started.set()
 
-    async def wait_for_event(self, event: str, limit: float = 30) -> dict[str, Any]:
-        """Wait for the first log line whose ``event`` is *event*; return it."""
+    async def wait_for_line(
+        self, matches: Callable[[dict[str, Any]], bool], limit: float = 30
+    ) -> dict[str, Any]:
+        """Wait for the first log line that *matches*; return it."""
         async with asyncio.timeout(limit):
             while True:
                 for line in self.lines:
-                    if line.get("event") == event:
+                    if matches(line):
                         return line
                 await self._line.wait()
+
+    async def wait_for_event(self, event: str, limit: float = 30) -> dict[str, Any]:
+        """Wait for the first log line whose ``event`` is *event*; return it."""
+        return await self.wait_for_line(lambda line: line.get("event") == event, limit)
 
     @property
     def grpc_target(self) -> str:

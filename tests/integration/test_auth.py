@@ -32,6 +32,7 @@ from tests.integration.test_websocket import (
     until_end,
 )
 from tests.servers import make_settings, serve_process
+from tests.waiting import eventually
 from voxrelay.gateways import ws_session
 from voxrelay.gateways.app import App
 from voxrelay.service.auth import key_id
@@ -282,9 +283,8 @@ async def test_sighup_reloads_the_keys_in_app_run(tmp_path: Path, no_key_in_logs
         async with open_ws(ws_url(app), additional_headers=bearer(KEY)) as kept:
             path.write_text(f"{OTHER_KEY}\n")
             os.kill(os.getpid(), signal.SIGHUP)
-            async with asyncio.timeout(WAIT):
-                while app.keys.verify(OTHER_KEY) is None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)  # a signal has no event to await
+            # A signal has no event to await: its effect is polled.
+            await eventually(lambda: app.keys.verify(OTHER_KEY) is not None, WAIT)
             assert app.keys.verify(KEY) is None
             assert (await speak_ws(kept))["code"] == "unauthorized"
             assert await refused_status(open_ws(ws_url(app), additional_headers=bearer(KEY))) == 401
@@ -307,11 +307,10 @@ async def test_sighup_in_a_served_process_and_keys_never_logged(tmp_path: Path) 
         async with open_ws(url, additional_headers=bearer(KEY)) as kept:
             path.write_text(f"{KEY}\n{OTHER_KEY}\n")
             server.signal(signal.SIGHUP)
-            async with asyncio.timeout(WAIT):
-                while not any(  # noqa: ASYNC110 - the log is the only sign of the reload
-                    line.get("event") == "keys" and line.get("count") == 2 for line in server.lines
-                ):
-                    await asyncio.sleep(0.05)
+            # The log is the only sign of the reload.
+            await server.wait_for_line(
+                lambda line: line.get("event") == "keys" and line.get("count") == 2, WAIT
+            )
             assert (await speak_ws(kept))["type"] == "finished"
             async with open_ws(url, additional_headers=bearer(OTHER_KEY)) as ws:
                 assert (await speak_ws(ws))["type"] == "finished"
@@ -329,11 +328,10 @@ async def test_keys_added_by_sighup_are_redacted_from_the_log(tmp_path: Path) ->
     ) as server:
         path.write_text(f"{KEY}\n{OTHER_KEY}\n")
         server.signal(signal.SIGHUP)
-        async with asyncio.timeout(WAIT):
-            while not any(  # noqa: ASYNC110 - the log is the only sign of the reload
-                line.get("event") == "keys" and line.get("count") == 2 for line in server.lines
-            ):
-                await asyncio.sleep(0.05)
+        # The log is the only sign of the reload.
+        await server.wait_for_line(
+            lambda line: line.get("event") == "keys" and line.get("count") == 2, WAIT
+        )
         # A careless client names its request after its key: the log line must not show it.
         async with open_ws(server.ws_url, additional_headers=bearer(OTHER_KEY)) as ws:
             await send(ws, type="synthesize", id=f"req-{OTHER_KEY}", text=SHORT, mode="speak")

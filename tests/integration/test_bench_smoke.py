@@ -1,11 +1,16 @@
-"""The benchmark's quick mode runs end to end and writes its report with the stable keys.
+"""The benchmark's quick mode runs end to end and writes its report with the stable keys,
+and a benchmark stopped by a signal stops every process it started.
 
-A smoke test only: it never looks at a timing (the benchmark measures, tests assert).
+Smoke tests only: they never look at a timing (the benchmark measures, tests assert).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +19,7 @@ import pytest
 
 from bench.report import JSON_KEYS, SCHEMA
 from tests.servers import ROOT
+from tests.waiting import eventually
 
 RUN_KEYS = {
     "kind", "streams", "format", "load", "requests", "probes", "errors", "error_kinds",
@@ -81,3 +87,89 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
         "first segment released early beats waiting for the whole first sentence",
         "embedded espeak real-time factor",
     }
+
+
+# Whatever the benchmark starts, it stops
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """Return a process's state letter and parent pid, or None once it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields follow the last ')'.
+    state, ppid = raw[raw.rindex(b")") + 2 :].split()[:2]
+    return state.decode(), int(ppid)
+
+
+def _alive(pid: int) -> bool:
+    # A zombie has exited; only its parent (or init, which may never) can reap it.
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Return every live descendant of *root*: pid → command line."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            children.setdefault(stat[1], []).append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            found[pid] = " ".join(a.decode(errors="replace") for a in argv)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+#: What the benchmark runs while it probes each door's floor: all three of its servers.
+SERVERS = ("fakes.openai_upstream", "voxrelay.gateways.cli", "bench.floor")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    # SIGHUP takes SIGTERM's path; SIGINT also stands in for asyncio's own handler; SIGKILL
+    # leaves it to the kernel (PDEATHSIG) and voxrelay's own drain.
+    "sig",
+    [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+    ids=lambda s: s.name,
+)
+async def test_a_stopped_benchmark_leaves_no_process_behind(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    log = tmp_path / "bench.log"
+    with log.open("wb") as out:
+        bench = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    tree: dict[int, str] = {}
+
+    def all_servers_run() -> bool:
+        assert bench.returncode is None, log.read_text()[-3000:]
+        tree.update(_descendants(bench.pid))
+        alive = [cmd for pid, cmd in tree.items() if _alive(pid)]
+        return all(any(name in cmd for cmd in alive) for name in SERVERS)
+
+    try:
+        # /proc announces nothing: it is read ten times a second.
+        await eventually(all_servers_run, within=120, every=0.1)
+        bench.send_signal(sig)
+        async with asyncio.timeout(30):
+            assert await bench.wait() == -sig
+        await eventually(lambda: not any(map(_alive, tree)), within=30, every=0.1)
+    finally:
+        if bench.returncode is None:
+            bench.kill()
+            await bench.wait()
+        for pid in tree:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import AppFactory
 from tests.servers import ROOT
+from tests.waiting import eventually
 from voxrelay.gateways.app import App
 
 HELLO = "Hello world. This is voxrelay."
@@ -168,10 +169,10 @@ async def test_ctrl_c_keeps_the_partial_audio_and_exits_130(
         "--server", f"127.0.0.1:{app.grpc_port}",
         cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    for _ in range(3000):  # until the first audio bytes are on disk
-        if (out.exists() and out.stat().st_size > 0) or proc.returncode is not None:
-            break
-        await asyncio.sleep(0.01)
+    # Until the first audio bytes are on disk (or say ended too soon).
+    await eventually(
+        lambda: (out.exists() and out.stat().st_size > 0) or proc.returncode is not None
+    )
     assert proc.returncode is None, "say ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = await asyncio.wait_for(proc.communicate(), 30)

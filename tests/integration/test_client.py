@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import av
 import pytest
 
+from fakes.openai_upstream import FakeOpenAI, Latency, hang
 from tests.conftest import AppFactory
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang
 from tests.servers import running_app
+from tests.waiting import eventually
 from voxrelay.client import (
     AudioChunk,
     ChatMessage,
@@ -62,12 +63,6 @@ def decode_seconds(data: bytes, fmt: str) -> float:
             samples += frame.samples
             rate = frame.sample_rate
     return samples / rate
-
-
-async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the app has no event for these states
-            await asyncio.sleep(0.005)
 
 
 def active_streams(via: Via) -> float:
@@ -186,7 +181,7 @@ async def test_leaving_early_cancels_the_stream_on_the_server(via: Via, how: str
         with contextlib.suppress(asyncio.CancelledError, LookupError):
             await task
         await upstream_closed(chat)
-        await wait_until(lambda: active_streams(via) == 0)
+        await eventually(lambda: active_streams(via) == 0)
         # The connection is clean for the next stream (WebSocket: the cancel was answered).
         chat.latency = Latency.zero()
         events = await collect(client.synthesize("Short one.", mode="speak"))
@@ -200,7 +195,7 @@ async def test_the_deadline_ends_the_call_and_its_upstream(via: Via) -> None:
         with pytest.raises(TimeoutError):
             await collect(client.synthesize("Are you there?", timeout=0.5))
         await upstream_closed(chat)
-        await wait_until(lambda: active_streams(via) == 0)
+        await eventually(lambda: active_streams(via) == 0)
 
 
 @pytest.mark.parametrize("via", VIAS)

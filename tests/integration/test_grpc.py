@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import av
 import grpc
@@ -13,8 +13,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang
+from fakes.openai_upstream import FakeOpenAI, Latency, hang
 from tests.servers import running_app
+from tests.waiting import eventually
 from voxrelay.gateways.app import App
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
@@ -199,13 +200,6 @@ def retry_delay_ms(error: grpc.aio.AioRpcError) -> int | None:
     return None
 
 
-async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
-    """Poll for a condition nothing signals (the event loop's task count)."""
-    async with asyncio.timeout(limit):
-        while not predicate():  # noqa: ASYNC110 - no event exists for this
-            await asyncio.sleep(0.01)
-
-
 async def idle(app: App) -> None:
     await asyncio.wait_for(app.runtime.wait_idle(), 10)
 
@@ -222,7 +216,7 @@ async def test_client_cancel_stops_the_stream(app: App, stub: pb_grpc.Synthesize
     assert app.runtime.active_streams == 1
     call.cancel()
     await idle(app)
-    await wait_until(lambda: len(asyncio.all_tasks()) <= baseline)
+    await eventually(lambda: len(asyncio.all_tasks()) <= baseline)
     # The engine is free again: a new request is served in full.
     responses = await collect(stub, text="After the cancel.", mode=SPEAK)
     assert responses[-1].finished.segments == 1
@@ -254,7 +248,7 @@ async def test_drain_lets_a_stream_in_flight_finish(app: App) -> None:
         first = await call.read()
         assert first.HasField("started")
         drain = asyncio.create_task(app.drain_and_stop())
-        await wait_until(lambda: app.runtime.draining)
+        await eventually(lambda: app.runtime.draining)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         rest = []

@@ -23,8 +23,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from fakes.openai_upstream import FakeOpenAI, Latency, status
 from tests.conftest import AppFactory
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, status
 from tests.integration.test_websocket import (
     SHORT,
     WAIT,

@@ -9,98 +9,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 import pytest
 
+from fakes.providers import EndlessSpeech, ScriptedChat
 from tests.conftest import AppFactory
 from tests.integration.test_websocket import (
     WAIT,
     audio_of,
     decode_seconds,
     events,
-    eventually,
     open_ws,
     receive,
     send,
     until_end,
 )
+from tests.waiting import eventually
 from voxrelay.gateways.app import App
 from voxrelay.service import metrics
-from voxrelay.service.model import ChatMessage, Voice
-from voxrelay.service.providers.base import ChatDelta
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
-RATE = 24_000
-BYTES_PER_S = 2 * RATE
-
-
-class EndlessSpeech:
-    """A speech engine that speaks any text for *seconds*, as fast as it is read."""
-
-    name = "espeak"
-    model = "endless"
-    sample_rate = RATE
-    default_voice = "plain"
-    max_speed = 4.0
-    validates_voices = False
-
-    def __init__(self, seconds: float = 600.0, chunk_ms: int = 100) -> None:
-        self.seconds = seconds
-        self.chunk = bytes(BYTES_PER_S * chunk_ms // 1000)
-        self.pulled = 0
-        self.calls = 0
-
-    @property
-    def pulled_s(self) -> float:
-        return self.pulled / BYTES_PER_S
-
-    async def voices(self) -> list[Voice]:
-        return [Voice("plain", "en")]
-
-    async def synthesize(
-        self,
-        text: str,
-        *,
-        voice: str,
-        speed: float,
-        instructions: str,
-        timeout: float,  # noqa: ASYNC109 - the Protocol's
-    ) -> AsyncGenerator[bytes, None]:
-        self.calls += 1
-        for _ in range(round(self.seconds * BYTES_PER_S / len(self.chunk))):
-            self.pulled += len(self.chunk)
-            yield self.chunk
-            await asyncio.sleep(0)
-
-    async def aclose(self) -> None:
-        pass
-
-
-class CountingChat:
-    """A chat provider that counts its calls and answers one sentence."""
-
-    name = "echo"
-    model = "counting"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        max_tokens: int,
-        timeout: float,  # noqa: ASYNC109 - the Protocol's
-    ) -> AsyncIterator[ChatDelta]:
-        self.calls += 1
-        yield ChatDelta("Hello there.")
-
-    async def aclose(self) -> None:
-        pass
+BYTES_PER_S = 2 * 24_000  # EndlessSpeech's PCM: s16le mono at 24 kHz
 
 
 def endless(app: App, **options: Any) -> EndlessSpeech:
@@ -162,9 +94,7 @@ async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_slot_freed(
         )
         call = stub.Synthesize(request)  # never read
         await eventually(lambda: app.runtime.active_streams == 1)
-        async with asyncio.timeout(WAIT):
-            while app.runtime.active_streams:  # noqa: ASYNC110 - no event for a slot
-                await asyncio.sleep(0.05)
+        await eventually(lambda: app.runtime.active_streams == 0)  # no event for a slot
         pulled = engine.pulled
         assert await stays_under(lambda: engine.pulled, pulled, within_s=0.5) == pulled
         call.cancel()
@@ -203,7 +133,7 @@ async def test_a_run_without_spaces_is_spoken_in_bounded_segments(
     segments = events(frames, "segment")
     assert "".join(s["text"] for s in segments) == "1" * 4096
     assert max(len(s["text"]) for s in segments) <= 300
-    assert engine.calls == len(segments)
+    assert len(engine.calls) == len(segments)
 
 
 async def test_a_whole_reply_comes_in_fragments_of_one_message(app_factory: AppFactory) -> None:
@@ -246,7 +176,7 @@ async def test_an_open_speech_breaker_fails_chat_before_the_llm_is_called(
     app_factory: AppFactory,
 ) -> None:
     app = await app_factory(breaker_failures=1, breaker_cooldown_s=60)
-    chat = CountingChat()
+    chat = ScriptedChat("Hello there.")
     app.synthesizer.engines.chat = chat
     app.synthesizer.engines.tts_stage.breaker.record_failure(trial=False)
     async with open_ws(ws_url(app)) as ws:
@@ -254,7 +184,7 @@ async def test_an_open_speech_breaker_fails_chat_before_the_llm_is_called(
         frames = await until_end(ws)
     assert [f["type"] for f in frames if isinstance(f, dict)] == ["error"]
     assert frames[-1]["code"] == "unavailable" and frames[-1]["retryable"]
-    assert chat.calls == 0
+    assert chat.calls == []
 
 
 # Connections

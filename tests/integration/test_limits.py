@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -24,16 +22,15 @@ from websockets.asyncio.client import ClientConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 
+from fakes.openai_upstream import FakeOpenAI, Latency
+from fakes.providers import EndlessChat, GatedChat
 from tests.conftest import AppFactory
-from tests.fakes.openai_upstream import FakeOpenAI, Latency
 from tests.integration.test_grpc import retry_delay_ms
 from tests.integration.test_websocket import (
     SHORT,
     WAIT,
-    EndlessChat,
     _raw_client,
     closed,
-    eventually,
     http_get,
     open_ws,
     receive,
@@ -42,12 +39,11 @@ from tests.integration.test_websocket import (
     until_type,
 )
 from tests.unit.test_limits import Clock
+from tests.waiting import eventually
 from voxrelay.gateways import ws_server
 from voxrelay.gateways.app import App
 from voxrelay.service.errors import UpstreamError
 from voxrelay.service.limits import Admission
-from voxrelay.service.model import ChatMessage
-from voxrelay.service.providers.base import ChatDelta
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
@@ -55,31 +51,6 @@ K1 = "limits-key-one"
 K2 = "limits-key-two"
 OTHER_ADDRESS = ("127.0.0.2", 0)
 SPEAK = pb.MODE_SPEAK
-
-
-@dataclass
-class HeldChat:
-    """Say one sentence, then hold the reply until ``release``; then finish or fail."""
-
-    name: str = "echo"
-    model: str = "held"
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    fail: bool = False
-
-    async def _reply(self) -> AsyncGenerator[ChatDelta, None]:
-        yield ChatDelta(text="The first sentence is out. And")
-        await self.release.wait()
-        if self.fail:
-            raise UpstreamError("the upstream broke", retryable=False)
-        yield ChatDelta(text=" the second one follows.")
-
-    def stream(
-        self, messages: Sequence[ChatMessage], *, max_tokens: int, timeout: float
-    ) -> AsyncIterator[ChatDelta]:
-        return self._reply()
-
-    async def aclose(self) -> None:
-        pass
 
 
 def url(app: App) -> str:
@@ -250,7 +221,7 @@ async def test_a_request_over_the_whole_minute_budget_is_too_large(
 
 async def test_ws_streams_per_address_and_the_slot_returns(app_factory: AppFactory) -> None:
     app = await app_factory(max_streams_per_key=1)
-    chat = HeldChat()
+    chat = GatedChat()
     app.synthesizer.engines.chat = chat
     async with open_ws(url(app)) as first, open_ws(url(app)) as second:
         await send(first, type="synthesize", id="held", text="talk")
@@ -263,11 +234,11 @@ async def test_ws_streams_per_address_and_the_slot_returns(app_factory: AppFacto
         assert (await until_end(first))[-1]["type"] == "cancelled"  # type: ignore[index]
         assert (await speak_ws(second))["type"] == "finished"
         # So does an error.
-        chat.fail = True
+        chat.fail = UpstreamError("the upstream broke", retryable=False)
         await send(first, type="synthesize", id="fails", text="talk")
         await until_type(first, "segment")
         assert_refused(await speak_ws(second), "rate_limited", 1000)
-        chat.release.set()
+        chat.gate.set()
         error = (await until_end(first))[-1]
         assert isinstance(error, dict) and error["code"] == "upstream_error"
         assert (await speak_ws(second))["type"] == "finished"
@@ -275,7 +246,7 @@ async def test_ws_streams_per_address_and_the_slot_returns(app_factory: AppFacto
 
 async def test_grpc_streams_per_key_and_the_slot_returns(app_factory: AppFactory) -> None:
     app = await app_factory(api_keys=f"{K1},{K2}", max_streams_per_key=1)
-    app.synthesizer.engines.chat = HeldChat()
+    app.synthesizer.engines.chat = GatedChat()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         stub = pb_grpc.SynthesizerStub(channel)
         held = stub.Synthesize(pb.SynthesizeRequest(text="talk"), metadata=metadata(K1))
@@ -297,7 +268,7 @@ async def test_grpc_streams_per_key_and_the_slot_returns(app_factory: AppFactory
 
 async def test_global_stream_cap_is_busy_on_both_doors(app_factory: AppFactory) -> None:
     app = await app_factory(max_streams=1)
-    chat = HeldChat()
+    chat = GatedChat()
     app.synthesizer.engines.chat = chat
     async with open_ws(url(app)) as first, open_ws(url(app), local_addr=OTHER_ADDRESS) as second:
         await send(first, type="synthesize", id="held", text="talk")
@@ -319,7 +290,7 @@ async def test_global_stream_cap_is_busy_on_both_doors(app_factory: AppFactory) 
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert (await http_get(f"http://127.0.0.1:{app.ws_port}/readyz"))[0] == 200
         # The stream in flight is not disturbed, and its slot returns when it ends.
-        chat.release.set()
+        chat.gate.set()
         assert (await until_end(first))[-1]["type"] == "finished"  # type: ignore[index]
         assert (await speak_ws(second))["type"] == "finished"
         assert (await speak_grpc(app))[-1].HasField("finished")
@@ -327,7 +298,7 @@ async def test_global_stream_cap_is_busy_on_both_doors(app_factory: AppFactory) 
 
 async def test_global_stream_slot_returns_after_a_grpc_cancel(app_factory: AppFactory) -> None:
     app = await app_factory(max_streams=1)
-    app.synthesizer.engines.chat = HeldChat()
+    app.synthesizer.engines.chat = GatedChat()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         held = pb_grpc.SynthesizerStub(channel).Synthesize(pb.SynthesizeRequest(text="talk"))
         async for response in held:
@@ -480,7 +451,7 @@ async def test_idle_close_1000_while_a_busy_client_stays(app_factory: AppFactory
         waiting = asyncio.create_task(closed(idle))
         while not waiting.done():
             await send(busy, type="reset")  # a frame now and then keeps it alive
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the pace of a busy client is the behaviour under test
         assert waiting.result() == (1000, "idle")
         assert (await speak_ws(busy))["type"] == "finished"
     async with open_ws(url(app)) as again:

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -20,8 +20,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang, status
+from fakes.openai_upstream import FakeOpenAI, Latency, hang, status
 from tests.servers import running_app, serve_process
+from tests.waiting import eventually
 from voxrelay.gateways.app import App
 from voxrelay.service import __version__
 from voxrelay.service.logs import NOISY_LOGGERS, configure_logging
@@ -94,12 +95,6 @@ def log() -> Iterator[Captured]:
         root.setLevel(level)
         for name, value in noisy.items():
             logging.getLogger(name).setLevel(value)
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not condition():  # noqa: ASYNC110 - a log line has no event to await
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -184,7 +179,7 @@ async def test_every_stream_ends_with_exactly_one_line(
         assert (await until_end(ws))[-1]["code"] == "invalid_request"
 
     await log.wait_ends(8)
-    await asyncio.sleep(0.2)  # a duplicate line would come now
+    await app.drain_and_stop()  # no stream can log its end after this
     ends = log.ends()
     expected = {
         "g-ok": "ok",

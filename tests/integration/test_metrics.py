@@ -14,7 +14,7 @@ import json
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.fakes.openai_upstream import FakeOpenAI, Latency, hang, status
+from fakes.openai_upstream import FakeOpenAI, Latency, hang, status
 from tests.servers import running_app
+from tests.waiting import eventually
 from voxrelay.gateways.app import App
 from voxrelay.service import __version__, metrics
 from voxrelay.v1 import synthesis_pb2 as pb
@@ -131,13 +132,6 @@ def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Wait for state that no event announces (a stream ended on the server side)."""
-    async with asyncio.timeout(WAIT):
-        while not condition():  # noqa: ASYNC110 - a counter has no event to await
-            await asyncio.sleep(0.01)
 
 
 def counted(name: str, **labels: str) -> float:

@@ -26,7 +26,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.fakes.openai_upstream import (
+from fakes.openai_upstream import (
     DEFAULT_REPLY,
     FakeOpenAI,
     Fault,
@@ -41,6 +41,7 @@ from tests.fakes.openai_upstream import (
     tokenize,
 )
 from tests.servers import running_app
+from tests.waiting import eventually
 from voxrelay.gateways.app import App
 from voxrelay.service.logs import JsonFormatter
 from voxrelay.v1 import synthesis_pb2 as pb
@@ -83,15 +84,9 @@ class Rig:
 
     async def settled(self) -> None:
         """Wait until no stream is in flight and both fakes have ended every response."""
-        await wait_until(lambda: self.app.runtime.active_streams == 0)
+        await eventually(lambda: self.app.runtime.active_streams == 0)
         for fake in (self.chat, self.tts):
             await fake.wait_for(lambda f=fake: all(r.finished_at is not None for r in f.requests))
-
-
-async def wait_until(predicate: Callable[[], bool], within: float = 2.0) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the app has no event for these states
-            await asyncio.sleep(0.005)
 
 
 @asynccontextmanager
@@ -478,7 +473,7 @@ async def test_breaker_opens_answers_fast_and_closes_after_a_good_trial() -> Non
         assert completed(await synthesize(r.stub, ONE_SENTENCE, speak=True))
 
         # After the cool-down one trial goes through; its success closes the breaker.
-        await asyncio.sleep(delay / 1000 + 0.05)
+        await asyncio.sleep(delay / 1000 + 0.05)  # the cool-down is the behaviour under test
         assert completed(await synthesize(r.stub))
         assert completed(await synthesize(r.stub))
         assert len(r.chat.requests) == 5
@@ -494,14 +489,14 @@ async def test_breaker_reopens_when_the_trial_fails() -> None:
         delay = retry_delay_ms(error)
         assert delay is not None
         assert len(r.tts.requests) == 2
-        await asyncio.sleep(delay / 1000 + 0.05)
+        await asyncio.sleep(delay / 1000 + 0.05)  # the cool-down is the behaviour under test
         error, _ = await fail(r.stub, ONE_SENTENCE, speak=True)  # the trial: a 502
         assert "speech upstream is unavailable: 502" in (error.details() or "")
         error, _ = await fail(r.stub, ONE_SENTENCE, speak=True)  # open again
         delay = retry_delay_ms(error)
         assert delay is not None and delay > 200
         assert len(r.tts.requests) == 3
-        await asyncio.sleep(delay / 1000 + 0.05)
+        await asyncio.sleep(delay / 1000 + 0.05)  # the cool-down is the behaviour under test
         assert completed(await synthesize(r.stub, ONE_SENTENCE, speak=True))
 
 
@@ -539,7 +534,9 @@ async def test_cancel_closes_the_upstream_requests(
             await r.chat.wait_for_event("hanging")
         elif where == "before the first token":
             await r.chat.wait_for_event("first_byte")
-            await asyncio.sleep(0.02)  # the SDK is reading the body now
+            # Aims the cancel at the SDK's body read, which nothing marks; a cancel a little
+            # sooner or later must close the request as fast.
+            await asyncio.sleep(0.02)
         elif "deadline" in where:  # speaking, with the reply still being written
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 async for _ in call:
@@ -626,7 +623,7 @@ async def test_random_cancels_leave_nothing_behind(record_property: RecordProper
 
         async def quiet() -> None:
             await r.settled()
-            await wait_until(lambda: r.chat.open_connections + r.tts.open_connections == idle())
+            await eventually(lambda: r.chat.open_connections + r.tts.open_connections == idle())
             assert chat_pool.in_use == speech_pool.in_use == 0
 
         def snapshot() -> dict[str, int]:
@@ -650,7 +647,7 @@ async def test_random_cancels_leave_nothing_behind(record_property: RecordProper
             timeout = rng.uniform(0.01, 0.06) if how == "deadline" else 30
             call = r.stub.Synthesize(request(), timeout=timeout)
             if how == "timer":
-                await asyncio.sleep(rng.uniform(0, 0.03))
+                await asyncio.sleep(rng.uniform(0, 0.03))  # a cancel at any moment: the test
                 call.cancel()
             else:
                 n = rng.randint(0, 60)
@@ -678,7 +675,7 @@ async def test_random_cancels_leave_nothing_behind(record_property: RecordProper
         await quiet()
         # grpc.aio reaps a finished call's tasks a moment after its stream ends.
         with contextlib.suppress(TimeoutError):
-            await wait_until(lambda: snapshot() == baseline, within=5)
+            await eventually(lambda: snapshot() == baseline, within=5)
         after = snapshot()
         pools = (chat_pool.idle, speech_pool.idle)
         gone = sum(q.client_gone_at is not None for q in r.upstream_requests)
@@ -794,7 +791,7 @@ async def test_half_open_breaker_serves_a_request_of_many_segments() -> None:
         error, _ = await fail(r.stub, text, speak=True)
         delay = retry_delay_ms(error)
         assert delay is not None
-        await asyncio.sleep(delay / 1000 + 0.05)
+        await asyncio.sleep(delay / 1000 + 0.05)  # the cool-down is the behaviour under test
         responses = await synthesize(r.stub, text, speak=True)
         assert completed(responses), responses[-1]
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from tests.fakes.openai_upstream import (
+from fakes.openai_upstream import (
     DEFAULT_REPLY,
     FakeOpenAI,
     Fault,
@@ -351,7 +351,9 @@ async def test_cancel_during_time_to_first_token(fake: FakeOpenAI, chat: OpenAIC
     fake.latency = Latency(ttft_s=5.0)  # headers sent, body waits
     task = asyncio.create_task(collect(chat, net_timeout=30))
     await fake.wait_for(lambda: bool(fake.requests) and fake.requests[0].first_byte_at is not None)
-    await asyncio.sleep(0.02)  # let the SDK start reading the body
+    # Aims the cancel at the SDK's body read, which nothing marks; a cancel a little sooner
+    # or later must close the request as fast.
+    await asyncio.sleep(0.02)
     cancelled_at = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -23,7 +23,7 @@ import grpc
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.fakes.openai_realtime import (
+from fakes.openai_realtime import (
     DEFAULT_REPLY,
     SAMPLE_RATE,
     FakeRealtime,
@@ -37,10 +37,10 @@ from tests.fakes.openai_realtime import (
     reset_after,
     status,
 )
-from tests.fakes.openai_upstream import FakeOpenAI
+from fakes.openai_upstream import FakeOpenAI
 from tests.integration.test_grpc import decode_seconds, retry_delay_ms
-from tests.integration.test_openai_pipeline import wait_until
 from tests.servers import running_app
+from tests.waiting import eventually
 from voxrelay.gateways.app import App
 from voxrelay.service import metrics
 from voxrelay.service.chunker import SentenceChunker
@@ -94,7 +94,7 @@ class Rig:
 
     async def settled(self) -> None:
         """Wait until no stream is in flight and every upstream session has closed."""
-        await wait_until(lambda: self.app.runtime.active_streams == 0)
+        await eventually(lambda: self.app.runtime.active_streams == 0)
         await self.realtime.wait_for(lambda: self.realtime.open_connections == 0)
 
 
@@ -429,7 +429,7 @@ async def test_random_cancels_leave_no_session_or_task_behind() -> None:
                 outcomes[code] = outcomes.get(code, 0) + 1
         await r.settled()
         with contextlib.suppress(TimeoutError):
-            await wait_until(lambda: len(asyncio.all_tasks()) <= baseline, within=5)
+            await eventually(lambda: len(asyncio.all_tasks()) <= baseline, within=5)
         print(f"\n60 realtime requests with random cancels: {outcomes}")
         assert set(outcomes) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}
         assert outcomes.get("CANCELLED", 0) + outcomes.get("DEADLINE_EXCEEDED", 0) > 20

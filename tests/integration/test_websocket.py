@@ -1,10 +1,10 @@
 """The WebSocket door end to end: a real server on a free port, real clients, real sockets.
 
 Most tests run the core and the door alone (``door_factory``) so they can give the core
-a chat provider that is observable (it records what it was asked) or controllable (it
-holds its reply until the test lets it go); espeak speaks for real. A few run the whole
-app. Nothing here waits on the wall clock: tests await frames, closes and conditions,
-with timeouts only as safety nets.
+a chat provider of :mod:`fakes.providers` that is observable (it records what it was
+asked) or controllable (it holds its reply until the test lets it go); espeak speaks for
+real. A few run the whole app. Nothing here waits on the wall clock: tests await frames,
+closes and conditions, with timeouts only as safety nets.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +30,17 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from fakes.providers import EndlessChat, GatedChat, SpyChat
 from tests.conftest import AppFactory
 from tests.servers import make_settings
+from tests.waiting import eventually
 from voxrelay.client import AudioChunk, Client, StreamFinished
 from voxrelay.gateways.app import App
 from voxrelay.gateways.ws_server import WsDoor
 from voxrelay.service import __version__, metrics
 from voxrelay.service.auth import KeyStore
 from voxrelay.service.errors import InvalidRequest, Unavailable
-from voxrelay.service.model import ChatMessage
-from voxrelay.service.providers.base import ChatDelta, ChatProvider
+from voxrelay.service.providers.base import ChatProvider
 from voxrelay.service.providers.registry import make_chat, make_speech
 from voxrelay.service.relay import Relay
 from voxrelay.service.synthesizer import Synthesizer
@@ -48,96 +49,6 @@ TEXT = "Hello world. This is voxrelay, speaking one sentence at a time. Goodbye 
 SHORT = "Just one short sentence."
 WAIT = 30.0  # safety net for every await on the network
 Frame = dict[str, Any] | bytes
-
-
-# Chat providers the tests can see into
-
-
-@dataclass
-class SpyChat:
-    """Reply "You said: …" and record every conversation the core sent."""
-
-    name: str = "echo"
-    model: str = "spy"
-    calls: list[list[ChatMessage]] = field(default_factory=list)
-
-    async def _reply(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[ChatDelta, None]:
-        self.calls.append(list(messages))
-        user = messages[-1].content
-        for word in f"You said: {user}".split(" "):
-            await asyncio.sleep(0)
-            yield ChatDelta(text=word + " ")
-        yield ChatDelta(prompt_tokens=len(messages), completion_tokens=3)
-
-    def stream(
-        self, messages: Sequence[ChatMessage], *, max_tokens: int, timeout: float
-    ) -> AsyncIterator[ChatDelta]:
-        return self._reply(messages)
-
-    async def aclose(self) -> None:
-        pass
-
-
-@dataclass
-class GatedChat:
-    """Say one sentence, then hold the rest of the reply until ``gate`` is set.
-
-    ``closed`` is set when the core closes the reply early (a cancel reaching upstream).
-    """
-
-    name: str = "echo"
-    model: str = "gated"
-    gate: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def _reply(self) -> AsyncGenerator[ChatDelta, None]:
-        finished = False
-        try:
-            # The chunker cuts after "." once it sees the next word begin.
-            yield ChatDelta(text="The first sentence is out. And")
-            await self.gate.wait()
-            yield ChatDelta(text=" the second one follows.")
-            finished = True
-        finally:
-            if not finished:
-                self.closed.set()
-
-    def stream(
-        self, messages: Sequence[ChatMessage], *, max_tokens: int, timeout: float
-    ) -> AsyncIterator[ChatDelta]:
-        return self._reply()
-
-    async def aclose(self) -> None:
-        pass
-
-
-@dataclass
-class EndlessChat:
-    """Talk forever; ``closed`` is set when the core stops listening."""
-
-    name: str = "echo"
-    model: str = "endless"
-    started: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def _reply(self) -> AsyncGenerator[ChatDelta, None]:
-        self.started.set()
-        try:
-            n = 0
-            while True:
-                n += 1
-                await asyncio.sleep(0.005)
-                yield ChatDelta(text=f"This is sentence number {n} of a reply without end. ")
-        finally:
-            self.closed.set()
-
-    def stream(
-        self, messages: Sequence[ChatMessage], *, max_tokens: int, timeout: float
-    ) -> AsyncIterator[ChatDelta]:
-        return self._reply()
-
-    async def aclose(self) -> None:
-        pass
 
 
 # Servers and clients
@@ -209,13 +120,6 @@ async def until_type(ws: ClientConnection, kind: str) -> list[Frame]:
     while not (frames and isinstance(frames[-1], dict) and frames[-1]["type"] == kind):
         frames.append(await receive(ws))
     return frames
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Wait until *condition* holds, for state no event announces (a metric)."""
-    async with asyncio.timeout(WAIT):
-        while not condition():  # noqa: ASYNC110 - a gauge has no event to await
-            await asyncio.sleep(0.01)
 
 
 async def closed(ws: ClientConnection) -> tuple[int | None, str | None]:

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes.openai_upstream import tokenize
+from fakes.openai_upstream import tokenize
 from voxrelay.service.alignment import TranscriptAligner
 from voxrelay.service.chunker import SentenceChunker
 

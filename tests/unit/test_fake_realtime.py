@@ -27,7 +27,7 @@ from websockets.exceptions import (
 )
 from websockets.sync.client import connect as sync_connect
 
-from tests.fakes.openai_realtime import (
+from fakes.openai_realtime import (
     AUDIO_CHUNK_MS,
     DEFAULT_REPLY,
     SAMPLE_RATE,
@@ -43,7 +43,7 @@ from tests.fakes.openai_realtime import (
     status,
     tokenize,
 )
-from tests.fakes.openai_upstream import _voice_pcm
+from fakes.openai_upstream import voice_pcm
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-unit-test-key"
@@ -169,7 +169,7 @@ async def test_a_response_has_the_shape_of_the_ga_api(fake: FakeRealtime) -> Non
             audio_bytes += chunk
     pcm = audio_of(events)
     assert len(pcm) == expected_pcm_bytes(DEFAULT_REPLY)
-    assert pcm == _voice_pcm(len(pcm) // 2)  # one continuous signal across tokens
+    assert pcm == voice_pcm(len(pcm) // 2)  # one continuous signal across tokens
 
     response = events[-1]["response"]
     item = response["output"][0]
@@ -732,7 +732,7 @@ async def test_wait_for_times_out_with_a_clear_error(fake: FakeRealtime) -> None
 def test_cli_serves_until_interrupted() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_realtime", "--port", "0", "--ttft-ms", "0"],
+        [sys.executable, "-m", "fakes.openai_realtime", "--port", "0", "--ttft-ms", "0"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -18,7 +18,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.fakes.openai_upstream import (
+from fakes.openai_upstream import (
     CHUNK_MS,
     DEFAULT_REPLY,
     SAMPLE_RATE,
@@ -354,7 +354,7 @@ async def test_wait_for_times_out_with_a_clear_error(fake: FakeOpenAI) -> None:
 def test_cli_serves_until_interrupted() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", "0", "--ttft-ms", "0"],
+        [sys.executable, "-m", "fakes.openai_upstream", "--port", "0", "--ttft-ms", "0"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

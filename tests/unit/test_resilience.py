@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.unit.clock import Clock
+from tests.waiting import eventually
 from voxrelay.service import resilience
 from voxrelay.service.errors import Unavailable, UpstreamError, UpstreamTimeout
 from voxrelay.service.resilience import CircuitBreaker, Stage, backoff_s, guarded_stream
@@ -415,9 +416,11 @@ async def test_a_trial_whose_caller_left_frees_the_slot(clock: Clock) -> None:
         await drain(guarded_stream(stage, script))
     clock.advance(5)
     trial = asyncio.create_task(drain(guarded_stream(stage, script)))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: stage.breaker.trial_in_flight, every=0)
     waiter = asyncio.create_task(drain(guarded_stream(stage, script)))
-    await asyncio.sleep(0.01)
+    # Nothing marks the waiter parked on the trial's verdict: give it a few turns to get there.
+    for _ in range(10):
+        await asyncio.sleep(0)
     assert len(script.made) == 2  # the waiter waits for the trial's verdict
     trial.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -434,7 +437,7 @@ async def test_a_call_during_the_trial_waits_for_its_success(clock: Clock) -> No
         await drain(guarded_stream(stage, script))
     clock.advance(5)
     trial = asyncio.create_task(drain(guarded_stream(stage, script)))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: stage.breaker.trial_in_flight, every=0)
     assert stage.breaker.trial_in_flight
     assert await drain(guarded_stream(stage, script)) == [b"next"]
     assert await trial == [b"trial"]
@@ -448,7 +451,7 @@ async def test_a_call_during_the_trial_fails_with_it(clock: Clock) -> None:
         await drain(guarded_stream(stage, script))
     clock.advance(5)
     trial = asyncio.create_task(drain(guarded_stream(stage, script)))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: stage.breaker.trial_in_flight, every=0)
     with pytest.raises(Unavailable) as caught:
         await drain(guarded_stream(stage, script))
     assert caught.value.retry_after_s == pytest.approx(5)
@@ -464,7 +467,7 @@ async def test_a_call_waits_for_the_trial_only_within_its_budget(clock: Clock) -
         await drain(guarded_stream(stage, script))
     clock.advance(5)
     trial = asyncio.create_task(drain(guarded_stream(stage, script)))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: stage.breaker.trial_in_flight, every=0)
     loop = asyncio.get_running_loop()
     began = loop.time()
     with pytest.raises(Unavailable) as caught:
@@ -515,6 +518,13 @@ async def test_closed_when_the_consumer_stops_mid_stream() -> None:
     assert script.all_closed()
 
 
+def parked(script: Script) -> bool:
+    """Whether the first call has reached its long sleep, or raised its error."""
+    return bool(script.made) and not any(
+        isinstance(step, float | BaseException) for step in script.made[0].steps
+    )
+
+
 CANCEL_POINTS: dict[str, Callable[[], Script]] = {
     "waiting for the first item": lambda: Script(Upstream(10.0, b"a")),
     "waiting for the next item": lambda: Script(Upstream(b"a", 10.0, b"b")),
@@ -527,7 +537,7 @@ async def test_closed_when_cancelled(where: str) -> None:
     script = CANCEL_POINTS[where]()
     stage = make_stage(timeout_s=30.0, failures=5)
     task = asyncio.create_task(drain(guarded_stream(stage, script)))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: parked(script), every=0)
     assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -21,7 +21,7 @@ per request; ``fake.chat_faults.always(...)`` makes one sticky. Every request is
 the connection before the response was complete; tests await those with :meth:`wait_for`
 rather than sleeping. All times are :func:`time.monotonic` seconds (the asyncio loop's clock).
 
-Run ``python -m tests.fakes.openai_upstream --port 8000`` to serve until Ctrl-C.
+Run ``python -m fakes.openai_upstream --port 8000`` to serve until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import uvloop
 
-from tests.fakes.base import FakeServer, Latency, Reply
+from .base import FakeServer, Latency, Reply
 
 __all__ = [
     "CHUNK_MS",
@@ -67,6 +67,7 @@ __all__ = [
     "slow_first_byte",
     "status",
     "tokenize",
+    "voice_pcm",
 ]
 
 SAMPLE_RATE = 24_000
@@ -466,7 +467,7 @@ def _error_body(code: int, message: str | None, *, key: str | None = None) -> di
 _voice_second: bytes = b""
 
 
-def _voice_pcm(samples: int) -> bytes:
+def voice_pcm(samples: int) -> bytes:
     """Return *samples* of a gliding, pulsing tone (s16le), the same every time."""
     global _voice_second
     if not _voice_second:
@@ -807,7 +808,7 @@ class FakeOpenAI(FakeServer):
         headers["content-type"] = "audio/pcm"
         speed = float(body.get("speed") or 1.0)
         samples = round(pcm_duration_s(body["input"], speed) * SAMPLE_RATE)
-        pcm = _voice_pcm(samples)
+        pcm = voice_pcm(samples)
         step = SAMPLE_RATE * CHUNK_MS // 1000 * 2
         if not await self._send(conn, record, _head(200, headers)):
             return False
@@ -930,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve_from_command_line(
         FakeOpenAI,
         argv,
-        prog="python -m tests.fakes.openai_upstream",
+        prog="python -m fakes.openai_upstream",
         port=8000,
         title="fake OpenAI upstream",
     )

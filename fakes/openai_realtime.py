@@ -26,7 +26,7 @@ Anything else, or a frame that is not a JSON event, gets an ``error`` with code
 ``response.output_text.delta`` and no audio.
 
 The reply (a string, or a function of the conversation as ``{"role", "content"}`` dicts) is cut
-into tokens by :func:`~tests.fakes.openai_upstream.tokenize`, and ``max_output_tokens`` caps
+into tokens by :func:`~fakes.openai_upstream.tokenize`, and ``max_output_tokens`` caps
 their number (status ``incomplete``). A token of *n* characters is followed by
 ``n * MS_PER_CHAR / speed`` ms of the HTTP fake's synthetic voice, in chunks of at most
 :data:`AUDIO_CHUNK_MS`; the sample boundaries are rounded cumulatively, so a response's PCM is
@@ -43,7 +43,7 @@ and timed events; tests await those with :meth:`FakeRealtime.wait_for` and
 :meth:`FakeRealtime.wait_for_event` rather than sleeping. All times are :func:`time.monotonic`
 seconds (the asyncio loop's clock).
 
-Run ``python -m tests.fakes.openai_realtime --port 8001`` to serve until Ctrl-C.
+Run ``python -m fakes.openai_realtime --port 8001`` to serve until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -67,15 +67,14 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tests.fakes.base import FakeServer, Latency, Reply
-from tests.fakes.openai_upstream import (
+from .base import FakeServer, Latency, Reply
+from .openai_upstream import (
     DEFAULT_REPLY,
     MS_PER_CHAR,
     SAMPLE_RATE,
     Fault,
     FaultQueue,
     _error_body,
-    _voice_pcm,
     expected_pcm_bytes,
     hang,
     malformed,
@@ -85,6 +84,7 @@ from tests.fakes.openai_upstream import (
     slow_first_byte,
     status,
     tokenize,
+    voice_pcm,
 )
 
 __all__ = [
@@ -870,7 +870,7 @@ class FakeRealtime(FakeServer):
         for i in range(len(tokens)):
             spoken = "".join(tokens[: i + 1])
             bounds.append(round(pcm_duration_s(spoken, active.speed) * SAMPLE_RATE))
-        pcm = b"" if active.text_mode else _voice_pcm(bounds[-1])
+        pcm = b"" if active.text_mode else voice_pcm(bounds[-1])
         delta_type = (
             "response.output_text.delta"
             if active.text_mode
@@ -1189,7 +1189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve_from_command_line(
         FakeRealtime,
         argv,
-        prog="python -m tests.fakes.openai_realtime",
+        prog="python -m fakes.openai_realtime",
         port=8001,
         title="fake OpenAI Realtime",
     )
