@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from fakes.providers import SpyChat
 from tests.conftest import AppFactory
 from tests.integration.test_websocket import events, open_ws, receive, send, until_end
 from voxrelay.gateways.app import App
@@ -97,3 +98,27 @@ async def test_a_cancel_with_the_playback_position_says_what_was_heard(
     heard = last["heard_text"]
     first = events(frames, "segment")[0]["text"]
     assert heard.startswith(first) and text.startswith(heard)
+
+
+async def test_an_interrupted_reply_is_remembered_as_far_as_it_was_heard(
+    app_factory: AppFactory,
+) -> None:
+    app = await app_factory()
+    spy = SpyChat()
+    app.synthesizer.engines.chat = spy
+    question = "One two three four five six seven. " * 8
+    async with open_ws(ws_url(app)) as ws:
+        await send(ws, type="synthesize", id="c1", text=question, format="pcm")
+        frames: list[dict | bytes] = []
+        while len(events(frames, "segment")) < 2:
+            frames.append(await receive(ws))
+        first = events(frames, "segment")[0]
+        await send(ws, type="cancel", id="c1", played_ms=10_000_000)
+        cancelled = (await until_end(ws))[-1]
+        heard = cancelled["heard_text"]
+        assert heard.startswith(first["text"]) and len(heard) < len(question)
+        await send(ws, type="synthesize", id="c2", text="And then?", format="pcm")
+        assert (await until_end(ws))[-1]["type"] == "finished"
+    # The next turn's conversation carries the interrupted reply as far as it was heard.
+    assistant = [m.content for m in spy.calls[-1] if m.role == "assistant"]
+    assert assistant == [heard]

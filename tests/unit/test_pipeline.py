@@ -45,6 +45,7 @@ from voxrelay.service.model import (
     StreamFinished,
     StreamStarted,
     SynthesisRequest,
+    WordTimings,
 )
 from voxrelay.service.providers.base import ChatProvider, SpeakingModel
 from voxrelay.service.relay import ClientGone, Relay
@@ -102,17 +103,24 @@ def segments_of(text: str) -> list[str]:
 
 
 def check_order(events: Sequence[Event]) -> None:
-    """Started first; each segment, then its audio; seq counting up by one; finished last."""
+    """Started first; each segment, then its audio, then its words; seq counting up by one;
+    finished last."""
     assert isinstance(events[0], StreamStarted)
-    index, seq = -1, 0
+    index, seq, worded = -1, 0, -1
+    with_words = any(isinstance(event, WordTimings) for event in events)
     for event in events[1:-1]:
         match event:
             case SegmentStarted():
+                assert not with_words or worded == index  # the one before had its words
                 index += 1
                 assert event.index == index
             case AudioChunk():
+                assert worded < index
                 assert (event.segment_index, event.seq) == (index, seq)
                 seq += 1
+            case WordTimings():
+                assert event.segment_index == index == worded + 1
+                worded = index
             case _:
                 raise AssertionError(f"unexpected {event!r} mid-stream")
     assert isinstance(events[-1], StreamFinished)
