@@ -298,7 +298,7 @@ class Settings(BaseSettings):
     @field_validator("http_port", mode="before")
     @classmethod
     def _off_is_none(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in ("off", "none", ""):
+        if isinstance(value, str) and value.strip().lower() == "off":
             return None
         return value
 
