@@ -58,6 +58,8 @@ PCM_RATE = 24_000
 STREAM_FORMATS = ("audio", "sse")
 
 # Timeouts
+#: The whole request body must arrive within this (a slow client holds no handler longer).
+BODY_TIMEOUT_S = 10.0
 #: How long stop() lets handlers whose stream the core just aborted write their end.
 FINAL_WRITE_GRACE_S = 2.0
 
@@ -474,7 +476,12 @@ class HttpDoor:
 
     async def _json(self, request: web.Request) -> Any:
         try:
-            raw = await request.read()
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                raw = await request.read()
+        except TimeoutError:
+            raise InvalidRequest(
+                f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise TooLarge(
                 f"the request body is over {self.body_limit} bytes: shorten 'input'"

@@ -501,6 +501,43 @@ async def test_a_client_that_disconnects_before_the_first_audio_closes_the_upstr
         await wait_until_idle(app)
 
 
+async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_closed(
+    app_factory: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Minutes of audio as fast as the upstream can speak: far more than socket buffers hold.
+    text = "This sentence is spoken again and again for a reader that never reads. " * 50
+    async with speech_upstream(app_factory, send_stall_s=0.5) as (app, tts):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(WAIT)
+        sock.connect(("127.0.0.1", app.http_port))
+        try:
+            body = json.dumps({"model": "tts-1", "input": text, "response_format": "pcm"})
+            sock.sendall(
+                b"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body.encode()
+            )
+            # Never read: voxrelay's writes stall, and it drops the client and the stream.
+            await asyncio.wait_for(
+                _until(lambda: any(getattr(r, "event", None) == "http_send_stall"
+                                   for r in caplog.records)),
+                WAIT,
+            )  # fmt: skip
+            await wait_until_idle(app)
+            await tts.wait_for(
+                lambda: all(
+                    r.finished_at is not None or r.client_gone_at is not None
+                    for r in tts.speech_requests
+                ),
+                timeout=WAIT,
+            )
+        finally:
+            sock.close()
+    # The rest of the text was never asked for: one segment a sentence, 50 sentences.
+    assert len(tts.speech_requests) < 50
+
+
 async def _until(predicate: Any) -> None:
     while not predicate():  # noqa: ASYNC110 - a counter has no event to await
         await asyncio.sleep(0.01)
