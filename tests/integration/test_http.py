@@ -15,9 +15,11 @@ import io
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import av
@@ -34,6 +36,7 @@ from tests.fakes.openai_upstream import (
     reset_after,
     status,
 )
+from tests.integration.test_tls import certificate  # noqa: F401 - a fixture used below
 from voxrelay.gateways.app import App
 from voxrelay.service import metrics
 
@@ -604,6 +607,27 @@ async def test_streams_are_logged_and_counted_as_http(
         "http", "http-log-1", "speak", "ok",
     )  # fmt: skip
     assert line.peer.startswith("127.0.0.1:")  # type: ignore[attr-defined]
+
+
+async def test_tls_serves_https(
+    app_factory: AppFactory,
+    certificate: tuple[Path, Path],  # noqa: F811 - the fixture imported above
+) -> None:
+    cert, key = certificate
+    app = await app_factory(tls_cert=cert, tls_key=key, api_keys=KEY)
+    url = f"https://127.0.0.1:{app.http_port}/v1"
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with openai.AsyncOpenAI(
+        base_url=url,
+        api_key=KEY,
+        max_retries=0,
+        http_client=openai.DefaultAsyncHttpxClient(verify=trusting, timeout=WAIT),
+    ) as client:
+        response = await client.audio.speech.create(model="tts-1", voice="alloy", input=SHORT)
+        assert decode_seconds(await response.aread(), "mp3") > 0.5
+    async with httpx.AsyncClient(timeout=WAIT) as untrusting:  # the system's CAs only
+        with pytest.raises(httpx.ConnectError):
+            await untrusting.get(f"{url}/models")
 
 
 async def test_the_door_can_be_off(app_factory: AppFactory) -> None:
