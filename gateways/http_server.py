@@ -350,6 +350,7 @@ class HttpDoor:
         app = web.Application(client_max_size=self.body_limit, middlewares=[_openai_errors])
         app.router.add_post(SPEECH_PATH, self._speech)
         app.router.add_get("/v1/audio/voices", self._voices)
+        app.router.add_get("/v1/audio/models", self._speech_models)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
         context: ssl.SSLContext | None = None
@@ -439,9 +440,19 @@ class HttpDoor:
             return error_response(exc)
         language = request.query.get("language", "")
         voices = await self.relay.synthesizer.voices(language)
+        # "id" beside SPEC's fields: speech UIs (Open WebUI) key their voice lists by it.
         return web.json_response(
-            {"voices": [{"name": v.name, "language": v.language} for v in voices]}
+            {"voices": [{"id": v.name, "name": v.name, "language": v.language} for v in voices]}
         )
+
+    async def _speech_models(self, request: web.Request) -> web.StreamResponse:
+        """List the speech models as speech UIs ask for them (``{"models": [{"id"}]}``)."""
+        try:
+            self._caller(request, self._client(request)[1])
+        except VoxrelayError as exc:
+            metrics.ERRORS.labels("http", exc.code).inc()
+            return error_response(exc)
+        return web.json_response({"models": [{"id": m} for m in self._model_ids()]})
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -556,7 +556,10 @@ async def test_voices_models_and_voice_mapping(
     async with httpx.AsyncClient(timeout=WAIT) as http:
         voices = (await http.get(f"{base_url(app)}/audio/voices")).json()["voices"]
         english = (await http.get(f"{base_url(app)}/audio/voices?language=en")).json()["voices"]
-    assert {"name", "language"} == set(voices[0])
+        models = (await http.get(f"{base_url(app)}/audio/models")).json()["models"]
+    assert {"id", "name", "language"} == set(voices[0])
+    assert all(v["id"] == v["name"] for v in voices)
+    assert {"tts-1", "gpt-4o-mini-tts"} <= {m["id"] for m in models}
     assert "en-us" in {v["name"] for v in voices}
     assert 0 < len(english) < len(voices)
     async with async_client(app) as client:
