@@ -450,6 +450,33 @@ async def test_draining_is_503_with_retry_after_and_streams_in_flight_finish(
         await app.drain_and_stop()  # the fixture stops only apps that are not draining
 
 
+async def test_drain_window_over_ends_the_bodies_in_flight(app_factory: AppFactory) -> None:
+    latency = Latency(tts_first_byte_s=0.0, tts_rtf=1.0)
+    async with speech_upstream(app_factory, latency, drain_s=0) as (app, _):
+        body = {"model": "tts-1", "input": TEXT, "response_format": "pcm"}
+        async with (
+            httpx.AsyncClient(timeout=WAIT) as http,
+            http.stream("POST", f"{base_url(app)}/audio/speech", json=body) as chunked,
+            http.stream(
+                "POST", f"{base_url(app)}/audio/speech", json={**body, "stream_format": "sse"}
+            ) as sse,
+        ):
+            chunked_body, sse_body = chunked.aiter_bytes(), sse.aiter_bytes()
+            await anext(chunked_body)
+            first_event = await anext(sse_body)
+            # SIGTERM with no drain window: what is in flight ends at once, and says so.
+            stopping = asyncio.create_task(app.drain_and_stop())
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for _ in chunked_body:
+                    pass
+            rest = b"".join([chunk async for chunk in sse_body])
+            await asyncio.wait_for(stopping, WAIT)
+    events = sse_events(first_event + rest)
+    assert events[0]["type"] == "speech.audio.delta"
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["code"] == "unavailable"
+
+
 # Disconnects
 
 
