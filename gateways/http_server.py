@@ -216,10 +216,11 @@ class _SpeechBody:
     """
 
     def __init__(
-        self, request: web.Request, request_id: str, *, sse: bool, send_stall_s: float
+        self, request: web.Request, request_id: str, peer: str, *, sse: bool, send_stall_s: float
     ) -> None:
         self._request = request
         self._request_id = request_id
+        self._peer = peer
         self._sse = sse
         self._stall = send_stall_s or None
         self.started: model.StreamStarted | None = None
@@ -300,7 +301,7 @@ class _SpeechBody:
         except TimeoutError:
             log.warning(
                 "dropping a client that stopped reading",
-                extra={"event": "http_send_stall", "send_stall_s": self._stall},
+                extra={"event": "http_send_stall", "peer": self._peer, "send_stall_s": self._stall},
             )
             transport = self._request.transport
             if transport is not None:
@@ -419,6 +420,7 @@ class HttpDoor:
         body = _SpeechBody(
             request,
             request_id,
+            peer,
             sse=call.stream_format == "sse",
             send_stall_s=self.settings.send_stall_s,
         )
