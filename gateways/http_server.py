@@ -69,8 +69,6 @@ FINAL_WRITE_GRACE_S = 2.0
 BODY_BYTES_PER_CHAR = 12
 #: Room for the rest of the body (model, voice, format, ...).
 BODY_SLACK = 16 * 1024
-#: A wait (``Retry-After``) is clamped to at most this.
-MAX_RETRY_AFTER_S = 3600
 
 
 # The request
@@ -171,8 +169,8 @@ def error_response(error: VoxrelayError, *, request_id: str | None = None) -> we
     headers: dict[str, str] = {}
     if request_id:
         headers["X-Request-Id"] = request_id
-    if error.retry_after_s is not None:
-        wait = min(max(error.retry_after_s, 0.0), MAX_RETRY_AFTER_S)
+    wait = error.retry_after_s  # clamped by the error itself
+    if wait is not None:
         headers["Retry-After"] = str(max(1, math.ceil(wait)))
         # OpenAI's SDKs prefer this one: the exact wait.
         headers["Retry-After-Ms"] = str(round(wait * 1000))
