@@ -1,4 +1,4 @@
-"""The four ways the benchmark asks for a spoken answer, each timed from the client's side.
+"""The ways the benchmark asks for a spoken answer, each timed from the client's side.
 
 - :class:`LimitClient`: the same upstream calls voxrelay makes, straight from the SDK,
   with voxrelay's own :class:`~service.chunker.SentenceChunker` deciding when the first
@@ -6,6 +6,9 @@
 - :class:`NaiveClient`: the seed's first version: the whole reply, then the whole text
   in one speech call.
 - :class:`GrpcClient` and :class:`WsClient`: voxrelay over its two doors.
+- :class:`HttpClient`: voxrelay's OpenAI-compatible door, which speaks a text as written
+  (no LLM), through the openai SDK; :class:`SpeechLimitClient` is its limit: the same
+  speech calls straight from the SDK, segments cut by voxrelay's chunker.
 
 Each request returns a :class:`Sample`. A *probe* stops at the first audio byte (a cancel
 on voxrelay's doors, closed responses on the SDK), for many time-to-first-audio samples
@@ -29,6 +32,7 @@ import httpx2
 import openai
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.fakes.openai_upstream import DEFAULT_REPLY
 from voxrelay.service.chunker import SentenceChunker
 from voxrelay.service.planner import DEFAULT_SYSTEM_PROMPT
 from voxrelay.v1 import synthesis_pb2 as pb
@@ -37,16 +41,23 @@ from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 __all__ = [
     "PCM_BYTES_PER_S",
     "PROMPT",
+    "VOXRELAY_KINDS",
     "GrpcClient",
+    "HttpClient",
     "LimitClient",
     "NaiveClient",
     "Playback",
     "Sample",
+    "SpeechLimitClient",
     "WsClient",
     "whole_sentence_chunker",
 ]
 
 PROMPT = "How much is a ticket, and how often do the trains run?"
+#: The clients that measure voxrelay itself (one per door).
+VOXRELAY_KINDS = ("grpc", "ws", "http")
+#: What the OpenAI door is asked to speak: the reply the chat doors get from the fake.
+SPOKEN = DEFAULT_REPLY
 LLM_MODEL = "gpt-4o-mini"  # voxrelay's defaults, so the upstream sees the same requests
 TTS_MODEL = "gpt-4o-mini-tts"
 VOICE = "alloy"
@@ -438,3 +449,96 @@ class WsClient:
         else:
             with contextlib.suppress(Exception):
                 await ws.close()
+
+
+class SpeechLimitClient:
+    """The OpenAI door's limit: its speech calls straight from the SDK, with its look-ahead."""
+
+    kind = "speech_limit"
+
+    def __init__(self, base_url: str, streams: int) -> None:
+        self._limit = LimitClient(base_url, streams, kind=self.kind)
+
+    async def aclose(self) -> None:
+        await self._limit.aclose()
+
+    async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
+        """Cut :data:`SPOKEN` as voxrelay does and speak its segments, two at a time.
+
+        voxrelay knows the whole text at once, so it asks for its first two segments
+        together; a probe does too, and times the first.
+        """
+        del fmt  # the upstream only speaks pcm
+        probe = sample.probe
+        sample.started = time.perf_counter()
+        chunker = SentenceChunker()
+        segments = chunker.feed(SPOKEN) + chunker.flush()
+        if probe:
+            segments = segments[:LOOKAHEAD]
+        lookahead = asyncio.Semaphore(LOOKAHEAD)
+
+        async def speak(text: str, index: int) -> int:
+            async with lookahead:
+                return await self._limit._speak(text, first=index == 0, sample=sample, probe=probe)
+
+        speakers = [asyncio.create_task(speak(t, i)) for i, t in enumerate(segments)]
+        try:
+            if probe:
+                await speakers[0]  # its first byte is the probe's; the rest is moot
+            else:
+                sizes = await asyncio.gather(*speakers)
+                sample.audio_s = sum(sizes) / PCM_BYTES_PER_S
+                sample.total = time.perf_counter() - sample.started
+        except Exception as exc:
+            sample.error = _error(exc)
+        finally:
+            for task in speakers:
+                task.cancel()
+            await asyncio.gather(*speakers, return_exceptions=True)
+
+
+class HttpClient:
+    """voxrelay's OpenAI-compatible door, through the openai SDK as its users call it."""
+
+    kind = "http"
+
+    def __init__(self, base_url: str, streams: int) -> None:
+        self.client = sdk_client(base_url, max(16, streams))
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
+        probe = sample.probe
+        playback = Playback() if fmt == "pcm" else None
+        nbytes = 0
+        sample.started = time.perf_counter()
+        try:
+            response = await self.client.post(
+                "/audio/speech",
+                body={"model": TTS_MODEL, "voice": VOICE, "input": SPOKEN, "response_format": fmt},
+                cast_to=httpx2.Response,
+                options={"headers": {"Accept": "application/octet-stream"}},
+                stream=True,
+            )
+            try:
+                async for chunk in response.aiter_bytes():
+                    if not chunk:
+                        continue
+                    at = time.perf_counter()
+                    if sample.ttfa is None:
+                        sample.ttfa = at - sample.started
+                        if probe:
+                            break  # closing the response disconnects: voxrelay cancels
+                    nbytes += len(chunk)
+                    if playback is not None:
+                        playback.arrive(at, len(chunk))
+            finally:
+                await response.aclose()
+            if not probe:
+                sample.total = time.perf_counter() - sample.started
+                sample.audio_s = nbytes / PCM_BYTES_PER_S
+        except Exception as exc:
+            sample.error = _error(exc)
+        if playback is not None:
+            sample.stall_s = playback.stall_s

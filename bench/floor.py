@@ -10,8 +10,11 @@ probes of voxrelay, pinned to voxrelay's core, on uvloop. So the floor pays what
 probes pay: each library's call set-up, its threads and their wake-ups on this machine.
 voxrelay's overhead less this floor is what voxrelay itself adds.
 
-Run it as ``python -m bench.floor --grpc-port N --ws-port M``. It prints one line with
-both addresses once both listen.
+It also answers ``POST /v1/audio/speech`` on aiohttp, as voxrelay's OpenAI-compatible
+door does.
+
+Run it as ``python -m bench.floor --grpc-port N --ws-port M --http-port H``. It prints one
+line with the addresses once all listen.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 import uvloop
+from aiohttp import web
 from websockets.asyncio.server import ServerConnection, serve
 
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
-from .clients import GrpcClient, WsClient
+from .clients import GrpcClient, HttpClient, WsClient
 
-__all__ = ["READY", "GrpcFloorClient", "WsFloorClient", "main"]
+__all__ = ["READY", "GrpcFloorClient", "HttpFloorClient", "WsFloorClient", "main"]
 
 READY = "floor doors on"
 #: 20 ms of 24 kHz s16le mono: voxrelay's first audio message at one stream.
@@ -50,6 +54,12 @@ class WsFloorClient(WsClient):
     """The benchmark's WebSocket client, pointed at the floor server."""
 
     kind = "ws_floor"
+
+
+class HttpFloorClient(HttpClient):
+    """The benchmark's OpenAI-door client, pointed at the floor server."""
+
+    kind = "http_floor"
 
 
 class _Synthesizer(pb_grpc.SynthesizerServicer):
@@ -81,21 +91,38 @@ async def _websocket(ws: ServerConnection) -> None:
             await ws.send(json.dumps({"type": "cancelled", "id": frame.get("id")}))
 
 
-async def _serve(grpc_port: int, ws_port: int) -> None:
+async def _speech(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    await response.write(AUDIO)
+    await asyncio.sleep(HOLD_S)  # the probe disconnects here
+    return response
+
+
+async def _serve(grpc_port: int, ws_port: int, http_port: int) -> None:
     server = grpc.aio.server()
     pb_grpc.add_SynthesizerServicer_to_server(_Synthesizer(), server)
     server.add_insecure_port(f"127.0.0.1:{grpc_port}")
     await server.start()
+    app = web.Application()
+    app.router.add_post("/v1/audio/speech", _speech)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", http_port).start()
     try:
         async with serve(
             _websocket, "127.0.0.1", ws_port, compression=None, max_size=None, ping_interval=None
         ):
             print(
-                f"{READY} grpc=127.0.0.1:{grpc_port} ws=ws://127.0.0.1:{ws_port}/v1/stream",
+                f"{READY} grpc=127.0.0.1:{grpc_port} ws=ws://127.0.0.1:{ws_port}/v1/stream"
+                f" http=http://127.0.0.1:{http_port}/v1",
                 flush=True,
             )
             await server.wait_for_termination()
     finally:
+        await runner.cleanup()
         await server.stop(None)
 
 
@@ -103,10 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--ws-port", type=int, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
     args = parser.parse_args(argv)
     # The same loop as voxrelay's; the benchmark stops this process with SIGTERM.
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(_serve(args.grpc_port, args.ws_port))
+        uvloop.run(_serve(args.grpc_port, args.ws_port, args.http_port))
 
 
 if __name__ == "__main__":

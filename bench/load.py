@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .clients import Sample
+from .clients import VOXRELAY_KINDS, Sample
 from .procs import ChildProcess, CpuClock, cores_busy
 
 __all__ = [
@@ -244,7 +244,7 @@ async def run_window(
     result.cpu_pct = meter.cpu_pct("window_start", "window_end")
     result.voxrelay_cpu_s = meter.cpu_seconds("phase_start", "phase_end", "voxrelay")
     result.relayed_audio_s = sum(
-        s.audio_s for g in groups if g.kind in ("grpc", "ws") for s in everything[id(g)]
+        s.audio_s for g in groups if g.kind in VOXRELAY_KINDS for s in everything[id(g)]
     )
     result.rss_max = meter.rss_max
     return result
@@ -307,7 +307,7 @@ async def run_sequence(
     if full:
         result.cpu_pct = meter.cpu_pct("full_start", "full_end")
         result.voxrelay_cpu_s = meter.cpu_seconds("full_start", "full_end", "voxrelay")
-    if client.kind in ("grpc", "ws"):
+    if client.kind in VOXRELAY_KINDS:
         result.relayed_audio_s = sum(s.audio_s for s in samples)
     result.loop_lag = percentiles(meter.lags[lag_from:])
     result.rss_max = meter.rss_max

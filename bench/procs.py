@@ -47,7 +47,7 @@ CPU_GENERATOR = 1
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _FAKE_URL = re.compile(r"fake OpenAI upstream on (\S+)")
-_FLOOR = re.compile(r"floor doors on grpc=(?P<grpc>\S+) ws=(?P<websocket>\S+)")
+_FLOOR = re.compile(r"floor doors on grpc=(?P<grpc>\S+) ws=(?P<websocket>\S+) http=(?P<http>\S+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +274,8 @@ async def floor_process(pinning: Pinning) -> ChildProcess:
         str(free_port()),
         "--ws-port",
         str(free_port()),
+        "--http-port",
+        str(free_port()),
     ]
     return await _start("floor", argv, _clean_env(), ready=_FLOOR)
 
@@ -320,12 +322,13 @@ async def voxrelay_process(pinning: Pinning, upstream: str) -> ChildProcess:
     """
     env = _clean_env()
     env.update(BENCH_LIMITS)
-    ports = {"grpc": free_port(), "ws": free_port(), "metrics": free_port()}
+    ports = {"grpc": free_port(), "ws": free_port(), "metrics": free_port(), "http": free_port()}
     env.update(
         VOXRELAY_HOST="127.0.0.1",
         VOXRELAY_GRPC_PORT=str(ports["grpc"]),
         VOXRELAY_WS_PORT=str(ports["ws"]),
         VOXRELAY_METRICS_PORT=str(ports["metrics"]),
+        VOXRELAY_HTTP_PORT=str(ports["http"]),
         VOXRELAY_LLM="openai",
         VOXRELAY_TTS="openai",
         VOXRELAY_LLM_BASE_URL=upstream,
@@ -367,6 +370,7 @@ async def voxrelay_process(pinning: Pinning, upstream: str) -> ChildProcess:
     child.info = {
         "grpc": f"127.0.0.1:{ports['grpc']}",
         "websocket": f"ws://127.0.0.1:{ports['ws']}/v1/stream",
+        "http": f"http://127.0.0.1:{ports['http']}/v1",
         "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics",
     }
     return child

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .clients import Sample
+from .clients import VOXRELAY_KINDS, Sample
 from .load import PhaseResult, percentiles
 
 __all__ = [
@@ -77,7 +77,7 @@ def run_row(
     full = [s for s in ok if not s.probe]
     ttfa = [s.ttfa for s in ok if s.ttfa is not None]
     stalls = [s.stall_s for s in full]
-    voxrelay_side = kind in ("grpc", "ws")
+    voxrelay_side = kind in VOXRELAY_KINDS
     row: dict[str, Any] = {
         "kind": kind,
         "streams": phase.streams,
@@ -180,7 +180,7 @@ def compare(
 def capacity(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
     """Return, per protocol, the most streams at which every level up to it passed."""
     out: dict[str, Any] = {}
-    for protocol in ("grpc", "ws"):
+    for protocol in VOXRELAY_KINDS:
         rows = sorted(
             (c for c in comparisons if c["protocol"] == protocol and c["format"] == "pcm"),
             key=lambda c: c["streams"],
@@ -223,7 +223,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"name": name, "target": target, "value": value, "ok": ok, "note": note})
 
     single = {c["protocol"]: c for c in doc["comparisons"] if c["streams"] == 1}
-    for protocol in ("grpc", "ws"):
+    for protocol in VOXRELAY_KINDS:
         c = single.get(protocol)
         if c is None:
             continue
@@ -241,6 +241,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             p99,
             None if p99 is None else p99 <= TARGETS["overhead_p99_ms_1_stream"],
         )
+        if c["pipelining_ok"] is None:
+            continue  # no naive pipeline to compare with (the OpenAI door speaks text)
         add(
             f"pipelining: voxrelay/naive vs 1.05 x limit/naive, 1 stream ({protocol})",
             "<= 1.05 x",
@@ -356,6 +358,13 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_num(c['ratio_vs_naive'])} | {_num(c['limit_ratio_vs_naive'])} "
             f"| {_ok(c['pipelining_ok'])} | {_ok(c['capacity_ok'])} | {_ok(c['valid'])} |"
         )
+    if any(c["protocol"] == "http" for c in doc["comparisons"]):
+        lines += [
+            "",
+            "The OpenAI-compatible door (`http`) speaks a text as written, with no LLM: its "
+            "limit is the same speech calls made straight from the SDK (`speech_limit`), and "
+            "it has no naive pipeline to compare with.",
+        ]
     if any(c["floor_ttfa_ms"] for c in doc["comparisons"]):
         lines += [
             "",
@@ -485,7 +494,14 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     cols = min(3, len(levels))
     rows = -(-len(levels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
-    colours = {"limit": "black", "naive": "tab:gray", "grpc": "tab:blue", "ws": "tab:orange"}
+    colours = {
+        "limit": "black",
+        "naive": "tab:gray",
+        "grpc": "tab:blue",
+        "ws": "tab:orange",
+        "http": "tab:green",
+        "speech_limit": "tab:olive",
+    }
     for ax, level in zip(axes.flat, levels, strict=False):
         for r in doc["runs"]:
             if r["streams"] != level or r["format"] != "pcm" or not r.get("ttfa_samples_ms"):

@@ -3,12 +3,14 @@
 The plan, all in one run with one fake upstream and one voxrelay:
 
 1. one stream, one request at a time: the limit (voxrelay's upstream calls made
-   straight from the SDK), the naive pipeline, voxrelay over gRPC and over WebSocket;
+   straight from the SDK), the naive pipeline, voxrelay over gRPC and over WebSocket,
+   and the OpenAI-compatible door (speak mode) beside its own limit (the speech calls alone);
    probes (time to first audio) taking the four clients in turn, with each door's bare
    hop (:mod:`bench.floor`) probed in the same rounds, then a few whole replies from each;
 2. one stream over gRPC in the other formats: what each encoder adds;
-3. for each higher level N: N voxrelay streams (gRPC, then WebSocket) with limit and
-   naive probes running beside them, so that they see the upstream at the same load;
+3. for each higher level N: N voxrelay streams (gRPC, then WebSocket, then the OpenAI
+   door) with limit and naive probes (the speech limit's, for the OpenAI door) running
+   beside them, so that they see the upstream at the same load;
 4. a fresh voxrelay: 1,000 idle WebSocket connections, then some of them streaming;
 5. in process: each encoder's CPU, espeak's real-time factor.
 
@@ -40,13 +42,15 @@ from voxrelay.service.chunker import SentenceChunker
 from . import children, report
 from .clients import (
     GrpcClient,
+    HttpClient,
     LimitClient,
     NaiveClient,
     Sample,
+    SpeechLimitClient,
     WsClient,
     whole_sentence_chunker,
 )
-from .floor import GrpcFloorClient, WsFloorClient
+from .floor import GrpcFloorClient, HttpFloorClient, WsFloorClient
 from .idle import idle_connections
 from .load import (
     Client,
@@ -286,10 +290,13 @@ class Bench:
             NaiveClient(base, 1),
             GrpcClient(str(vox.info["grpc"]), 1),
             WsClient(str(vox.info["websocket"]), 1),
+            SpeechLimitClient(base, 1),
+            HttpClient(str(vox.info["http"]), 1),
         ]
         floors: list[Client] = [
             GrpcFloorClient(str(floor.info["grpc"]), 1),
             WsFloorClient(str(floor.info["websocket"]), 1),
+            HttpFloorClient(str(floor.info["http"]), 1),
         ]
         rows: dict[str, dict[str, Any]] = {}
         grpc_phase = PhaseResult(1)
@@ -298,7 +305,10 @@ class Bench:
                 for client in clients + floors:
                     for _ in range(2):  # warm connections and caches; not counted
                         await client.request(Sample(probe=True))
-                _say("1 stream: limit, naive, grpc, ws and the doors' floor probes, in turn")
+                _say(
+                    "1 stream: limit, naive, grpc, ws, speech limit, http"
+                    " and the doors' floor probes, in turn"
+                )
                 probes = await run_interleaved(clients + floors, probes=cfg.probes)
                 await _close(floors, floor)
                 for client in clients:
@@ -325,11 +335,12 @@ class Bench:
                     self.formats.append(self._format_row(fmt, row, pcm))
         finally:
             await _close(clients + floors, floor)
-        for protocol in ("grpc", "ws"):
+        for protocol in ("grpc", "ws", "http"):
             hop = [s.ttfa for s in probes[f"{protocol}_floor"] if s.ttfa is not None]
-            self.comparisons.append(
-                report.compare(rows[protocol], rows["limit"], rows["naive"], percentiles(hop))
-            )
+            speaks = protocol == "http"  # text spoken as written: the speech calls' limit
+            limit = rows["speech_limit"] if speaks else rows["limit"]
+            naive = None if speaks else rows["naive"]
+            self.comparisons.append(report.compare(rows[protocol], limit, naive, percentiles(hop)))
         cycles = sorted(
             (s.ttfa or 0) + s.audio_s
             for s in grpc_phase.samples["grpc"]
@@ -415,10 +426,11 @@ class Bench:
         base = str(fake.info["base_url"])
         limit = LimitClient(base, cfg.limit_probers)
         naive = NaiveClient(base, cfg.naive_probers)
+        speech_limit = SpeechLimitClient(base, cfg.limit_probers)
         beside: dict[str, list[PhaseResult]] = {"limit": [], "naive": []}
         # The profile gets a pass of its own after the measured ones: py-spy reading
         # voxrelay's memory (and running on the generator's core) must not tilt them.
-        passes = [("grpc", False), ("ws", False)]
+        passes = [("grpc", False), ("ws", False), ("http", False)]
         if streams == cfg.profile_streams:
             if Profiler.available():
                 passes.append(("grpc", True))
@@ -428,14 +440,18 @@ class Bench:
             for protocol, profiled in passes:
                 what = "py-spy, not measured" if profiled else "+ limit and naive probes"
                 _say(f"{streams} streams: {protocol} ({what})")
-                client: GrpcClient | WsClient
+                client: GrpcClient | WsClient | HttpClient
                 if protocol == "grpc":
                     client = GrpcClient(str(vox.info["grpc"]), streams)
-                else:
+                elif protocol == "ws":
                     client = WsClient(str(vox.info["websocket"]), streams)
                     await client.open()
-                groups = [Group(client, streams), Group(limit, cfg.limit_probers, probe=True)]
-                if cfg.naive_probers:
+                else:
+                    client = HttpClient(str(vox.info["http"]), streams)
+                speaks = protocol == "http"
+                prober: Client = speech_limit if speaks else limit
+                groups = [Group(client, streams), Group(prober, cfg.limit_probers, probe=True)]
+                if cfg.naive_probers and not speaks:
                     groups.append(Group(naive, cfg.naive_probers, probe=True))
                 profiler = None
                 if profiled:
@@ -470,21 +486,23 @@ class Bench:
                             share = stage["pct"] / 100
                             stage["cpu_ms_per_audio_s"] = round(share * per_s, 2) if per_s else None
                     continue
-                lim_row = self._row("limit", phase, f"beside_{protocol}", keep=False)
+                lim_row = self._row(prober.kind, phase, f"beside_{protocol}", keep=speaks)
                 naive_row = (
                     self._row("naive", phase, f"beside_{protocol}", keep=False)
-                    if cfg.naive_probers
+                    if cfg.naive_probers and not speaks
                     else None
                 )
                 self.comparisons.append(report.compare(vox_row, lim_row, naive_row))
-                beside["limit"].append(phase)
-                beside["naive"].append(phase)
+                if not speaks:
+                    beside["limit"].append(phase)
+                    beside["naive"].append(phase)
                 if phase.extra:
                     self.notes.append(f"{protocol} at {streams} streams: {phase.extra}")
                 await asyncio.sleep(1.0)
         finally:
             await limit.aclose()
             await naive.aclose()
+            await speech_limit.aclose()
         # One row each for the limit and the naive pipeline at this load: both phases' probes.
         for kind in ("limit", "naive"):
             if kind == "naive" and not cfg.naive_probers:

@@ -2,8 +2,9 @@
 
 Lifecycle (after uvicorn's ``Server``): start-up → serve until SIGTERM/SIGINT →
 drain (readiness 503, health NOT_SERVING, no new work; streams in flight get
-``VOXRELAY_DRAIN_S``) → abort what is left (WebSocket 1001, gRPC UNAVAILABLE) →
-close. SIGHUP re-reads the API keys. Signal handlers are restored afterwards.
+``VOXRELAY_DRAIN_S``) → abort what is left (WebSocket 1001, gRPC UNAVAILABLE, HTTP a
+cut-off body or an SSE ``error``) → close. SIGHUP re-reads the API keys. Signal
+handlers are restored afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from voxrelay.service.settings import Settings
 from voxrelay.service.synthesizer import Synthesizer
 
 from .grpc_server import GrpcDoor
+from .http_server import HttpDoor
 from .ws_server import WsDoor
 
 __all__ = ["App", "serve"]
@@ -69,6 +71,7 @@ class App:
         relay = Relay(self.synthesizer)
         self.grpc = GrpcDoor(settings, relay, self.keys)
         self.ws = WsDoor(settings, relay, self.keys, self.runtime)
+        self.http = HttpDoor(settings, relay, self.keys) if settings.http_port is not None else None
         self.runtime.on_drain(self.grpc.begin_drain)
         self._metrics: tuple[WSGIServer, threading.Thread] | None = None
         self.metrics_port = 0
@@ -84,15 +87,24 @@ class App:
     def ws_port(self) -> int:
         return self.ws.port
 
+    @property
+    def http_port(self) -> int:
+        """The OpenAI-compatible door's port (0 when it is off)."""
+        return self.http.port if self.http is not None else 0
+
     async def start(self) -> None:
-        """Open all three listeners and log what was chosen."""
+        """Open every listener and log what was chosen."""
         s = self.settings
         server, thread = start_http_server(s.metrics_port, addr=s.host, registry=metrics.REGISTRY)
         self._metrics = (server, thread)
         self.metrics_port = server.server_port
         await self.grpc.start()
         await self.ws.start()
+        if self.http is not None:
+            await self.http.start()
         scheme = "wss" if s.tls_cert else "ws"
+        https = "https" if s.tls_cert else "http"
+        openai_door = f"{https}://{s.host}:{self.http_port}/v1" if self.http is not None else "off"
         log.info(
             "voxrelay %s serving",
             __version__,
@@ -101,7 +113,8 @@ class App:
                 "version": __version__,
                 "grpc": f"{s.host}:{self.grpc_port}",
                 "websocket": f"{scheme}://{s.host}:{self.ws_port}/v1/stream",
-                "demo": f"{'https' if s.tls_cert else 'http'}://{s.host}:{self.ws_port}/",
+                "demo": f"{https}://{s.host}:{self.ws_port}/",
+                "openai": openai_door,
                 "metrics": f"http://{s.host}:{self.metrics_port}/metrics",
                 **s.describe_choice(),
                 "llm_model": self.synthesizer.engines.reply_provider.model,
@@ -162,6 +175,8 @@ class App:
         await self.ws.close_all()
         await self.grpc.stop(grace=1.0)
         await self.ws.stop()
+        if self.http is not None:
+            await self.http.stop()
         await self.synthesizer.aclose()
         if self._metrics is not None:
             server, thread = self._metrics

@@ -93,6 +93,7 @@ def _port_in_use(settings: Any, error: OSError) -> str:
     for name, setting, port in (
         ("WebSocket", "VOXRELAY_WS_PORT", settings.ws_port),
         ("metrics", "VOXRELAY_METRICS_PORT", settings.metrics_port),
+        ("OpenAI-compatible HTTP", "VOXRELAY_HTTP_PORT", settings.http_port),
     ):
         if not port:
             continue

@@ -65,7 +65,7 @@ __all__ = [
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # The closed sets every label value is drawn from.
-PROTOCOLS = ("grpc", "ws")
+PROTOCOLS = ("grpc", "ws", "http")
 MODES = tuple(m.value for m in Mode)
 FORMATS = tuple(f.value for f in AudioFormat)
 OUTCOMES = ("ok", "cancelled", *ERROR_CODES)

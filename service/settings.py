@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     """WebSocket + small HTTP port (0 = pick)"""
     metrics_port: int = Field(9464, ge=0, le=65535)
     """Prometheus /metrics port (0 = pick)"""
+    http_port: int | None = Field(8080, ge=0, le=65535)
+    """OpenAI-compatible speech API port (0 = pick, off = no such door)"""
 
     # Providers
     llm: ChatProviderName | None = None
@@ -295,6 +297,13 @@ class Settings(BaseSettings):
                 " (it replaces the TTS stage in chat mode); VOXRELAY_TTS (openai or espeak)"
                 " still speaks speak mode"
             )
+        return value
+
+    @field_validator("http_port", mode="before")
+    @classmethod
+    def _off_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return None
         return value
 
     @field_validator("log_level", mode="before")

@@ -31,7 +31,7 @@ __all__ = ["StreamRecord", "WireProtocol"]
 log = logging.getLogger("voxrelay.stream")
 
 #: The door a stream came through.
-WireProtocol = Literal["grpc", "ws"]
+WireProtocol = Literal["grpc", "ws", "http"]
 
 # Limits on what a client can put into a log line.
 MAX_LOGGED_ID = 128

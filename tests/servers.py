@@ -26,6 +26,7 @@ def make_settings(**overrides: Any) -> Settings:
         grpc_port=0,
         ws_port=0,
         metrics_port=0,
+        http_port=0,
         llm="echo",
         tts="espeak",
     )
@@ -146,5 +147,6 @@ def serve_process(**env_overrides: str) -> ServerProcess:
     """``voxrelay serve`` on free ports with the embedded providers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
+    env.update(VOXRELAY_HTTP_PORT="0")
     env.update(env_overrides)
     return ServerProcess([sys.executable, "-m", "voxrelay.gateways.cli", "serve"], env)

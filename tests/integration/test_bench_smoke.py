@@ -50,20 +50,23 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
 
     kinds = {(run["kind"], run["streams"]) for run in doc["runs"]}
     assert {("limit", 1), ("naive", 1), ("grpc", 1), ("ws", 1)} <= kinds
+    assert {("speech_limit", 1), ("http", 1), ("http", 5), ("speech_limit", 5)} <= kinds
     assert {("grpc", 5), ("ws", 5), ("limit", 5)} <= kinds
     for run in doc["runs"]:
         assert set(run) >= RUN_KEYS, run["kind"]
         assert set(run["ttfa_ms"]) == PERCENTILES
         assert run["requests"] > 0
         assert run["errors"] == 0, run["error_kinds"]
-    voxrelay_runs = [run for run in doc["runs"] if run["kind"] in ("grpc", "ws")]
+    voxrelay_runs = [run for run in doc["runs"] if run["kind"] in ("grpc", "ws", "http")]
     assert all(run["voxrelay"]["cpu_ms_per_audio_s"] is not None for run in voxrelay_runs)
 
     assert {(c["protocol"], c["streams"]) for c in doc["comparisons"]} == {
         ("grpc", 1),
         ("ws", 1),
+        ("http", 1),
         ("grpc", 5),
         ("ws", 5),
+        ("http", 5),
     }
     for comparison in doc["comparisons"]:
         assert set(comparison["overhead_ms"]) == {"p50", "p95", "p99"}
@@ -74,7 +77,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
             assert set(comparison["overhead_beyond_floor_ms"]) == {"p50", "p95", "p99"}
         else:
             assert floor is None and comparison["overhead_beyond_floor_ms"] is None
-    assert set(doc["capacity"]) == {"grpc", "ws"}
+    assert set(doc["capacity"]) == {"grpc", "ws", "http"}
     assert [f["format"] for f in doc["formats"]] == ["mp3"]
     assert {e["format"] for e in doc["encoders"]} >= {"pcm", "mp3", "opus", "aac"}
     assert doc["espeak"]["rtf"] is not None
@@ -84,6 +87,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert early["grpc"]["p50"] is not None and early["limit_sentence"]["p50"] is not None
     assert {t["name"] for t in doc["targets"]} >= {
         "TTFA overhead p50, 1 stream, pcm (grpc)",
+        "TTFA overhead p50, 1 stream, pcm (http)",
         "first segment released early beats waiting for the whole first sentence",
         "embedded espeak real-time factor",
     }

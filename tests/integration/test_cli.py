@@ -182,10 +182,13 @@ async def test_ctrl_c_keeps_the_partial_audio_and_exits_130(
     assert str(out) in text and out.stat().st_size > 0
 
 
-@pytest.mark.parametrize("setting", ["VOXRELAY_GRPC_PORT", "VOXRELAY_WS_PORT"])
+@pytest.mark.parametrize(
+    "setting", ["VOXRELAY_GRPC_PORT", "VOXRELAY_WS_PORT", "VOXRELAY_HTTP_PORT"]
+)
 async def test_serve_on_a_taken_port_names_it(setting: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
+    env.update(VOXRELAY_HTTP_PORT="0")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -71,6 +71,7 @@ class ServerThread:
             grpc_port=0,
             ws_port=0,
             metrics_port=0,
+            http_port=0,
             llm="echo",
             tts="espeak",
             api_keys=[],

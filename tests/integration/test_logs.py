@@ -364,6 +364,7 @@ async def test_the_startup_line_names_version_listeners_and_providers(
     assert startup["grpc"].endswith(f":{app.grpc_port}")
     assert startup["websocket"].endswith(f":{app.ws_port}/v1/stream")
     assert startup["metrics"].endswith(f":{app.metrics_port}/metrics")
+    assert startup["openai"] == f"http://127.0.0.1:{app.http_port}/v1"
     assert (startup["llm"], startup["tts"]) == ("openai", "espeak")
     assert startup["llm_reason"] and startup["tts_reason"]
     assert startup["log_text"] is False

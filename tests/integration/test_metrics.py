@@ -61,7 +61,7 @@ SPEC_LABELS = {
 }
 #: Every label value the exposition may carry for voxrelay's own metrics.
 CLOSED_SETS = {
-    "protocol": {"grpc", "ws"},
+    "protocol": {"grpc", "ws", "http"},
     "mode": {"chat", "speak"},
     "outcome": {
         "ok", "cancelled", "invalid_request", "unauthorized", "forbidden", "rate_limited",
@@ -443,7 +443,7 @@ async def test_series_worth_seeing_exist_before_any_traffic(app: App) -> None:
     def has(name: str, **labels: str) -> bool:
         return (name, frozenset(labels.items())) in exposed
 
-    for protocol in ("grpc", "ws"):
+    for protocol in ("grpc", "ws", "http"):
         for mode in ("chat", "speak"):
             assert has("voxrelay_requests_total", protocol=protocol, mode=mode, outcome="ok")
         assert has("voxrelay_active_streams", protocol=protocol)

@@ -35,6 +35,7 @@ async def test_make_run_serves_and_answers_health() -> None:
     env.update(
         VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0", MAKEFLAGS="-s"
     )
+    env.update(VOXRELAY_HTTP_PORT="0")
     async with ServerProcess(["make", "--no-print-directory", "run"], env) as server:
         assert server.startup["llm"] == "echo" and server.startup["tts"] == "espeak"
         assert "no API key" in server.startup["llm_reason"]
