@@ -32,7 +32,7 @@ import httpx2
 import openai
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.fakes.openai_upstream import DEFAULT_REPLY
+from fakes.openai_upstream import DEFAULT_REPLY
 from voxrelay.service.chunker import SentenceChunker
 from voxrelay.service.planner import DEFAULT_SYSTEM_PROMPT
 from voxrelay.v1 import synthesis_pb2 as pb

@@ -27,8 +27,7 @@ import httpx2 as httpx  # the openai SDK's HTTP client
 import openai
 import pytest
 
-from tests.conftest import AppFactory
-from tests.fakes.openai_upstream import (
+from fakes.openai_upstream import (
     FakeOpenAI,
     Latency,
     hang,
@@ -36,6 +35,7 @@ from tests.fakes.openai_upstream import (
     reset_after,
     status,
 )
+from tests.conftest import AppFactory
 from tests.integration.test_tls import certificate  # noqa: F401 - a fixture used below
 from voxrelay.gateways.app import App
 from voxrelay.service import metrics
