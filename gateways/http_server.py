@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import math
@@ -136,6 +137,12 @@ def parse_speech(body: Any, request_id: str) -> SpeechCall:
         raise BadParam(
             f"stream_format {stream_format[:20]!r} is not one of audio, sse", "stream_format"
         )
+    normalization = _field(body, "normalization", str, "")
+    if normalization not in ("", "on", "off"):
+        raise BadParam('\'normalization\' must be "on" or "off"', "normalization")
+    word_timestamps = body.get("word_timestamps", False)
+    if not isinstance(word_timestamps, bool):
+        raise BadParam("'word_timestamps' must be true or false", "word_timestamps")
     request = model.SynthesisRequest(
         text=text,
         mode=model.Mode.SPEAK,
@@ -145,6 +152,9 @@ def parse_speech(body: Any, request_id: str) -> SpeechCall:
         instructions=instructions,
         speed=float(speed),
         request_id=request_id,
+        # Word timings travel only in SSE bodies (an event type OpenAI's clients skip).
+        word_timestamps=word_timestamps and stream_format == "sse",
+        normalization=None if not normalization else normalization == "on",
     )
     return SpeechCall(request, model_name, stream_format)
 
@@ -225,10 +235,23 @@ class _SpeechBody:
         self.response: web.StreamResponse | None = None
 
     async def send(
-        self, event: model.StreamStarted | model.SegmentStarted | model.AudioChunk
+        self,
+        event: model.StreamStarted | model.SegmentStarted | model.AudioChunk | model.WordTimings,
     ) -> None:
         if isinstance(event, model.StreamStarted):
             self.started = event
+        elif isinstance(event, model.WordTimings):
+            words = [dataclasses.asdict(word) for word in event.words]
+            await self._write(
+                _sse(
+                    {
+                        "type": "voxrelay.words",
+                        "segment_index": event.segment_index,
+                        "estimated": event.estimated,
+                        "words": words,
+                    }
+                )
+            )
         elif isinstance(event, model.AudioChunk):
             if self._sse:
                 payload = base64.b64encode(event.data).decode("ascii")

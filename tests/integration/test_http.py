@@ -253,6 +253,30 @@ async def test_sse_sends_openai_delta_and_done_events(app_factory: AppFactory) -
     assert done["voxrelay"]["audio_bytes"] == len(audio)
 
 
+async def test_sse_carries_word_timings_as_an_event_openai_clients_skip(
+    app_factory: AppFactory,
+) -> None:
+    app = await app_factory()
+    async with (
+        async_client(app) as client,
+        client.audio.speech.with_streaming_response.create(
+            model="gpt-4o-mini-tts",
+            voice="alloy",
+            input="It costs $3.50. Trains leave at 9am.",
+            response_format="pcm",
+            stream_format="sse",
+            extra_body={"word_timestamps": True},
+        ) as response,
+    ):
+        body = await response.read()
+    events = sse_events(body)
+    words = [e for e in events if e["type"] == "voxrelay.words"]
+    assert [w["segment_index"] for w in words] == list(range(len(words))) and words
+    said = [word["text"] for event in words for word in event["words"]]
+    assert said[:3] == ["It", "costs", "$3.50"]
+    assert events[-1]["type"] == "speech.audio.done"
+
+
 async def test_sse_error_after_audio_is_an_error_event(app_factory: AppFactory) -> None:
     async with speech_upstream(app_factory) as (app, tts):
         tts.speech_faults.append(reset_after(10))
