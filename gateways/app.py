@@ -3,7 +3,7 @@
 Lifecycle (after uvicorn's ``Server``): start-up → serve until SIGTERM/SIGINT →
 drain (readiness 503, health NOT_SERVING, no new work; streams in flight get
 ``VOXRELAY_DRAIN_S``) → abort what is left (WebSocket 1001, gRPC UNAVAILABLE, HTTP a
-cut-off body or an SSE ``error``) → close. SIGHUP re-reads the API keys. Signal
+cut-off body or an SSE ``error``) → close. SIGHUP re-reads the API keys and the lexicon. Signal
 handlers are restored afterwards.
 """
 
@@ -125,9 +125,13 @@ class App:
             },
         )
 
-    def reload_keys(self) -> None:
-        """Read the API keys again (what SIGHUP does); open connections stay open."""
+    def reload(self) -> None:
+        """Read the API keys and the lexicon again (what SIGHUP does).
+
+        Either one that cannot be read keeps what is in force.
+        """
         self.keys.reload()
+        self.synthesizer.speakable.reload()
 
     def request_stop(self) -> None:
         """Ask the process to drain and stop (what SIGTERM does)."""
@@ -206,7 +210,7 @@ class App:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {sig: signal.getsignal(sig) for sig in signals}
-        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         started = False
