@@ -4,7 +4,8 @@ libespeak-ng keeps global state, is not thread-safe, and has had out-of-bounds r
 crafted text. So it runs in worker processes (:mod:`.espeak_worker`), each loading the
 library once and speaking one job at a time; a worker that dies fails only the job it
 was speaking and is replaced. Workers are fresh interpreters (fork and exec, never a bare
-fork of this process, which may run grpc), started when first needed.
+fork of this process, which may run grpc: vfork and exec, as ``subprocess`` does), started
+when first needed.
 
 Jobs wait for a worker in a queue that is fair across callers: a free worker takes the
 oldest job of the next caller in turn, so one caller's many segments never delay
@@ -34,7 +35,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from ..errors import Internal, InvalidRequest, Unavailable, UpstreamError, UpstreamTimeout
 from ..model import Voice
@@ -152,7 +153,7 @@ class _Worker(asyncio.Protocol):
 
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.transport: asyncio.Transport | None = None
         self.hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.gone = asyncio.Event()
@@ -164,8 +165,8 @@ class _Worker(asyncio.Protocol):
         return self.process.pid if self.process is not None else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but they write the same.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -223,10 +224,30 @@ class _Worker(asyncio.Protocol):
             return
         try:
             async with asyncio.timeout(_STOP_TIMEOUT_S):
-                await process.wait()
+                await _exited(process)
         except TimeoutError:
             process.kill()
-            await process.wait()
+            await _exited(process)
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> None:
+    """Wait for *process* to exit, and reap it, without blocking the loop."""
+    if process.poll() is not None:
+        return
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: a thread waits instead
+        await asyncio.to_thread(process.wait)
+        return
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    process.wait()  # it has exited: this reaps it at once
 
 
 class _Pool:
@@ -352,11 +373,10 @@ class _Pool:
         ours, theirs = socket.socketpair()
         try:
             try:
-                worker.process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    f"{__package__}.espeak_worker",
-                    str(theirs.fileno()),
+                # In a thread: vfork and exec pause only the thread that calls them.
+                worker.process = await asyncio.to_thread(
+                    subprocess.Popen,
+                    [sys.executable, "-m", f"{__package__}.espeak_worker", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,

@@ -314,15 +314,16 @@ def _little_endian(wav: int, samples: int) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    sock = socket.socket(fileno=int(argv[0]))
-    channel = _Channel(sock)
-    try:
-        lib = _load_library()
-    except (OSError, RuntimeError) as exc:
-        channel.send(HELLO, 0, json.dumps({"error": f"espeak-ng is not usable: {exc}"}).encode())
-        return 1
-    channel.send(HELLO, 0, json.dumps({"voices": _list_voices(lib)}).encode())
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away
+    channel = _Channel(socket.socket(fileno=int(argv[0])))
+    # The parent going away (a broken pipe) ends this process quietly: nobody listens.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        try:
+            lib = _load_library()
+        except (OSError, RuntimeError) as exc:
+            failure = {"error": f"espeak-ng is not usable: {exc}"}
+            channel.send(HELLO, 0, json.dumps(failure).encode())
+            return 1
+        channel.send(HELLO, 0, json.dumps({"voices": _list_voices(lib)}).encode())
         _Worker(channel, lib).serve()
     return 0
 
