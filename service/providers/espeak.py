@@ -16,7 +16,10 @@ it starts the first-byte clock (:class:`~.base.QueuedStream`).
 A job runs at most :data:`WINDOW` chunks ahead of its consumer: the worker sends a chunk
 only against credit, and credit comes back as the consumer takes chunks. A stream whose
 listener stops reading therefore stops its worker, and closing it mid-way makes the
-worker abort (espeak's synth callback returns 1).
+worker abort (espeak's synth callback returns 1). A worker so stopped is idle but not
+free; when another job waits for it, its job is let run to its end (one segment, whose
+rest is then held here) so that a listener who does not read never keeps a worker from
+others.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ __all__ = ["WINDOW", "EspeakEngine", "default_workers"]
 log = logging.getLogger(__name__)
 
 #: Chunks (~100 ms each) a job may have made beyond what its consumer has taken.
-WINDOW = 32
+WINDOW = 64
+_UNBOUNDED = 2**32 - 1  # the credit of a job let run to its end
 _REFILL_AT = WINDOW // 2  # credit is topped up once this little is left
 _BOOT_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
@@ -133,7 +137,13 @@ class _Job:
         self.items: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
         self.worker: _Worker | None = None
         self.granted = WINDOW  # chunks the worker may make in all, so far
+        self.received = 0  # chunks the worker has sent
         self.taken = 0  # chunks the consumer has taken
+
+    @property
+    def stalled(self) -> bool:
+        """Whether its worker waits for credit: the consumer has not taken enough."""
+        return self.state is _State.RUNNING and self.received >= self.granted
 
     def end(self, item: Exception | None) -> None:
         """Give the consumer its last item: the end, or why the job failed."""
@@ -187,6 +197,9 @@ class _Worker(asyncio.Protocol):
         if kind == AUDIO:
             if job is not None and job.id == job_id and job.state is _State.RUNNING:
                 job.items.put_nowait(payload)
+                job.received += 1
+                if job.stalled:
+                    self.pool.on_stalled()
         elif kind == END:
             if job is not None and job.id == job_id:
                 error = json.loads(payload)["error"]
@@ -308,6 +321,22 @@ class _Pool:
         while missing > 0 and len(self.workers) + len(self._booting) < self.size:
             self._boot()
             missing -= 1
+        if missing > 0:
+            self.on_stalled()
+
+    def on_stalled(self) -> None:
+        """Let stalled jobs run to their end while jobs wait that no worker will take."""
+        missing = self._queued - len(self._booting)
+        if missing <= 0:
+            return
+        for worker in self.workers:
+            job = worker.job
+            if job is not None and job.stalled:
+                worker.send(CREDIT, job.id, (_UNBOUNDED - job.granted).to_bytes(4, "little"))
+                job.granted = _UNBOUNDED
+                missing -= 1
+                if missing == 0:
+                    return
 
     def on_free(self, worker: _Worker) -> None:
         if worker in self.workers:
