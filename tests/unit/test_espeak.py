@@ -360,12 +360,12 @@ async def test_a_job_closed_while_queued_leaves_the_queue(one_worker: EspeakEngi
     await anext(running)
     queued = speak(one_worker, HELLO, caller="q")
     waiting = asyncio.create_task(queued.admitted())
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
+    await asyncio.sleep(0)  # in the queue: the worker is still speaking the long text
+    pool = one_worker._require_pool()
+    assert pool._queued == 1 and not waiting.done()
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    pool = one_worker._require_pool()
     assert pool._queued == 0 and not pool._waiting
     await running.aclose()
     assert await chunks_of(one_worker, HELLO)
