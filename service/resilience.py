@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from . import metrics
 from .descriptors import out_of_descriptors
 from .errors import Unavailable, UpstreamError, UpstreamTimeout, VoxrelayError
-from .providers.base import QueuedStream
 
 __all__ = ["CircuitBreaker", "GapTimer", "Stage", "guarded_stream"]
 
@@ -290,11 +289,13 @@ def _retry_wait(
     return wait
 
 
-async def _admitted(upstream: QueuedStream, stage: Stage, deadline: float | None) -> None:
-    """Wait for *upstream*'s turn; past the caller's *deadline*, it is the caller's timeout."""
+async def _admitted(
+    admitted: Callable[[], Awaitable[None]], stage: Stage, deadline: float | None
+) -> None:
+    """Wait for a stream's turn; past the caller's *deadline*, it is the caller's timeout."""
     try:
         async with asyncio.timeout_at(deadline):
-            await upstream.admitted()
+            await admitted()
     except TimeoutError:
         raise UpstreamTimeout(f"{stage.label} was busy until the request's deadline") from None
 
@@ -330,8 +331,11 @@ async def guarded_stream(
         got_first = False
         try:
             async with aclosing(call()) as upstream:
-                if isinstance(upstream, QueuedStream):
-                    await _admitted(upstream, stage, deadline)
+                # A QueuedStream, duck-typed: a runtime Protocol check is slow, and this
+                # runs for every call.
+                admitted: Callable[[], Awaitable[None]] | None = getattr(upstream, "admitted", None)
+                if admitted is not None:
+                    await _admitted(admitted, stage, deadline)
                     # The turn waited for is the caller's time, not the upstream's.
                     queued = loop.time() - call_started
                     call_started += queued

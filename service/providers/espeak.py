@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
@@ -134,11 +134,36 @@ class _Job:
         self.payload = payload
         self.state = _State.QUEUED
         self.admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.items: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
+        # What the consumer has yet to take; ``waiter`` wakes it when it waits for more.
+        self.items: deque[bytes | Exception | None] = deque()
+        self.waiter: asyncio.Future[None] | None = None
         self.worker: _Worker | None = None
         self.granted = WINDOW  # chunks the worker may make in all, so far
         self.received = 0  # chunks the worker has sent
         self.taken = 0  # chunks the consumer has taken
+
+    def put(self, item: bytes | Exception | None) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self, within_s: float | None) -> bytes | Exception | None:
+        """Return the next item, waiting up to *within_s* for it; else TimeoutError."""
+        loop = asyncio.get_running_loop()
+        deadline = None if within_s is None else loop.time() + within_s
+        while not self.items:
+            waiter = self.waiter = loop.create_future()
+            # One timer on the waiter, cheaper than a timeout context on the task: a
+            # stream waits for hundreds of chunks a second.
+            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+        return self.items.popleft()
 
     @property
     def stalled(self) -> bool:
@@ -149,13 +174,18 @@ class _Job:
         """Give the consumer its last item: the end, or why the job failed."""
         if self.state is not _State.OVER:
             self.state = _State.OVER
-            self.items.put_nowait(item)
+            self.put(item)
         if not self.admitted.done():
             if item is None:
                 self.admitted.set_result(None)
             else:
                 self.admitted.set_exception(item)
                 self.admitted.exception()  # the consumer may have gone; never "unretrieved"
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class _Worker(asyncio.Protocol):
@@ -196,7 +226,7 @@ class _Worker(asyncio.Protocol):
         job = self.job
         if kind == AUDIO:
             if job is not None and job.id == job_id and job.state is _State.RUNNING:
-                job.items.put_nowait(payload)
+                job.put(payload)
                 job.received += 1
                 if job.stalled:
                     self.pool.on_stalled()
@@ -276,6 +306,7 @@ class _Pool:
         self._waiting: dict[str | None, deque[_Job]] = {}
         self._queued = 0
         self._voices: list[_VoiceEntry] | None = None
+        self._identifiers: dict[str, str] = {}  # voice as asked → identifier
         self._next_id = 0
         self.closed = False
 
@@ -442,6 +473,15 @@ class _Pool:
             ]
         return worker
 
+    async def identifier(self, voice: str) -> str:
+        """Return the identifier of the voice *voice* names, or raise InvalidRequest."""
+        identifier = self._identifiers.get(voice)
+        if identifier is None:
+            identifier = _resolve(await self.voices(), voice)
+            if len(self._identifiers) < 4096:  # callers choose the names: keep it bounded
+                self._identifiers[voice] = identifier
+        return identifier
+
     async def voices(self) -> list[_VoiceEntry]:
         """Return the voices, starting a worker to list them if none has yet."""
         while self._voices is None:
@@ -500,15 +540,21 @@ class _Speech(AsyncGenerator[bytes, None]):
             raise StopAsyncIteration
         if self._job is None:
             rate = _rate(self._speed)
-            identifier = _resolve(await self._pool.voices(), self._voice)
+            identifier = await self._pool.identifier(self._voice)
             payload = job_payload(rate, WINDOW, identifier, self._text)
             self._job = self._pool.new_job(self._caller, payload)
             self._pool.enqueue(self._job)
+        if self._job.admitted.done() and not self._job.admitted.cancelled():
+            self._job.admitted.result()  # a failure to start is raised here
+            return
         try:
             await asyncio.shield(self._job.admitted)
         except BaseException:
             await self.aclose()
             raise
+
+    def __anext__(self) -> Coroutine[Any, Any, bytes]:
+        return self.asend(None)
 
     async def asend(self, value: None) -> bytes:
         if self._closed:
@@ -523,12 +569,11 @@ class _Speech(AsyncGenerator[bytes, None]):
             more = job.taken + WINDOW - job.granted
             job.worker.send(CREDIT, job.id, more.to_bytes(4, "little"))
             job.granted += more
-        try:
-            item = job.items.get_nowait()
-        except asyncio.QueueEmpty:
+        if job.items:
+            item = job.items.popleft()
+        else:
             try:
-                async with asyncio.timeout(self._chunk_timeout):
-                    item = await job.items.get()
+                item = await job.take(self._chunk_timeout)
             except TimeoutError:
                 await self.aclose()
                 raise UpstreamTimeout(

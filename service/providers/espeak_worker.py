@@ -65,6 +65,7 @@ _EE_OK = 0
 # Without espeakSSML in the flags, markup such as "<b>" is read as text, never parsed.
 _SYNTH_FLAGS = _CHARS_UTF8 | _ENDPAUSE
 _BUFFER_MS = 100
+_POLL_EVERY = 4  # chunks between looks at the socket for a cancel
 SAMPLE_RATE = 22050  # espeak-ng's native rate (mbrola voices, which differ, are not offered)
 
 
@@ -180,7 +181,10 @@ class _Channel:
         self.closed = False
 
     def send(self, kind: int, job: int, payload: bytes = b"") -> None:
-        self._sock.sendall(frame(kind, job, payload))
+        header = HEADER.pack(kind, job, len(payload))
+        sent = self._sock.sendmsg([header, payload])
+        if sent < len(header) + len(payload):  # the socket was full: send the rest whole
+            self._sock.sendall((header + payload)[sent:])
 
     def poll(self, *, block: bool) -> None:
         """Read what has arrived into :attr:`inbox`; with *block*, wait for one message."""
@@ -272,7 +276,9 @@ class _Worker:
         if job is None:
             return 0
         try:
-            self._take_messages(job, block=False)
+            # A cancel is looked for every few chunks (a few ms of work at most).
+            if job.chunks % _POLL_EVERY == _POLL_EVERY - 1 or job.credit <= 0:
+                self._take_messages(job, block=False)
             if wav and samples > 0 and not job.cancelled:
                 while job.credit <= 0 and not job.cancelled:
                     self._take_messages(job, block=True)
