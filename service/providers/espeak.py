@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 WINDOW = 64
 _UNBOUNDED = 2**32 - 1  # the credit of a job let run to its end
 _REFILL_AT = WINDOW // 2  # credit is topped up once this little is left
+_WORKER_MODULE = f"{__package__}.espeak_worker"
 _BOOT_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 _BASE_RATE = 175  # words per minute at speed 1.0
@@ -436,7 +437,7 @@ class _Pool:
                 # In a thread: vfork and exec pause only the thread that calls them.
                 worker.process = await asyncio.to_thread(
                     subprocess.Popen,
-                    [sys.executable, "-m", f"{__package__}.espeak_worker", str(theirs.fileno())],
+                    [sys.executable, "-m", _WORKER_MODULE, str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,

@@ -369,3 +369,23 @@ async def test_a_job_closed_while_queued_leaves_the_queue(one_worker: EspeakEngi
     assert pool._queued == 0 and not pool._waiting
     await running.aclose()
     assert await chunks_of(one_worker, HELLO)
+
+
+async def test_a_worker_that_cannot_start_fails_what_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(espeak, "_WORKER_MODULE", "voxrelay.no_such_module")
+    engine = EspeakEngine(workers=2)
+    try:
+        with pytest.raises(Unavailable, match="exited while starting"):
+            await engine.voices()
+        results = await asyncio.gather(
+            chunks_of(engine, HELLO), chunks_of(engine, HELLO, caller="b"), return_exceptions=True
+        )
+        assert all(isinstance(result, Unavailable) for result in results), results
+        assert not engine._require_pool().workers
+        # Once workers can start again, the engine speaks.
+        monkeypatch.undo()
+        assert 1.0 < seconds(engine, b"".join(await chunks_of(engine, HELLO))) < 4.0
+    finally:
+        await engine.aclose()
