@@ -483,6 +483,15 @@ class _Pool:
                 self._identifiers[voice] = identifier
         return identifier
 
+    def prestart(self) -> None:
+        """Start one worker in the background, if a loop runs and none is up or starting."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if not self.workers and not self._booting:
+            self._boot()
+
     async def voices(self) -> list[_VoiceEntry]:
         """Return the voices, starting a worker to list them if none has yet."""
         while self._voices is None:
@@ -621,8 +630,9 @@ class _Speech(AsyncGenerator[bytes, None]):
 class EspeakEngine:
     """Speak with libespeak-ng in worker processes, off the event loop.
 
-    *workers* processes at most (default: one per core), started when first needed;
-    each engine must be closed with :meth:`aclose`, which stops and reaps them.
+    *workers* processes at most (default: one per core), started when first needed
+    (one at once with *prestart*, if a loop runs); each engine must be closed with
+    :meth:`aclose`, which stops and reaps them.
     """
 
     name: str = "espeak"
@@ -631,10 +641,16 @@ class EspeakEngine:
     max_speed: float = 4.0
     validates_voices: bool = True
 
-    def __init__(self, default_voice: str = "en-us", *, workers: int | None = None) -> None:
+    def __init__(
+        self, default_voice: str = "en-us", *, workers: int | None = None, prestart: bool = False
+    ) -> None:
         self.default_voice = default_voice
         self._pool: _Pool | None = _Pool(workers or default_workers())
         self._voices: list[Voice] | None = None
+        if prestart:
+            # One worker starts now, in the background, so that the first request does
+            # not wait for an interpreter to start; the others start when needed.
+            self._pool.prestart()
 
     @property
     def workers(self) -> int:

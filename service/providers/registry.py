@@ -61,7 +61,9 @@ def make_speech(settings: Settings) -> SpeechEngine:
         from .espeak import EspeakEngine
 
         return EspeakEngine(
-            default_voice=settings.voice or "en-us", workers=settings.espeak_workers or None
+            default_voice=settings.voice or "en-us",
+            workers=settings.espeak_workers or None,
+            prestart=True,
         )
     from .openai_speech import OpenAISpeech
 
