@@ -197,7 +197,6 @@ class _Worker(asyncio.Protocol):
         self.process: subprocess.Popen[bytes] | None = None
         self.transport: asyncio.Transport | None = None
         self.hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.gone = asyncio.Event()
         self.job: _Job | None = None  # the job it speaks, until that job's END arrives
         self._buffer = bytearray()
 
@@ -241,7 +240,6 @@ class _Worker(asyncio.Protocol):
             self.hello.set_result(json.loads(payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.gone.set()
         if not self.hello.done():
             self.hello.set_exception(Unavailable("an espeak worker exited while starting"))
             self.hello.exception()
@@ -284,8 +282,13 @@ async def _exited(process: subprocess.Popen[bytes]) -> None:
         await asyncio.to_thread(process.wait)
         return
     loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:  # a pidfd turns readable once, for good, when the process exits
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
     try:
         await exited
     finally:
@@ -391,7 +394,7 @@ class _Pool:
             )
         if was_ours and not self.closed:
             log.warning(
-                "an espeak worker process died; starting another", extra={"pid": worker.pid}
+                "an espeak worker died; another starts when needed", extra={"pid": worker.pid}
             )
             task = asyncio.get_running_loop().create_task(worker.stop())
             self._reaping.add(task)

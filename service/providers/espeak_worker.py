@@ -77,7 +77,7 @@ def frame(kind: int, job: int, payload: bytes = b"") -> bytes:
 def job_payload(rate: int, credit: int, identifier: str, text: str) -> bytes:
     """Return the payload of a ``JOB`` message."""
     # A NUL would end the C string early.
-    spoken = text.replace("\0", " ").encode("utf-8")
+    spoken = text.replace("\0", " ").encode("utf-8", "replace")  # a lone surrogate: "?"
     return _JOB_FIELDS.pack(rate, credit) + identifier.encode() + b"\0" + spoken
 
 
