@@ -235,7 +235,7 @@ class _Worker(asyncio.Protocol):
                 error = json.loads(payload)["error"]
                 job.end(Internal(f"espeak-ng: {error}") if error else None)
                 self.job = None
-                self.pool.on_free(self)
+                self.pool.on_free(self, job)
         elif kind == HELLO and not self.hello.done():
             self.hello.set_result(json.loads(payload))
 
@@ -306,9 +306,14 @@ class _Pool:
         self._idle: deque[_Worker] = deque()
         self._booting: set[asyncio.Task[_Worker]] = set()
         self._reaping: set[asyncio.Task[None]] = set()
-        # Waiting jobs by caller; the dict's order is the turn order of callers.
+        # Waiting jobs by caller. A free worker serves the caller whose last turn is the
+        # oldest (never served first; ties in order of arrival), so that one caller's
+        # many jobs take turns with another's one.
         self._waiting: dict[str | None, deque[_Job]] = {}
         self._queued = 0
+        self._turns = 0
+        self._last_turn: dict[str | None, int] = {}  # of callers with a job waiting or running
+        self._running: dict[str | None, int] = {}
         self._voices: list[_VoiceEntry] | None = None
         self._identifiers: dict[str, str] = {}  # voice as asked → identifier
         self._next_id = 0
@@ -336,6 +341,7 @@ class _Pool:
                 self._queued -= 1
                 if not jobs:
                     del self._waiting[job.caller]
+                    self._forget_if_idle(job.caller)
         elif job.state is _State.RUNNING and job.worker is not None:
             # The worker stays this job's until its END: it aborts within one chunk.
             job.worker.send(CANCEL, job.id)
@@ -345,12 +351,16 @@ class _Pool:
 
     def _dispatch(self) -> None:
         while self._idle and self._waiting:
-            caller, jobs = next(iter(self._waiting.items()))
+            last_turn = self._last_turn
+            caller = min(self._waiting, key=lambda c: last_turn.get(c, -1))
+            jobs = self._waiting[caller]
             job = jobs.popleft()
             self._queued -= 1
-            del self._waiting[caller]
-            if jobs:
-                self._waiting[caller] = jobs  # to the back of the turn order
+            if not jobs:
+                del self._waiting[caller]
+            self._turns += 1
+            last_turn[caller] = self._turns
+            self._running[caller] = self._running.get(caller, 0) + 1
             self._idle.popleft().start(job)
         missing = self._queued - len(self._booting)
         while missing > 0 and len(self.workers) + len(self._booting) < self.size:
@@ -373,7 +383,22 @@ class _Pool:
                 if missing == 0:
                     return
 
-    def on_free(self, worker: _Worker) -> None:
+    def _finished(self, job: _Job) -> None:
+        """Note that *job*'s worker is done with it; forget callers with nothing left."""
+        caller = job.caller
+        running = self._running.get(caller, 0) - 1
+        if running > 0:
+            self._running[caller] = running
+            return
+        self._running.pop(caller, None)
+        self._forget_if_idle(caller)
+
+    def _forget_if_idle(self, caller: str | None) -> None:
+        if caller not in self._waiting and caller not in self._running:
+            self._last_turn.pop(caller, None)
+
+    def on_free(self, worker: _Worker, job: _Job) -> None:
+        self._finished(job)
         if worker in self.workers:
             self._idle.append(worker)
             self._dispatch()
@@ -386,6 +411,7 @@ class _Pool:
             self._idle.remove(worker)
         job, worker.job = worker.job, None
         if job is not None:
+            self._finished(job)
             job.end(
                 UpstreamError(
                     "the espeak worker speaking this text stopped unexpectedly",
@@ -419,7 +445,8 @@ class _Pool:
             if self.closed:
                 return  # aclose() stops it
             self.workers.add(worker)
-            self.on_free(worker)
+            self._idle.append(worker)
+            self._dispatch()
             return
         log.error("an espeak worker failed to start: %s", error)
         if not self.workers and not self._booting:
@@ -430,6 +457,7 @@ class _Pool:
                     job.end(failure)
             self._waiting.clear()
             self._queued = 0
+            self._last_turn = {c: t for c, t in self._last_turn.items() if c in self._running}
 
     async def _start_worker(self) -> _Worker:
         loop = asyncio.get_running_loop()

@@ -284,8 +284,10 @@ async def test_jobs_are_served_in_turn_across_callers(one_worker: EspeakEngine) 
     b_job = asyncio.create_task(job("b", "b"))
     await asyncio.wait_for(asyncio.gather(*a_jobs, b_job), WAIT)
     assert sorted(served) == sorted([f"a{n}" for n in range(10)] + ["b"])
-    # b waits for the job a has running and at most one more of a's, not all ten.
-    assert served.index("b") <= 2, served
+    # b waits only for the job a has running: a has had its turn.
+    assert served.index("b") == 1, served
+    pool = one_worker._require_pool()
+    assert not pool._last_turn and not pool._running  # nothing kept of callers gone
 
 
 async def test_a_worker_crash_fails_only_the_stream_it_was_speaking(
