@@ -464,9 +464,9 @@ class _Pool:
         worker = _Worker(self)
         ours, theirs = socket.socketpair()
         try:
-            try:
-                # In a thread: vfork and exec pause only the thread that calls them.
-                worker.process = await asyncio.to_thread(
+            # In a thread: vfork and exec pause only the thread that calls them.
+            spawning = asyncio.ensure_future(
+                asyncio.to_thread(
                     subprocess.Popen,
                     [sys.executable, "-m", _WORKER_MODULE, str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),),
@@ -477,8 +477,15 @@ class _Pool:
                     # exits when the server closes its socket.
                     start_new_session=True,
                 )
+            )
+            try:
+                worker.process = await asyncio.shield(spawning)
+            except asyncio.CancelledError:
+                # The thread goes on and spawns the process: own it, to reap it.
+                worker.process = await spawning
+                raise
             finally:
-                theirs.close()
+                theirs.close()  # once the spawn is over: the child has its copy
             await loop.create_unix_connection(lambda: worker, sock=ours)
         except BaseException:
             ours.close()

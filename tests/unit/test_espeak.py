@@ -357,6 +357,33 @@ async def test_close_stops_and_reaps_every_worker() -> None:
     await again.aclose()
 
 
+def children() -> set[int]:
+    """This process's child processes, zombies included."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                found.add(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("after", [0, 1, 3])
+async def test_a_close_while_workers_start_leaves_no_process(after: int) -> None:
+    before = children()
+    engine = EspeakEngine(workers=2, prestart=True)
+    for _ in range(after):  # catch the start at different points
+        await asyncio.sleep(0)
+    await engine.aclose()
+    # A spawn under way in a thread has finished: its process, if any, must be reaped.
+    await asyncio.get_running_loop().shutdown_default_executor()
+    assert children() == before
+
+
 async def test_a_job_closed_while_queued_leaves_the_queue(one_worker: EspeakEngine) -> None:
     running = speak(one_worker, LONG)
     await anext(running)
