@@ -65,6 +65,9 @@ _UNBOUNDED = 2**32 - 1  # the credit of a job let run to its end
 _REFILL_AT = WINDOW // 2  # credit is topped up once this little is left
 _WORKER_MODULE = f"{__package__}.espeak_worker"
 _BOOT_TIMEOUT_S = 30.0
+#: How long a cancelled job's worker may take to stop: it looks for the cancel every few
+#: chunks, so one that has not stopped by then is stuck inside the library.
+_CANCEL_GRACE_S = 5.0
 _STOP_TIMEOUT_S = 5.0
 _BASE_RATE = 175  # words per minute at speed 1.0
 _MIN_RATE, _MAX_RATE = 80, 450
@@ -199,6 +202,7 @@ class _Worker(asyncio.Protocol):
         self.hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.job: _Job | None = None  # the job it speaks, until that job's END arrives
         self._buffer = bytearray()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def pid(self) -> int | None:
@@ -232,6 +236,7 @@ class _Worker(asyncio.Protocol):
                     self.pool.on_stalled()
         elif kind == END:
             if job is not None and job.id == job_id:
+                self._disarm()
                 error = json.loads(payload)["error"]
                 job.end(Internal(f"espeak-ng: {error}") if error else None)
                 self.job = None
@@ -240,6 +245,7 @@ class _Worker(asyncio.Protocol):
             self.hello.set_result(json.loads(payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
         if not self.hello.done():
             self.hello.set_exception(Unavailable("an espeak worker exited while starting"))
             self.hello.exception()
@@ -248,6 +254,24 @@ class _Worker(asyncio.Protocol):
     def send(self, kind: int, job_id: int, payload: bytes = b"") -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame(kind, job_id, payload))
+
+    def cancel(self, job: _Job) -> None:
+        """Make this worker abort *job*; kill it if it has not stopped within the grace."""
+        self.send(CANCEL, job.id)
+        if self._watchdog is None:
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(_CANCEL_GRACE_S, self._stuck, job)
+
+    def _stuck(self, job: _Job) -> None:
+        self._watchdog = None
+        if self.job is job and self.process is not None:
+            log.warning("an espeak worker did not stop a cancelled job; killing it")
+            self.process.kill()  # its socket closes: connection_lost replaces it
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     def start(self, job: _Job) -> None:
         """Give *job* to this (free) worker."""
@@ -343,8 +367,8 @@ class _Pool:
                     del self._waiting[job.caller]
                     self._forget_if_idle(job.caller)
         elif job.state is _State.RUNNING and job.worker is not None:
-            # The worker stays this job's until its END: it aborts within one chunk.
-            job.worker.send(CANCEL, job.id)
+            # The worker stays this job's until its END: it aborts within a few chunks.
+            job.worker.cancel(job)
         job.state = _State.OVER
         if not job.admitted.done():
             job.admitted.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -331,6 +332,26 @@ async def test_a_stalled_worker_times_out_and_is_not_waited_for(one_worker: Espe
         os.kill(pid, signal.SIGCONT)
     # The worker aborts the job it was given up on, and speaks the next one.
     assert 1.0 < seconds(one_worker, b"".join(await chunks_of(one_worker, HELLO))) < 4.0
+
+
+async def test_a_worker_stuck_in_a_cancelled_job_is_killed_and_replaced(
+    one_worker: EspeakEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(espeak, "_CANCEL_GRACE_S", 0.2)
+    stream = speak(one_worker, LONG)
+    await anext(stream)
+    pid = worker_pid(stream)
+    os.kill(pid, signal.SIGSTOP)  # as if caught in a loop inside the library
+    try:
+        await stream.aclose()
+        # The next job gets a new worker once the stuck one is killed.
+        spoken = await asyncio.wait_for(chunks_of(one_worker, HELLO), WAIT)
+        assert 1.0 < seconds(one_worker, b"".join(spoken)) < 4.0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    await asyncio.wait_for(asyncio.gather(*one_worker._require_pool()._reaping), WAIT)
+    assert reaped(pid)
 
 
 async def test_close_stops_and_reaps_every_worker() -> None:
