@@ -258,7 +258,14 @@ class ToneSpeech:
                 self.closed.set()
 
     def synthesize(
-        self, text: str, *, voice: str, speed: float, instructions: str, timeout: float
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float,
+        instructions: str,
+        timeout: float,
+        caller: str | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._speak(text, speed)
 
@@ -302,7 +309,14 @@ class EndlessSpeech:
             await asyncio.sleep(0)
 
     def synthesize(
-        self, text: str, *, voice: str, speed: float, instructions: str, timeout: float
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float,
+        instructions: str,
+        timeout: float,
+        caller: str | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._speak(text)
 

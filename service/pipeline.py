@@ -194,6 +194,7 @@ class ChainedPipeline:
                 speed=ctx.plan.speed,
                 instructions=ctx.plan.instructions,
                 timeout=_call_timeout(ctx.settings.tts_timeout_s),
+                caller=ctx.caller,
             ),
             deadline=ctx.deadline,
             on_first=first_byte,

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     format: AudioFormat = AudioFormat.MP3
     """default audio format: pcm, wav, mp3, opus, flac, aac, mulaw or alaw"""
 
+    espeak_workers: int = Field(0, ge=0, le=256)
+    """espeak worker processes (0 = one per core)"""
+
     # Pipeline
     lookahead_segments: int = Field(2, ge=1, le=16)
     """segments synthesised at once (the one playing + look-ahead)"""

@@ -74,8 +74,9 @@ class OpenAISpeech:
         speed: float,
         instructions: str,
         timeout: float,  # noqa: ASYNC109 - the SDK's per-call network timeout
+        caller: str | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """Yield PCM for *text* as the upstream sends it.
+        """Yield PCM for *text* as the upstream sends it (*caller* plays no part).
 
         ``speed`` 0 or 1.0 and empty ``instructions`` are left out of the request, so
         servers that know neither still answer.
