@@ -37,6 +37,7 @@ from voxrelay.service.providers.base import (
     SpeechEngine,
     SpokenDelta,
 )
+from voxrelay.service.words import WordMark
 
 from .openai_upstream import SAMPLE_RATE, tokenize, voice_pcm
 
@@ -230,6 +231,7 @@ class ToneSpeech:
     default_voice: str = "tone"
     max_speed: float = 4.0
     validates_voices: bool = True
+    reports_words: bool = False
     #: every segment asked for, in order.
     calls: list[str] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -266,6 +268,7 @@ class ToneSpeech:
         instructions: str,
         timeout: float,
         caller: str | None = None,
+        marks: list[WordMark] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._speak(text, speed)
 
@@ -289,6 +292,7 @@ class EndlessSpeech:
     default_voice: str = "plain"
     max_speed: float = 4.0
     validates_voices: bool = False
+    reports_words: bool = False
     #: every segment asked for, in order.
     calls: list[str] = field(default_factory=list)
     pulled: int = 0
@@ -317,6 +321,7 @@ class EndlessSpeech:
         instructions: str,
         timeout: float,
         caller: str | None = None,
+        marks: list[WordMark] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._speak(text)
 
@@ -343,6 +348,7 @@ class ToneSpeaker:
     default_voice: str = "tone"
     max_speed: float = 1.5
     validates_voices: bool = True
+    reports_words: bool = False
     calls: list[list[ChatMessage]] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     gate: asyncio.Event | None = None

@@ -27,7 +27,7 @@ from .resilience import guarded_stream
 from .settings import Settings
 from .speakable import SpeakableText
 from .spoken import Spoken
-from .words import SpeechSpan, estimate_in
+from .words import SpeechSpan, WordMark, estimate_in, from_marks
 
 __all__ = ["ChainedPipeline", "Segment", "SegmentLocator", "SpeakingPipeline", "StreamContext"]
 
@@ -53,6 +53,12 @@ class StreamContext:
     caller: str | None
     #: the process's normalization and lexicon.
     speakable: SpeakableText
+
+
+def _fresh(marks: list[WordMark]) -> list[WordMark]:
+    """Empty *marks* for a new attempt at a call (a retry starts the segment over)."""
+    marks.clear()
+    return marks
 
 
 def _call_timeout(timeout_s: float) -> float:
@@ -101,7 +107,9 @@ class ChainedPipeline:
         self.out = out
         self.reply_parts: list[str] = []
         self._segments: asyncio.Queue[Segment | None] = asyncio.Queue()
-        self._spoken: asyncio.Queue[tuple[Segment, PcmFeed] | None] = asyncio.Queue()
+        self._spoken: asyncio.Queue[tuple[Segment, PcmFeed, list[WordMark]] | None] = (
+            asyncio.Queue()
+        )
         self._lookahead = asyncio.Semaphore(ctx.settings.lookahead_segments)
 
     async def run(self, started: StreamStarted) -> str:
@@ -168,12 +176,14 @@ class ChainedPipeline:
         while (segment := await self._segments.get()) is not None:
             await self._lookahead.acquire()
             feed = PcmFeed()
-            tg.create_task(self._speak(segment.spoken.text, feed))
-            self._spoken.put_nowait((segment, feed))
+            marks: list[WordMark] = []
+            tg.create_task(self._speak(segment.spoken.text, feed, marks))
+            self._spoken.put_nowait((segment, feed, marks))
         self._spoken.put_nowait(None)
 
-    async def _speak(self, text: str, feed: PcmFeed) -> None:
-        """Speak one segment into *feed* (nothing, when nothing of it is to be said)."""
+    async def _speak(self, text: str, feed: PcmFeed, marks: list[WordMark]) -> None:
+        """Speak one segment into *feed* (nothing, when nothing of it is to be said);
+        an engine that reports its words puts them in *marks*."""
         if not text.strip():
             feed.end()
             return
@@ -195,6 +205,7 @@ class ChainedPipeline:
                 instructions=ctx.plan.instructions,
                 timeout=_call_timeout(ctx.settings.tts_timeout_s),
                 caller=ctx.caller,
+                marks=_fresh(marks),
             ),
             deadline=ctx.deadline,
             on_first=first_byte,
@@ -217,8 +228,9 @@ class ChainedPipeline:
         """Send the segments in order, each with its audio as it comes, then its words."""
         out = self.out
         rate = self.ctx.engines.speech.sample_rate
+        speech = self.ctx.engines.speech
         while (item := await self._spoken.get()) is not None:
-            segment, feed = item
+            segment, feed, marks = item
             spoken = segment.spoken
             start_ms = out.audio_ms
             await out.segment(
@@ -231,17 +243,27 @@ class ChainedPipeline:
                 await out.audio(pcm)
                 span.feed(pcm)
             self._lookahead.release()
-            first, last = span.bounds()
-            timings = estimate_in(
-                segment.text,
-                spoken,
-                first,
-                last,
-                span.audio_ms,
-                offset_ms=start_ms,
-                text_offset=segment.offset,
-            )
-            await out.words(timings, estimated=True)
+            if speech.reports_words:
+                timings = from_marks(
+                    segment.text,
+                    spoken,
+                    marks,
+                    offset_ms=start_ms,
+                    audio_ms=span.audio_ms,
+                    text_offset=segment.offset,
+                )
+            else:
+                first, last = span.bounds()
+                timings = estimate_in(
+                    segment.text,
+                    spoken,
+                    first,
+                    last,
+                    span.audio_ms,
+                    offset_ms=start_ms,
+                    text_offset=segment.offset,
+                )
+            await out.words(timings, estimated=not speech.reports_words)
 
 
 class SpeakingPipeline:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..model import ChatMessage, Voice
+from ..words import WordMark
 
 __all__ = [
     "MAX_TOKEN_COUNT",
@@ -106,6 +107,8 @@ class SpeechEngine(Protocol):
     max_speed: float
     #: whether :meth:`voices` is the whole list (else unknown names go to the upstream).
     validates_voices: bool
+    #: whether it reports where each word starts (see :meth:`synthesize`'s *marks*).
+    reports_words: bool
 
     async def voices(self) -> list[Voice]:
         """List the voices this engine offers."""
@@ -120,6 +123,7 @@ class SpeechEngine(Protocol):
         instructions: str,
         timeout: float,
         caller: str | None = None,
+        marks: list[WordMark] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Yield PCM (s16le mono at :attr:`sample_rate`) for *text* as it is produced.
 
@@ -127,7 +131,8 @@ class SpeechEngine(Protocol):
         its upstream work when closed early or cancelled. *caller* (an API key id or a
         client address; None for an anonymous internal caller) is whom an engine that
         queues jobs takes turns between; others ignore it. Such an engine's iterator is
-        a :class:`QueuedStream`.
+        a :class:`QueuedStream`. An engine that :attr:`reports_words` appends its word
+        events to *marks*, each before the audio it starts in; others leave it alone.
         """
         ...
 

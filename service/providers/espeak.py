@@ -42,6 +42,7 @@ from typing import Any, cast
 
 from ..errors import Internal, InvalidRequest, Unavailable, UpstreamError, UpstreamTimeout
 from ..model import Voice
+from ..words import WordMark
 from .espeak_worker import (
     AUDIO,
     CANCEL,
@@ -51,6 +52,8 @@ from .espeak_worker import (
     HELLO,
     JOB,
     SAMPLE_RATE,
+    WORD,
+    WORDS,
     frame,
     job_payload,
 )
@@ -142,6 +145,8 @@ class _Job:
         self.items: deque[bytes | Exception | None] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.worker: _Worker | None = None
+        #: the engine's word events, as they come (a consumer's list, or None).
+        self.marks: list[WordMark] | None = None
         self.granted = WINDOW  # chunks the worker may make in all, so far
         self.received = 0  # chunks the worker has sent
         self.taken = 0  # chunks the consumer has taken
@@ -234,6 +239,9 @@ class _Worker(asyncio.Protocol):
                 job.received += 1
                 if job.stalled:
                     self.pool.on_stalled()
+        elif kind == WORDS:
+            if job is not None and job.id == job_id and job.marks is not None:
+                job.marks.extend(WordMark(*fields) for fields in WORD.iter_unpack(payload))
         elif kind == END:
             if job is not None and job.id == job_id:
                 self._disarm()
@@ -596,8 +604,10 @@ class _Speech(AsyncGenerator[bytes, None]):
         speed: float,
         caller: str | None,
         chunk_timeout: float,
+        marks: list[WordMark] | None,
     ) -> None:
         self._pool = pool
+        self._marks = marks
         self._text = text
         self._voice = voice
         self._speed = speed
@@ -615,6 +625,7 @@ class _Speech(AsyncGenerator[bytes, None]):
             identifier = await self._pool.identifier(self._voice)
             payload = job_payload(rate, WINDOW, identifier, self._text)
             self._job = self._pool.new_job(self._caller, payload)
+            self._job.marks = self._marks
             self._pool.enqueue(self._job)
         if self._job.admitted.done() and not self._job.admitted.cancelled():
             self._job.admitted.result()  # a failure to start is raised here
@@ -702,6 +713,7 @@ class EspeakEngine:
     sample_rate: int = SAMPLE_RATE
     max_speed: float = 4.0
     validates_voices: bool = True
+    reports_words: bool = True
 
     def __init__(
         self, default_voice: str = "en-us", *, workers: int | None = None, prestart: bool = False
@@ -740,8 +752,11 @@ class EspeakEngine:
         instructions: str,
         timeout: float,
         caller: str | None = None,
+        marks: list[WordMark] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Yield PCM for *text* as espeak produces it, about 100 ms per chunk.
+
+        With *marks*, espeak's word events are appended to it as their audio comes.
 
         *voice* is a name from :meth:`voices`, an espeak voice title or a language code
         ("" means the default voice). *instructions* has no meaning for espeak. *timeout*
@@ -757,6 +772,7 @@ class EspeakEngine:
             speed=speed,
             caller=caller,
             chunk_timeout=timeout,
+            marks=marks,
         )
 
     async def aclose(self) -> None:

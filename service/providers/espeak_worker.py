@@ -36,6 +36,8 @@ __all__ = [
     "HELLO",
     "JOB",
     "SAMPLE_RATE",
+    "WORD",
+    "WORDS",
     "frame",
     "job_payload",
 ]
@@ -48,12 +50,18 @@ CANCEL = 3  # no payload; the job ends as soon as espeak returns to the callback
 HELLO = 10  # JSON: {"voices": [[name, language, identifier, title, [[prio, lang], …]], …]}
 AUDIO = 11  # s16le PCM
 END = 12  # JSON: {"chunks": n, "cancelled": bool, "error": null or a message}
+WORDS = 13  # <iii per word begun in the AUDIO that follows: offset, length, ms (see WORD)
 
 HEADER = struct.Struct("<BII")
+#: One word event: its offset (from 0) and length in characters of the text, and the
+#: audio time it starts at, in ms from the start of the job's audio.
+WORD = struct.Struct("<iii")
 _JOB_FIELDS = struct.Struct("<HI")
 _COUNT = struct.Struct("<I")
 
 # From espeak-ng's speak_lib.h.
+_EVENT_LIST_TERMINATED = 0
+_EVENT_WORD = 1
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_DONT_EXIT = 0x8000  # return an error instead of exit() when data is missing
 _POS_CHARACTER = 1
@@ -100,6 +108,33 @@ class _VoiceStruct(ctypes.Structure):
 
 # int (*)(short *wav, int numsamples, espeak_EVENT *events); returning 1 aborts synthesis.
 _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+
+
+class _Event(ctypes.Structure):
+    """``espeak_EVENT``; an array of them ends with type ``espeakEVENT_LIST_TERMINATED``."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),  # from 1, in characters of the input
+        ("length", ctypes.c_int),  # of the word, in characters
+        ("audio_position", ctypes.c_int),  # ms from the start of the synthesis
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),  # a union: a number, a name pointer, or a string
+    ]
+
+
+def _words(events: int) -> bytes:
+    """Pack the word events of one callback's event list (see :data:`WORD`)."""
+    packed = bytearray()
+    array_of = ctypes.cast(events, ctypes.POINTER(_Event))
+    i = 0
+    while (event := array_of[i]).type != _EVENT_LIST_TERMINATED:
+        if event.type == _EVENT_WORD:
+            packed += WORD.pack(event.text_position - 1, event.length, event.audio_position)
+        i += 1
+    return bytes(packed)
 
 
 def _load_library() -> ctypes.CDLL:
@@ -279,6 +314,8 @@ class _Worker:
             # A cancel is looked for every few chunks (a few ms of work at most).
             if job.chunks % _POLL_EVERY == _POLL_EVERY - 1 or job.credit <= 0:
                 self._take_messages(job, block=False)
+            if events and not job.cancelled and (words := _words(events)):
+                self._channel.send(WORDS, job.id, words)  # before the audio they start in
             if wav and samples > 0 and not job.cancelled:
                 while job.credit <= 0 and not job.cancelled:
                     self._take_messages(job, block=True)
