@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from voxrelay.service.errors import InvalidRequest, Unavailable, UpstreamError, UpstreamTimeout
-from voxrelay.service.providers import espeak
+from voxrelay.service.providers import espeak, espeak_pool, espeak_worker
 from voxrelay.service.providers.base import QueuedStream, SpeechEngine
 from voxrelay.service.providers.espeak import WINDOW, EspeakEngine
 
@@ -93,9 +93,9 @@ class Watch:
                 await self._heard.wait()
 
     def hear(self, kind: int, job_id: int, payload: bytes) -> None:
-        if kind == espeak.AUDIO:
+        if kind == espeak_worker.AUDIO:
             self.chunks[job_id] = self.chunks.get(job_id, 0) + 1
-        elif kind == espeak.END:
+        elif kind == espeak_worker.END:
             self.ends[job_id] = json.loads(payload)
         self._heard.set()
         self._heard = asyncio.Event()
@@ -104,13 +104,13 @@ class Watch:
 @pytest.fixture
 def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
     watch = Watch()
-    original = espeak._Worker._on_message
+    original = espeak_pool.Worker._on_message
 
-    def on_message(worker: espeak._Worker, kind: int, job_id: int, payload: bytes) -> None:
+    def on_message(worker: espeak_pool.Worker, kind: int, job_id: int, payload: bytes) -> None:
         watch.hear(kind, job_id, payload)
         original(worker, kind, job_id, payload)
 
-    monkeypatch.setattr(espeak._Worker, "_on_message", on_message)
+    monkeypatch.setattr(espeak_pool.Worker, "_on_message", on_message)
     return watch
 
 
@@ -337,7 +337,7 @@ async def test_a_stalled_worker_times_out_and_is_not_waited_for(one_worker: Espe
 async def test_a_worker_stuck_in_a_cancelled_job_is_killed_and_replaced(
     one_worker: EspeakEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(espeak, "_CANCEL_GRACE_S", 0.2)
+    monkeypatch.setattr(espeak_pool, "_CANCEL_GRACE_S", 0.2)
     stream = speak(one_worker, LONG)
     await anext(stream)
     pid = worker_pid(stream)
@@ -424,7 +424,7 @@ async def test_a_job_closed_while_queued_leaves_the_queue(one_worker: EspeakEngi
 async def test_a_worker_that_cannot_start_fails_what_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(espeak, "_WORKER_MODULE", "voxrelay.no_such_module")
+    monkeypatch.setattr(espeak_pool, "_WORKER_MODULE", "voxrelay.no_such_module")
     engine = EspeakEngine(workers=2)
     try:
         with pytest.raises(Unavailable, match="exited while starting"):
