@@ -10,6 +10,9 @@ import pytest
 from tests.servers import make_settings
 from voxrelay.gateways.app import App
 
+#: Fixtures of real system servers (skipped, with the target to install them, when absent).
+pytest_plugins = ["tests.redis_server"]
+
 AppFactory = Callable[..., Awaitable[App]]
 
 
