@@ -22,7 +22,8 @@ Round trips: one per admit (``EVALSHA``), one per release (``ZREM``), none for a
 anonymous caller (``key`` None); one per :data:`HEARTBEAT_S` for all the slots this
 process holds (which is also the health check). Each is bounded: a read by
 ``socket_timeout``, a connect by ``socket_connect_timeout``, no client retries, and
-the whole round trip by an ``asyncio`` timeout above both.
+the whole, the wait for one of the pool's connections included, by an ``asyncio``
+timeout.
 
 Failure policy (``VOXRELAY_REDIS_FAILURE``): when a round trip fails, ``open`` admits
 with a fresh in-process :class:`~voxrelay.service.limits.Admission` (fresh budgets,
@@ -44,13 +45,14 @@ three checks in one atomic round trip with the exact wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -68,6 +70,8 @@ log = logging.getLogger(__name__)
 #: A read (one reply); a healthy Redis on the same network answers in well under 1 ms.
 ROUND_TRIP_TIMEOUT_S = 0.5
 CONNECT_TIMEOUT_S = 1.0
+#: Connections per process; more would not help: Redis runs one command at a time.
+POOL_CONNECTIONS = 32
 
 # Slots and health
 #: A slot not refreshed this long is a dead holder's (SPEC: freed within 30 s).
@@ -168,7 +172,7 @@ class RedisAdmission:
         slot_ttl_s: float = SLOT_TTL_S,
         heartbeat_s: float = HEARTBEAT_S,
         recheck_s: float = RECHECK_S,
-        round_trip_s: float = ROUND_TRIP_TIMEOUT_S + CONNECT_TIMEOUT_S,
+        round_trip_s: float = 2 * ROUND_TRIP_TIMEOUT_S + CONNECT_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.requests_per_min = requests_per_min
@@ -192,6 +196,7 @@ class RedisAdmission:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._connections = asyncio.Semaphore(POOL_CONNECTIONS)
 
     @classmethod
     def from_url(
@@ -202,16 +207,20 @@ class RedisAdmission:
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         **options: Any,
     ) -> RedisAdmission:
-        """Build one on its own connection pool; nothing connects until :meth:`start`."""
-        client = Redis.from_url(
+        """Build one on its own connection pool; nothing connects until :meth:`start`.
+
+        The pool is bounded; round trips queue for it (see :meth:`_trip`).
+        """
+        pool = ConnectionPool.from_url(
             url,
+            max_connections=POOL_CONNECTIONS,
             socket_timeout=read_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             # A retry would multiply the bound of a round trip: the failure policy decides.
             retry=Retry(NoBackoff(), 0),
         )
-        options.setdefault("round_trip_s", read_timeout_s + connect_timeout_s)
-        return cls(client, **options)
+        options.setdefault("round_trip_s", 2 * read_timeout_s + connect_timeout_s)
+        return cls(Redis(connection_pool=pool), **options)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisAdmission:
@@ -242,7 +251,7 @@ class RedisAdmission:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
         await self.settle()
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
     async def wait_shared(self) -> None:
         """Wait until the shared limits are in force (Redis answers)."""
@@ -283,7 +292,7 @@ class RedisAdmission:
     async def _run_admit(self, buckets: str, streams: str, chars: int, member: str) -> Any:
         ttl_ms = round(self.slot_ttl_s * 1000)
         args = (self.requests_per_min, self.chars_per_min, self.streams_per_key)
-        async with asyncio.timeout(self.round_trip_s):
+        async with self._trip():
             return await self._admit_script(
                 keys=[buckets, streams], args=[*args, chars, member, ttl_ms]
             )
@@ -321,7 +330,7 @@ class RedisAdmission:
 
     async def _remove_slot(self, streams: str, member: str) -> None:
         try:
-            async with asyncio.timeout(self.round_trip_s):
+            async with self._trip():
                 await self._client.zrem(streams, member)
         except BACKEND_ERRORS as exc:
             self._went_down(exc)
@@ -360,7 +369,7 @@ class RedisAdmission:
 
     async def _check(self) -> None:
         try:
-            async with asyncio.timeout(self.round_trip_s):
+            async with self._trip():
                 if not self.up:
                     # Redis may have restarted empty: load the script while checking.
                     await self._client.script_load(ADMIT_LUA)
@@ -409,6 +418,17 @@ class RedisAdmission:
             "shared limits in force (Redis)",
             extra={"event": "limits_backend", "up": True, "failure": self.failure},
         )
+
+    @contextlib.asynccontextmanager
+    async def _trip(self) -> AsyncIterator[None]:
+        """Bound one round trip, the wait for a connection included.
+
+        Round trips queue first-come first-served for the pool's connections (a
+        semaphore: the pool's own waiting wakes every waiter on each release), so a
+        burst of admits is served in order on a few connections.
+        """
+        async with asyncio.timeout(self.round_trip_s), self._connections:
+            yield
 
     def _spawn(self, work: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(work)

@@ -119,6 +119,19 @@ async def test_stream_slots_are_shared_and_come_back(replicas: Factory) -> None:
     assert await a._client.zcard("voxrelay:limits:{k}:streams") == 0
 
 
+async def test_a_burst_of_admits_queues_for_connections_and_stays_shared(
+    replicas: Factory,
+) -> None:
+    a = await replicas(requests_per_min=10_000, streams_per_key=1000)
+    leases = await asyncio.gather(*(a.admit(f"k{n % 7}", 1) for n in range(300)))
+    assert a.up and gauge() == 1  # no "pool exhausted" counted as Redis being away
+    held = await a._client.zcard("voxrelay:limits:{k0}:streams")
+    assert held == len(range(0, 300, 7))
+    for lease in leases:
+        lease.release()
+    await a.settle()
+
+
 async def test_anonymous_callers_cost_no_round_trip(replicas: Factory) -> None:
     a = await replicas(requests_per_min=1, streams_per_key=1)
     await a._client.aclose()  # any round trip would now fail loudly
