@@ -35,7 +35,7 @@ WAIT = 30.0
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
-    reason="promtool is not installed (apt-get install --no-install-recommends prometheus)",
+    reason="needs promtool: `make test-deps` installs it (Debian package prometheus)",
 )
 
 #: SPEC's metrics and the type each is exposed as.

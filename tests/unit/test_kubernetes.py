@@ -128,7 +128,9 @@ def test_selectors_and_targets_agree() -> None:
     assert (target["kind"], target["name"]) == ("Deployment", deployment)
 
 
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (renders the kustomization)")
+@pytest.mark.skipif(
+    KUBECTL is None, reason="needs kubectl (renders the kustomization); not in `make test-deps`"
+)
 def test_kustomize_renders_the_base(tmp_path: Path) -> None:
     assert KUBECTL is not None
     done = subprocess.run(
