@@ -239,8 +239,9 @@ class RedisAdmission:
         """Check Redis once (down is a state, never an error) and start the upkeep."""
         if self._keeper is not None:
             return
-        await self._check()
+        # The keeper first: a concurrent start sees it and does not start another.
         self._keeper = asyncio.create_task(self._keep(), name="limits-redis-keeper")
+        await self._check()
 
     async def aclose(self) -> None:
         """Stop the upkeep, finish the releases under way, close the connections."""
