@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test test-deps proto proto-check buf-lint lint types check bench clean venv
+.PHONY: run test test-deps wheelhouse image proto proto-check buf-lint lint types check bench clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,19 @@ test-deps:
 	export DEBIAN_FRONTEND=noninteractive; \
 	$(SUDO) apt-get update -qq && \
 	$(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
+## voxrelay's wheel and every dependency's, for the image build (which uses no index).
+## Plus what the image's Python needs and this one may not: Debian's Python 3.11.2 is
+## older than 3.11.3, below which redis needs async-timeout.
+IMAGE_ONLY_WHEELS := async-timeout==5.0.1
+wheelhouse: $(STAMP)
+	rm -rf build/wheelhouse
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check -w build/wheelhouse . \
+	  $(IMAGE_ONLY_WHEELS)
+
+## The container image (not part of `make test`): needs buildah, podman and debootstrap.
+image: wheelhouse
+	scripts/image.sh
 
 ## Regenerate generated/ from protos/.
 proto: $(STAMP)
