@@ -90,6 +90,7 @@ def test_every_alert_has_a_unit_test() -> None:
         "VoxrelayCircuitBreakerOpen",
         "VoxrelayTokenBudgetExceeded",
         "VoxrelayCharacterBudgetExceeded",
+        "VoxrelayLimitsBackendDown",
     }
     assert tested == alerts
 
