@@ -60,13 +60,21 @@ def _upstream(text: str, name: str, addresses: Sequence[str]) -> str:
     return text.replace(block.group(1), body.rstrip("\n"))
 
 
-def render(grpc_port: int, http_port: int, grpc: Sequence[str], ws: Sequence[str]) -> str:
+def render(
+    grpc_port: int,
+    http_port: int,
+    grpc: Sequence[str],
+    ws: Sequence[str],
+    http: Sequence[str],
+) -> str:
     """The shipped config with these listen ports and upstream addresses, nothing else."""
     text = CONF.read_text()
     text, n_grpc = re.subn(r"listen \d+ http2;", f"listen 127.0.0.1:{grpc_port} http2;", text)
     text, n_http = re.subn(r"listen \d+;", f"listen 127.0.0.1:{http_port};", text)
     assert n_grpc == 1 and n_http == 1
-    return _upstream(_upstream(text, "voxrelay_grpc", grpc), "voxrelay_ws", ws)
+    for name, addresses in (("voxrelay_grpc", grpc), ("voxrelay_ws", ws), ("voxrelay_http", http)):
+        text = _upstream(text, name, addresses)
+    return text
 
 
 @dataclass
@@ -92,11 +100,12 @@ class Nginx:
         return path.read_text() if path.exists() else ""
 
 
-def _prepare(workdir: Path, grpc: Sequence[str], ws: Sequence[str]) -> Nginx:
+def _prepare(workdir: Path, grpc: Sequence[str], ws: Sequence[str], http: Sequence[str]) -> Nginx:
     """Write the main config and the rendered voxrelay.conf into *workdir*."""
     workdir.chmod(0o755)  # the worker processes run as an unprivileged user
     front = Nginx(free_port(), free_port(), workdir)
-    (workdir / "voxrelay.conf").write_text(render(front.grpc_port, front.http_port, grpc, ws))
+    config = render(front.grpc_port, front.http_port, grpc, ws, http)
+    (workdir / "voxrelay.conf").write_text(config)
     (workdir / "nginx.conf").write_text(MAIN.format(dir=workdir))
     return front
 
@@ -112,12 +121,14 @@ async def _listening(port: int) -> bool:
 
 
 @asynccontextmanager
-async def running_nginx(grpc: Sequence[str], ws: Sequence[str]) -> AsyncIterator[Nginx]:
+async def running_nginx(
+    grpc: Sequence[str], ws: Sequence[str], http: Sequence[str] = ()
+) -> AsyncIterator[Nginx]:
     """Run nginx in front of the given upstream addresses; stop it after."""
     if NGINX is None:
         pytest.skip("needs nginx: `make test-deps` installs it")
     with tempfile.TemporaryDirectory(prefix="voxrelay-nginx-") as tmp:
-        front = _prepare(Path(tmp), grpc, ws)
+        front = _prepare(Path(tmp), grpc, ws, http or [refused_address()])
         workdir = front.workdir
         argv = [NGINX, "-p", str(workdir), "-e", str(workdir / "error.log"),
                 "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"]  # fmt: skip

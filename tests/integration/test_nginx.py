@@ -1,11 +1,13 @@
 """deploy/nginx/voxrelay.conf for real: Debian's nginx in front of real voxrelay replicas.
 
-One request through each door, the small HTTP endpoints, X-Forwarded-For, and new
-requests passed on from a replica that refuses connections or is draining.
+One request through each door (gRPC, WebSocket, the OpenAI-compatible HTTP one), the
+small HTTP endpoints, X-Forwarded-For, and new requests passed on from a replica that
+refuses connections or is draining.
 """
 
 from __future__ import annotations
 
+import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +31,10 @@ def ws_address(app: App) -> str:
     return f"127.0.0.1:{app.ws_port}"
 
 
+def http_address(app: App) -> str:
+    return f"127.0.0.1:{app.http_port}"
+
+
 async def speak_grpc(target: str) -> list[pb.SynthesizeResponse]:
     async with grpc.aio.insecure_channel(target) as channel:
         call = pb_grpc.SynthesizerStub(channel).Synthesize(
@@ -46,7 +52,9 @@ async def test_both_doors_and_the_http_endpoints_through_nginx(
     one, two = await app_factory(), await app_factory()
     replicas = (one, two)
     async with running_nginx(
-        grpc=[grpc_address(a) for a in replicas], ws=[ws_address(a) for a in replicas]
+        grpc=[grpc_address(a) for a in replicas],
+        ws=[ws_address(a) for a in replicas],
+        http=[http_address(a) for a in replicas],
     ) as front:
         for _ in range(2):  # round robin: each replica once
             events = await speak_grpc(front.grpc_target)
@@ -64,6 +72,20 @@ async def test_both_doors_and_the_http_endpoints_through_nginx(
         for path, body in (("/healthz", b""), ("/readyz", b""), ("/", b"<")):
             status, _, content = await http_get(front.http_url + path)
             assert status == 200 and content.startswith(body), (path, front.errors())
+        # The OpenAI-compatible door, streamed through (chunked, unbuffered).
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                front.http_url + "/v1/audio/speech",
+                json={"model": "tts-1", "input": "Through the proxy.", "response_format": "mp3"},
+                timeout=aiohttp.ClientTimeout(total=WAIT),
+            ) as response,
+        ):
+            audio = await response.read()
+            assert response.status == 200, (audio[:200], front.errors())
+            assert response.headers["Content-Type"] == "audio/mpeg" and len(audio) > 0
+        status, _, models = await http_get(front.http_url + "/v1/models")
+        assert status == 200 and b'"object"' in models
 
 
 async def test_a_refused_replica_is_skipped_for_new_requests(app_factory: AppFactory) -> None:
