@@ -46,7 +46,12 @@ def _secrets(settings: Settings) -> list[str]:
         for key in (settings.openai_api_key, settings.llm_api_key, settings.tts_api_key)
         if key is not None
     ]
-    for url in (settings.openai_base_url, settings.llm_base_url, settings.tts_base_url):
+    for url in (
+        settings.openai_base_url,
+        settings.llm_base_url,
+        settings.tts_base_url,
+        settings.redis_url,
+    ):
         password = urlsplit(url).password if url else None
         if password:
             values.append(password)
@@ -98,6 +103,7 @@ class App:
         server, thread = start_http_server(s.metrics_port, addr=s.host, registry=metrics.REGISTRY)
         self._metrics = (server, thread)
         self.metrics_port = server.server_port
+        await self.runtime.admission.start()
         await self.grpc.start()
         await self.ws.start()
         if self.http is not None:

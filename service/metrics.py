@@ -42,6 +42,8 @@ __all__ = [
     "FORMATS",
     "GRPC_CONNECTIONS",
     "LATENCY_BUCKETS",
+    "LIMITS_BACKEND_ERRORS",
+    "LIMITS_BACKEND_UP",
     "MODES",
     "OUTCOMES",
     "PROTOCOLS",
@@ -172,6 +174,23 @@ BREAKER_OPEN = Gauge(
     ["stage", "provider"],
     registry=REGISTRY,
 )
+# Shared limits (service.limits_redis)
+
+#: ``livemin`` under prometheus-client's multiprocess mode: 1 only when every living
+#: worker has the shared limits in force (a dead worker's last value does not count).
+LIMITS_BACKEND_UP = Gauge(
+    "voxrelay_limits_backend_up",
+    "1 when the shared limits (Redis) are in force or not configured; 0 while Redis is away.",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
+LIMITS_BACKEND_UP.set(1)
+LIMITS_BACKEND_ERRORS = Counter(
+    "voxrelay_limits_backend_errors",
+    "Redis round trips of the shared limits that failed or timed out.",
+    registry=REGISTRY,
+)
+
 UPSTREAM_TOKENS = Counter(
     "voxrelay_upstream_tokens",
     "Tokens the chat upstream reported, by kind (prompt, completion): what it costs.",

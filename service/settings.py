@@ -245,8 +245,12 @@ class Settings(BaseSettings):
     """PEM private key of the certificate"""
     grpc_reflection: bool = False
     """gRPC server reflection (for development)"""
+
+    # More than one process
     redis_url: str | None = None
-    """(planned) shared rate limits across replicas"""
+    """redis://[user:password@]host:port/db (or rediss://, unix://): limits shared by replicas"""
+    redis_failure: Literal["open", "closed"] = "open"
+    """when Redis cannot be reached: open (per-process limits) or closed (refuse)"""
 
     @field_validator(
         "api_keys", "allowed_origins", "public_hosts", "trusted_proxies", mode="before"
@@ -308,6 +312,35 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() == "off":
             return None
         return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            return None
+        # The URL may hold a password: the message names the fault, never the URL.
+        parsed = urlsplit(value.strip())
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("it must start with redis://, rediss:// or unix://")
+        try:
+            parsed.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            raise ValueError("its port is not a number from 0 to 65535") from None
+        if parsed.scheme == "unix":
+            if not parsed.path:
+                raise ValueError("a unix:// URL needs a socket path")
+            return value.strip()
+        if not parsed.hostname:
+            raise ValueError("it names no host")
+        db = parsed.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError("its path must be a database number")
+        return value.strip()
+
+    @field_validator("redis_failure", mode="before")
+    @classmethod
+    def _lower_policy(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -410,6 +443,10 @@ class Settings(BaseSettings):
         }
 
 
+#: Settings whose value may carry a password: a bad one is named, never echoed.
+SECRET_BEARING = frozenset({"VOXRELAY_REDIS_URL"})
+
+
 def _env_name(loc: tuple[int | str, ...]) -> str:
     if not loc:
         return "configuration"
@@ -437,7 +474,9 @@ def load_settings(cli_args: list[str] | None = None, **overrides: Any) -> Settin
         if err["type"] == "value_error" and not err["loc"]:
             raise ConfigError(message) from None
         value = err.get("input")
-        shown = "" if "key" in _env_name(err["loc"]).lower() else f" (got {value!r})"
-        raise ConfigError(f"invalid {_env_name(err['loc'])}: {message}{shown}") from None
+        name = _env_name(err["loc"])
+        secret = "key" in name.lower() or name in SECRET_BEARING
+        shown = "" if secret else f" (got {value!r})"
+        raise ConfigError(f"invalid {name}: {message}{shown}") from None
     except Exception as exc:  # the CLI source raises argparse/SettingsError on bad flags
         raise ConfigError(str(exc).splitlines()[0]) from None
