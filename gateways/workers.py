@@ -1,0 +1,434 @@
+"""Several worker processes behind one supervisor: ``voxrelay serve --workers N``.
+
+Each worker is a whole voxrelay (:class:`~.app.App`) whose listeners share their ports
+with the other workers through ``SO_REUSEPORT``: the kernel spreads new connections over
+them. The supervisor (the ``voxrelay serve`` process) serves no stream. It
+
+- picks the ports once: a port of 0 becomes one free port that every worker binds; it
+  holds each port bound (not listening) for its whole life, so no other program takes it
+  between a worker's death and its replacement;
+- starts the workers with ``spawn`` (a fresh interpreter each: nothing of grpc's state
+  crosses a fork), each in its own session so that only the supervisor receives the
+  terminal's and the process group's signals, and forwards them exactly once;
+- restarts a worker that dies, after an exponential backoff; a worker that fails before
+  it is ready at the first start, or too many times in a row later, stops it all with one
+  line;
+- serves one ``/metrics`` for all workers: prometheus-client's multiprocess mode over a
+  fresh directory (``PROMETHEUS_MULTIPROC_DIR``) removed at exit.
+
+A worker whose supervisor vanishes (SIGKILL) drains and exits on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from voxrelay.service import __version__
+from voxrelay.service.settings import Settings
+
+from . import supervisor_metrics
+from .worker import run_worker
+
+__all__ = ["SupervisorError", "supervise"]
+
+log = logging.getLogger("voxrelay")
+
+#: The listeners the workers share: (name, setting, variable). The HTTP door joins when present.
+LISTENERS = (
+    ("gRPC", "grpc_port", "VOXRELAY_GRPC_PORT"),
+    ("WebSocket", "ws_port", "VOXRELAY_WS_PORT"),
+    ("HTTP", "http_port", "VOXRELAY_HTTP_PORT"),
+)
+#: The first restart waits this long; each quick death in a row doubles it, up to the cap.
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+#: A worker that served this long before dying starts its slot's backoff afresh.
+STABLE_S = 30.0
+#: A slot whose worker dies before it is ready this many times in a row stops the supervisor.
+MAX_START_FAILURES = 4
+#: After the workers' own drain window, how long the supervisor waits before killing them.
+STOP_GRACE_S = 15.0
+METRICS_DIR_PREFIX = "voxrelay-metrics-"
+
+
+class SupervisorError(Exception):
+    """The workers cannot run; the message is one line for the operator."""
+
+
+# Ports
+
+
+def check_reuse_port() -> None:
+    """Raise :class:`SupervisorError` unless this system can share a port between processes."""
+    option = getattr(socket, "SO_REUSEPORT", None)
+    try:
+        if option is None:
+            raise OSError(errno.ENOPROTOOPT, "no SO_REUSEPORT")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, option, 1)
+    except OSError as exc:
+        raise SupervisorError(
+            f"--workers needs SO_REUSEPORT, which this system does not support ({exc}):"
+            " run one process (VOXRELAY_WORKERS=1) per port instead"
+        ) from None
+
+
+def _address(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return family, address
+
+
+def reserve_ports(settings: Settings) -> tuple[Settings, list[socket.socket]]:
+    """Bind every shared port once (SO_REUSEPORT, not listening); return the settings the
+    workers get (ports picked) and the sockets to keep open while they run.
+
+    A fixed port is first bound the ordinary way, so that one another program holds is
+    named rather than silently shared.
+    """
+    chosen: dict[str, int] = {}
+    held: list[socket.socket] = []
+    try:
+        for name, setting, variable in LISTENERS:
+            if setting not in type(settings).model_fields:
+                continue
+            port: int = getattr(settings, setting)
+            where = f"{settings.host}:{port}"
+            try:
+                family, address = _address(settings.host, port)
+                if port:
+                    with socket.socket(family, socket.SOCK_STREAM) as probe:
+                        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        probe.bind(address)
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise SupervisorError(
+                        f"cannot start: the {name} port {where} is in use (another voxrelay?):"
+                        f" stop it, or set {variable} (0 picks a free port)"
+                    ) from None
+                raise SupervisorError(
+                    f"cannot start: cannot bind the {name} port {where} ({variable}): {exc}"
+                ) from None
+            chosen[setting] = sock.getsockname()[1]
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
+    return settings.model_copy(update=chosen), held
+
+
+# The supervisor
+
+
+@dataclass
+class _Slot:
+    """One worker index: its current process and its history."""
+
+    index: int
+    process: BaseProcess | None = None
+    started_at: float = 0.0
+    ready: bool = False
+    deaths: int = 0  # deaths in a row, each before ready or soon after it: the backoff
+    start_failures: int = 0  # deaths in a row before ready
+    failure: str | None = None  # what the worker said when it could not start
+    first_ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Start, watch, restart and stop the workers; forward signals to them."""
+
+    def __init__(self, settings: Settings, count: int, metrics_dir: str) -> None:
+        self.settings = settings
+        self.count = count
+        self.metrics_dir = metrics_dir
+        self.context = multiprocessing.get_context("spawn")
+        self.slots = [_Slot(i) for i in range(count)]
+        self.fatal: str | None = None
+        self._stop = asyncio.Event()
+        self._stop_signal = signal.SIGTERM
+        self._forced = False
+        self._serving = False
+
+    # Signals
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self._stop.is_set():
+            log.info(
+                "%s: the workers drain", sig.name, extra={"event": "drain", "workers": self.count}
+            )
+            self._stop_signal = signal.SIGINT if sig == signal.SIGINT else signal.SIGTERM
+            self._stop.set()
+            self._forward(self._stop_signal)
+        elif sig == signal.SIGINT and not self._forced:
+            self._forced = True
+            self._forward(signal.SIGINT)
+        else:
+            log.info("%s again: the drain goes on", sig.name, extra={"event": "drain"})
+
+    def _forward(self, sig: signal.Signals) -> None:
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.pid is not None and process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, sig)
+
+    def _reload(self) -> None:
+        log.info("SIGHUP: the workers reload", extra={"event": "reload"})
+        self._forward(signal.SIGHUP)
+
+    # Workers
+
+    def _spawn(self, slot: _Slot) -> Connection:
+        receive, send = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=run_worker,
+            args=(slot.index, self.settings, send),
+            name=f"voxrelay-worker-{slot.index}",
+        )
+        process.start()
+        send.close()
+        slot.process, slot.started_at, slot.ready, slot.failure = (
+            process,
+            time.monotonic(),
+            False,
+            None,
+        )
+        return receive
+
+    async def _run_once(self, slot: _Slot) -> int | None:
+        """Run one process in *slot* until it exits; return its exit code."""
+        loop = asyncio.get_running_loop()
+        receive = self._spawn(slot)
+        process = slot.process
+        assert process is not None
+        exited = loop.create_future()
+        loop.add_reader(process.sentinel, lambda: exited.done() or exited.set_result(None))
+
+        def message() -> None:
+            try:
+                kind, value = receive.recv()
+            except (EOFError, OSError):
+                loop.remove_reader(receive.fileno())
+                return
+            if kind == "ready":
+                slot.ready = True
+                slot.first_ready.set()
+                supervisor_metrics.WORKERS.inc()
+                log.info(
+                    "worker %d ready",
+                    slot.index,
+                    extra={"event": "worker_ready", "worker_index": slot.index, "pid": value},
+                )
+            elif kind == "failed":
+                slot.failure = str(value)
+
+        loop.add_reader(receive.fileno(), message)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(process.sentinel)
+            with contextlib.suppress(OSError, ValueError):
+                loop.remove_reader(receive.fileno())
+            with contextlib.suppress(EOFError, OSError):
+                while receive.poll():  # a last word written just before the exit
+                    kind, value = receive.recv()
+                    if kind == "failed":
+                        slot.failure = str(value)
+            receive.close()
+            # Its descriptors close just before it can be reaped: this wait is that instant.
+            process.join(timeout=5)
+            if process.pid is not None:
+                supervisor_metrics.mark_process_dead(process.pid, self.metrics_dir)
+            if slot.ready:
+                supervisor_metrics.WORKERS.dec()
+        return process.exitcode
+
+    async def _keep(self, slot: _Slot) -> None:
+        """Keep a worker running in *slot* until the stop; restart it after a death."""
+        while True:
+            code = await self._run_once(slot)
+            if self._stop.is_set():
+                return
+            served = slot.ready and time.monotonic() - slot.started_at >= STABLE_S
+            slot.deaths = 0 if served else slot.deaths + 1
+            slot.start_failures = 0 if slot.ready else slot.start_failures + 1
+            why = slot.failure or f"worker {slot.index} died ({_describe_exit(code)})"
+            if not self._serving or slot.start_failures >= MAX_START_FAILURES:
+                self.fatal = (
+                    why
+                    if not self._serving
+                    else f"{why}; it failed to start {slot.start_failures} times in a row"
+                )
+                self._stop.set()
+                self._forward(signal.SIGTERM)
+                return
+            delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (slot.deaths - 1))
+            supervisor_metrics.RESTARTS.inc()
+            log.warning(
+                "worker %d (pid %s) exited with %s; restarting it in %.1f s",
+                slot.index,
+                slot.process.pid if slot.process else "?",
+                _describe_exit(code),
+                delay,
+                extra={
+                    "event": "worker_exit",
+                    "worker_index": slot.index,
+                    "exit": _describe_exit(code),
+                    "restart_in_s": delay,
+                },
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return
+
+    async def run(self, metrics_port: int) -> int:
+        """Serve until SIGTERM/SIGINT and the workers' drain; return the exit code."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        keepers = [asyncio.create_task(self._keep(slot)) for slot in self.slots]
+        try:
+            await self._serve_when_ready(keepers, metrics_port)
+            done, pending = await asyncio.wait(keepers, timeout=None)
+            del done, pending
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self._stop_all(keepers)
+        if self.fatal is not None:
+            return 1
+        codes = [slot.process.exitcode for slot in self.slots if slot.process is not None]
+        return 0 if all(code == 0 for code in codes) else 1
+
+    async def _all_ready(self) -> None:
+        for slot in self.slots:
+            await slot.first_ready.wait()
+
+    async def _serve_when_ready(self, keepers: list[asyncio.Task[None]], metrics_port: int) -> None:
+        """Log the start-up line once every worker is ready (unless the start failed)."""
+        ready = asyncio.ensure_future(self._all_ready())
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stop.cancel()
+        if self._stop.is_set():
+            return
+        self._serving = True
+        s = self.settings
+        scheme = "wss" if s.tls_cert else "ws"
+        http_port = getattr(s, "http_port", None)
+        log.info(
+            "voxrelay %s serving with %d workers",
+            __version__,
+            self.count,
+            extra={
+                "event": "startup",
+                "version": __version__,
+                "workers": self.count,
+                "pid": os.getpid(),
+                "grpc": f"{s.host}:{s.grpc_port}",
+                "websocket": f"{scheme}://{s.host}:{s.ws_port}/v1/stream",
+                "demo": f"{'https' if s.tls_cert else 'http'}://{s.host}:{s.ws_port}/",
+                **({"http": f"{s.host}:{http_port}"} if http_port is not None else {}),
+                "metrics": f"http://{s.host}:{metrics_port}/metrics",
+                "metrics_dir": self.metrics_dir,
+                **s.describe_choice(),
+            },
+        )
+
+    async def _stop_all(self, keepers: list[asyncio.Task[None]]) -> None:
+        """Wait for every worker to finish its drain; kill what outlives the window."""
+        self._stop.set()
+        self._forward(self._stop_signal)
+        limit = self.settings.drain_s + STOP_GRACE_S
+        _, late = await asyncio.wait(keepers, timeout=limit)
+        if late:
+            log.warning(
+                "%d workers still running after %.0f s: killing them",
+                len(late),
+                limit,
+                extra={"event": "shutdown"},
+            )
+            self._forward(signal.SIGKILL)
+            await asyncio.wait(late, timeout=STOP_GRACE_S)
+        log.info("stopped", extra={"event": "shutdown"})
+
+
+def supervise(settings: Settings, count: int) -> int:
+    """Run *count* workers behind a supervisor until SIGTERM; return the exit code.
+
+    Raises :class:`SupervisorError` (one line) when the ports or the metrics listener
+    cannot be had.
+    """
+    check_reuse_port()
+    shared, held = reserve_ports(settings)
+    base = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    metrics_dir = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX, dir=base)
+    server = None
+    try:
+        try:
+            server, thread = supervisor_metrics.serve(
+                settings.host, settings.metrics_port, metrics_dir
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SupervisorError(
+                    f"cannot start: the metrics port {settings.host}:{settings.metrics_port}"
+                    " is in use (another voxrelay?): stop it, or set VOXRELAY_METRICS_PORT"
+                    " (0 picks a free port)"
+                ) from None
+            raise SupervisorError(f"cannot start the metrics listener: {exc}") from None
+        shared = shared.model_copy(update={"metrics_port": server.server_port, "workers": 1})
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by each spawn
+        supervisor = Supervisor(shared, count, metrics_dir)
+        from .cli import _loop_factory
+
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            code = runner.run(supervisor.run(server.server_port))
+        if supervisor.fatal is not None:
+            print(f"voxrelay: {supervisor.fatal}", file=sys.stderr)
+        return code
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        for sock in held:
+            sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
