@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
@@ -40,13 +41,16 @@ def workers_process(count: int = 2, *args: str, **env_overrides: str) -> ServerP
     return ServerProcess([*argv, *args], env)
 
 
-async def speak_grpc(target: str, text: str = "Hello there.") -> list[pb.SynthesizeResponse]:
+async def speak_grpc(
+    target: str, text: str = "Hello there.", key: str | None = None
+) -> list[pb.SynthesizeResponse]:
     # grpc shares one connection among channels to a target unless told not to.
     options = [("grpc.use_local_subchannel_pool", 1)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.SynthesizerStub(channel)
         request = pb.SynthesizeRequest(text=text, mode=pb.MODE_SPEAK)
-        return [r async for r in stub.Synthesize(request, timeout=WAIT)]
+        metadata = [("authorization", f"Bearer {key}")] if key else None
+        return [r async for r in stub.Synthesize(request, timeout=WAIT, metadata=metadata)]
 
 
 async def speak_ws(url: str, text: str = "Hello there.") -> list[dict[str, Any]]:
@@ -239,3 +243,39 @@ async def test_a_worker_that_keeps_failing_to_start_stops_the_supervisor(tmp_pat
         "raw": f"voxrelay: worker 0 cannot start: VOXRELAY_API_KEYS_FILE {str(keys)!r} cannot be"
         " read: No such file or directory; it failed to start 4 times in a row"
     }
+
+
+async def test_sighup_reloads_the_keys_of_every_worker(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("worker-old-key\n")
+    limits = {"VOXRELAY_MAX_STREAMS_PER_KEY": "0"}  # per worker: 4 each, 16 at once here
+    async with workers_process(2, VOXRELAY_API_KEYS_FILE=str(keys), **limits) as server:
+        assert (await speak_grpc(server.grpc_target, key="worker-old-key"))[-1].HasField("finished")
+        keys.write_text("worker-new-key\n")
+        server.signal(signal.SIGHUP)
+
+        def reloaded() -> set[int]:
+            loaded = [line for line in server.lines if line.get("msg") == "API keys loaded"]
+            return {line["worker"] for line in loaded[2:]}  # after each worker's first load
+
+        await eventually(lambda: reloaded() == {0, 1})
+        replies = await asyncio.gather(
+            *(speak_grpc(server.grpc_target, key="worker-new-key") for _ in range(REQUESTS))
+        )
+        assert all(r[-1].HasField("finished") for r in replies)
+        await eventually(lambda: len(ends(server)) >= 1 + REQUESTS)
+        assert {line["worker"] for line in ends(server)[1:]} == {0, 1}
+        for _ in range(4):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await speak_grpc(server.grpc_target, key="worker-old-key")
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed() -> None:
+    async with workers_process(2) as server:
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGKILL)
+        # Their log lines share the supervisor's stderr: it closes once both have exited.
+        assert await server.wait() == -signal.SIGKILL
+    stopped = {line.get("worker") for line in server.lines if line.get("event") == "shutdown"}
+    assert stopped == {0, 1}
