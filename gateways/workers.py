@@ -64,6 +64,8 @@ MAX_START_FAILURES = 4
 #: After the workers' own drain window, how long the supervisor waits before killing them.
 STOP_GRACE_S = 15.0
 METRICS_DIR_PREFIX = "voxrelay-metrics-"
+#: How a process that had no handlers yet ends on a forwarded SIGTERM or SIGINT.
+STOP_EXITS = (-signal.SIGTERM, -signal.SIGINT)
 
 
 class SupervisorError(Exception):
@@ -176,7 +178,6 @@ class Supervisor:
         self.slots = [_Slot(i) for i in range(count)]
         self.fatal: str | None = None
         self._stop = asyncio.Event()
-        self._stop_signal = signal.SIGTERM
         self._forced = False
         self._serving = False
 
@@ -187,14 +188,18 @@ class Supervisor:
             log.info(
                 "%s: the workers drain", sig.name, extra={"event": "drain", "workers": self.count}
             )
-            self._stop_signal = signal.SIGINT if sig == signal.SIGINT else signal.SIGTERM
-            self._stop.set()
-            self._forward(self._stop_signal)
+            self._begin_stop(signal.SIGINT if sig == signal.SIGINT else signal.SIGTERM)
         elif sig == signal.SIGINT and not self._forced:
             self._forced = True
             self._forward(signal.SIGINT)
         else:
             log.info("%s again: the drain goes on", sig.name, extra={"event": "drain"})
+
+    def _begin_stop(self, sig: signal.Signals) -> None:
+        """Tell every worker to drain, once: a second SIGINT would cut its drain short."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._forward(sig)
 
     def _forward(self, sig: signal.Signals) -> None:
         for slot in self.slots:
@@ -290,8 +295,7 @@ class Supervisor:
                     if not self._serving
                     else f"{why}; it failed to start {slot.start_failures} times in a row"
                 )
-                self._stop.set()
-                self._forward(signal.SIGTERM)
+                self._begin_stop(signal.SIGTERM)
                 return
             delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (slot.deaths - 1))
             supervisor_metrics.RESTARTS.inc()
@@ -332,8 +336,13 @@ class Supervisor:
             await self._stop_all(keepers)
         if self.fatal is not None:
             return 1
-        codes = [slot.process.exitcode for slot in self.slots if slot.process is not None]
-        return 0 if all(code == 0 for code in codes) else 1
+        # A worker still starting when told to stop ends by the signal itself: that is a stop.
+        clean = all(
+            slot.process.exitcode == 0 or (not slot.ready and slot.process.exitcode in STOP_EXITS)
+            for slot in self.slots
+            if slot.process is not None
+        )
+        return 0 if clean else 1
 
     async def _all_ready(self) -> None:
         for slot in self.slots:
@@ -373,8 +382,7 @@ class Supervisor:
 
     async def _stop_all(self, keepers: list[asyncio.Task[None]]) -> None:
         """Wait for every worker to finish its drain; kill what outlives the window."""
-        self._stop.set()
-        self._forward(self._stop_signal)
+        self._begin_stop(signal.SIGTERM)
         limit = self.settings.drain_s + STOP_GRACE_S
         _, late = await asyncio.wait(keepers, timeout=limit)
         if late:

@@ -149,11 +149,12 @@ async def test_a_killed_worker_is_replaced_while_the_other_serves() -> None:
     async with workers_process(2) as server:
         [victim] = ready_pids(server)[0]
         os.kill(victim, signal.SIGKILL)
-        # New connections reach the worker left; none is refused meanwhile.
-        replies = [await speak_ws(server.ws_url) for _ in range(4)]
-        assert all(r[-1]["type"] == "finished" for r in replies)
+        # Once it is gone (a connection the kernel queued on its listener dies with it),
+        # new connections reach the worker left until the replacement is ready.
         exit_line = await server.wait_for_event("worker_exit")
         assert exit_line["worker_index"] == 0 and exit_line["exit"] == "signal SIGKILL"
+        replies = [await speak_ws(server.ws_url) for _ in range(4)]
+        assert all(r[-1]["type"] == "finished" for r in replies)
         await eventually(lambda: len(ready_pids(server)[0]) == 2)
         assert ready_pids(server)[0][1] != victim
 
@@ -279,3 +280,18 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed() -> None:
         assert await server.wait() == -signal.SIGKILL
     stopped = {line.get("worker") for line in server.lines if line.get("event") == "shutdown"}
     assert stopped == {0, 1}
+
+
+async def test_a_worker_that_cannot_listen_stops_the_supervisor_with_one_line(
+    tmp_path: Path,
+) -> None:
+    # grpc binds the port first and reads the certificate as it listens: this one it cannot use.
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    code, lines = await run_failing(
+        "--workers", "2", VOXRELAY_TLS_CERT=str(garbage), VOXRELAY_TLS_KEY=str(garbage)
+    )
+    assert code == 1
+    assert lines[-1].startswith("voxrelay: worker ")
+    assert " cannot start: " in lines[-1] and "cannot listen for gRPC" in lines[-1]
+    assert not any('"worker_exit"' in line for line in lines)  # no restart at the first start
