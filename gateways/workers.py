@@ -397,6 +397,30 @@ class Supervisor:
         log.info("stopped", extra={"event": "shutdown"})
 
 
+def _remove_stale_metrics(base: str) -> None:
+    """Remove the metrics directories of supervisors that are gone (killed, not stopped).
+
+    Each is named after its supervisor's pid; one named after ours is a former life of
+    this pid (a container's PID 1 restarted).
+    """
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            if not entry.name.startswith(METRICS_DIR_PREFIX):
+                continue
+            pid = entry.name.removeprefix(METRICS_DIR_PREFIX).partition("-")[0]
+            if not pid.isdigit() or not entry.is_dir(follow_symlinks=False):
+                continue
+            if int(pid) != os.getpid():
+                try:
+                    os.kill(int(pid), 0)
+                    continue  # its supervisor runs
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue  # another user's, and running
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def supervise(settings: Settings, count: int) -> int:
     """Run *count* workers behind a supervisor until SIGTERM; return the exit code.
 
@@ -406,7 +430,8 @@ def supervise(settings: Settings, count: int) -> int:
     check_reuse_port()
     shared, held = reserve_ports(settings)
     base = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    metrics_dir = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX, dir=base)
+    _remove_stale_metrics(base or tempfile.gettempdir())
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=base)
     server = None
     try:
         try:

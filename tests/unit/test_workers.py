@@ -6,11 +6,17 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.servers import make_settings
-from voxrelay.gateways.workers import SupervisorError, check_reuse_port, reserve_ports
+from voxrelay.gateways.workers import (
+    SupervisorError,
+    _remove_stale_metrics,
+    check_reuse_port,
+    reserve_ports,
+)
 
 
 def test_a_port_of_zero_is_picked_once_and_every_worker_can_bind_it() -> None:
@@ -67,3 +73,13 @@ def test_zero_workers_is_one_per_core() -> None:
     assert make_settings(workers=0).worker_count() == len(os.sched_getaffinity(0))
     assert make_settings().worker_count() == 1
     assert make_settings(workers=3).worker_count() == 3
+
+
+def test_metrics_directories_of_dead_supervisors_are_removed(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True).stdout.strip()  # fmt: skip
+    names = [f"voxrelay-metrics-{gone}-a", f"voxrelay-metrics-{os.getppid()}-b", f"{gone}-c"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    _remove_stale_metrics(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
