@@ -110,7 +110,9 @@ def reserve_ports(settings: Settings) -> tuple[Settings, list[socket.socket]]:
         for name, setting, variable in LISTENERS:
             if setting not in type(settings).model_fields:
                 continue
-            port: int = getattr(settings, setting)
+            port: int | None = getattr(settings, setting)
+            if port is None:  # a listener that is off
+                continue
             where = f"{settings.host}:{port}"
             try:
                 family, address = _address(settings.host, port)
