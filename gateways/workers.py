@@ -329,9 +329,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         keepers = [asyncio.create_task(self._keep(slot)) for slot in self.slots]
         try:
-            await self._serve_when_ready(keepers, metrics_port)
-            done, pending = await asyncio.wait(keepers, timeout=None)
-            del done, pending
+            await self._serve_when_ready(metrics_port)
+            await asyncio.wait(keepers)
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -350,7 +349,7 @@ class Supervisor:
         for slot in self.slots:
             await slot.first_ready.wait()
 
-    async def _serve_when_ready(self, keepers: list[asyncio.Task[None]], metrics_port: int) -> None:
+    async def _serve_when_ready(self, metrics_port: int) -> None:
         """Log the start-up line once every worker is ready (unless the start failed)."""
         ready = asyncio.ensure_future(self._all_ready())
         stop = asyncio.ensure_future(self._stop.wait())
