@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -126,6 +127,8 @@ class Settings(BaseSettings):
     """Prometheus /metrics port (0 = pick)"""
     http_port: int | None = Field(8080, ge=0, le=65535)
     """OpenAI-compatible speech API port (0 = pick, off = no such door)"""
+    workers: int = Field(1, ge=0, le=256)
+    """worker processes sharing the ports (0 = one per core)"""
 
     # Providers
     llm: ChatProviderName | None = None
@@ -351,20 +354,7 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("VOXRELAY_TLS_CERT and VOXRELAY_TLS_KEY must be set together")
-        if self.api_keys_file is not None:
-            # A key file that cannot be read must not leave the service open.
-            try:
-                file_keys = read_list_file(self.api_keys_file)
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or type(exc).__name__
-                raise ValueError(
-                    f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} cannot be read: {reason}"
-                ) from None
-            if not file_keys and not self.api_keys:
-                raise ValueError(
-                    f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} holds no keys"
-                    " (unset it to run open)"
-                )
+        self.check_key_file()
         if self.lexicon_file is not None:
             from .lexicon import Lexicon, LexiconError  # a lexicon is read only when set
 
@@ -431,6 +421,37 @@ class Settings(BaseSettings):
         if self.api_keys_file is not None:
             keys += read_list_file(self.api_keys_file)
         return keys
+
+    def check_key_file(self) -> None:
+        """Raise ValueError unless the API key file, when set, can be read and holds a key.
+
+        A key file that cannot be read must not leave the service open: checked when the
+        settings are built, and again by each worker process as it starts.
+        """
+        if self.api_keys_file is None:
+            return
+        try:
+            file_keys = read_list_file(self.api_keys_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ValueError(
+                f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} cannot be read: {reason}"
+            ) from None
+        if not file_keys and not self.api_keys:
+            raise ValueError(
+                f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} holds no keys"
+                " (unset it to run open)"
+            )
+
+    def worker_count(self) -> int:
+        """How many worker processes to run: ``workers``, or one per usable core for 0."""
+        if self.workers:
+            return self.workers
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
 
     def describe_choice(self) -> dict[str, str]:
         """Say which providers were chosen and why (for the start-up log)."""
