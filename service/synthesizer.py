@@ -236,8 +236,13 @@ class SynthesisStream:
         out, encoder = core._output(plan, self._queue, since)
         self._output = out
         started = core._started(plan, encoder)
+        caller = self._caller
+
+        async def charge(chars: int) -> None:
+            await core.runtime.charge(caller, chars)
+
         ctx = StreamContext(
-            plan, core.settings, core.engines, self._deadline, self._caller, core.speakable
+            plan, core.settings, core.engines, self._deadline, caller, core.speakable, charge
         )
         speaking = plan.mode is Mode.CHAT and core.engines.speaking is not None
         pipeline = SpeakingPipeline(ctx, out) if speaking else ChainedPipeline(ctx, out)
