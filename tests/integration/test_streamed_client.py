@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import av
 import pytest
 
 from tests.conftest import AppFactory
+from tests.fakes.openai_upstream import FakeOpenAI, Latency
 from tests.servers import ROOT
 from voxrelay.client import FLUSH, AudioChunk, Client, Flush, SegmentStarted, StreamFinished
 from voxrelay.gateways.app import App
@@ -110,3 +112,27 @@ async def test_say_stream_refuses_text_and_chat() -> None:
         )  # fmt: skip
         _, err = await asyncio.wait_for(proc.communicate(), WAIT)
         assert proc.returncode == 2 and "--stream" in err.decode()
+
+
+async def test_the_llm_example_speaks_a_chat_stream(
+    app_factory: AppFactory, tmp_path: Path
+) -> None:
+    app = await app_factory()
+    async with FakeOpenAI(latency=Latency(ttft_s=0.05, token_s=0.005)) as llm:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
+        env.update(
+            OPENAI_API_KEY="sk-example",
+            OPENAI_BASE_URL=llm.base_url,
+            VOXRELAY_TARGET=target(app, "grpc"),
+            OUT=str(tmp_path / "reply.mp3"),
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "examples/llm_to_speech.py", "How much is a ticket?",
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert proc.returncode == 0, err.decode()
+    assert "segments →" in out.decode() and len(llm.chat_requests) == 1
+    with av.open(io.BytesIO((tmp_path / "reply.mp3").read_bytes()), format="mp3") as container:
+        assert sum(f.samples for f in container.decode(audio=0)) > 0
