@@ -458,3 +458,51 @@ async def test_ws_idle_input_ends_and_cancel_then_a_normal_request() -> None:
         frames = await frames_until(ws, "finished")
         assert all(f["id"] == "n" for f in frames if isinstance(f, dict))
         assert app.runtime.active_streams == 0
+
+
+async def test_ws_cancel_closes_the_upstream_and_nothing_follows_the_ack() -> None:
+    async with speech_rig() as (app, tts), ws_open(app) as ws:
+        await send(ws, type="synthesize", id="c", mode="speak", input="stream", format="pcm",
+                   text="A first sentence to speak slowly. And a second one")  # fmt: skip
+        got = await frames_until(ws, "segment")
+        got.append(await ws.recv())  # its first audio: the speech upstream is streaming
+        assert isinstance(got[-1], bytes)
+        cancelled_at = time.monotonic()
+        await send(ws, type="cancel", id="c")
+        cancelled = (await frames_until(ws, "cancelled"))[-1]
+        assert isinstance(cancelled, dict) and cancelled["id"] == "c"
+        await tts.wait_for(lambda: all(r.finished_at is not None for r in tts.requests))
+        for request in tts.speech_requests:
+            end = request.client_gone_at or request.finished_at
+            assert end is not None and end - cancelled_at <= CLOSE_BUDGET_S
+        # Not one frame of "c" after the ack: the next frame is the next stream's start.
+        await send(ws, type="synthesize", id="n", mode="speak", text="Next.", format="pcm")
+        after = await frames_until(ws, "finished")
+        first = after[0]
+        assert isinstance(first, dict) and first["type"] == "started" and first["id"] == "n"
+        assert all(f["id"] == "n" for f in after if isinstance(f, dict))
+
+
+async def test_grpc_deadline_ends_an_open_input_and_frees_its_slot(app: App) -> None:
+    async with grpc_stub(app) as stub:
+        call = stub.SynthesizeStream(timeout=0.5)
+        await call.write(config())
+        await call.write(text("Waiting for more"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_rest(call)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until(lambda: app.runtime.active_streams == 0)
+
+
+async def test_an_open_input_holds_its_callers_stream_slot() -> None:
+    async with running_app(max_streams_per_key=1) as app, ws_open(app) as first:
+        await send(first, type="synthesize", id="a", mode="speak", input="stream")
+        await frames_until(first, "started")
+        async with ws_open(app) as second:
+            await send(second, type="synthesize", id="b", mode="speak", text="Me too.")
+            error = (await frames_until(second, "error"))[-1]
+            assert isinstance(error, dict) and error["code"] == "rate_limited"
+            await send(first, type="end", id="a")
+            await frames_until(first, "finished")
+            await send(second, type="synthesize", id="b2", mode="speak", text="Me too.")
+            assert ws_segments(await frames_until(second, "finished")) == ["Me too."]
