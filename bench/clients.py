@@ -381,23 +381,28 @@ class StreamInClient:
         await self.channel.close()
 
     async def _pipe(self, call: Any) -> None:
-        """Write the LLM's deltas into *call* as they arrive, then half-close it."""
-        await call.write(
-            pb.SynthesizeStreamRequest(
-                config=pb.SynthesizeStreamConfig(voice=VOICE, format=pb.AUDIO_FORMAT_PCM)
-            )
+        """Write the LLM's deltas into *call* as they arrive, then half-close it.
+
+        The LLM is asked at once, while the call is opened: a voice agent's LLM does not
+        wait for its speech service.
+        """
+        config = pb.SynthesizeStreamRequest(
+            config=pb.SynthesizeStreamConfig(voice=VOICE, format=pb.AUDIO_FORMAT_PCM)
         )
-        stream = await self.llm.post(
-            "/chat/completions",
-            body={
-                "model": LLM_MODEL,
-                "messages": _messages(),
-                "stream": True,
-                "max_tokens": MAX_TOKENS,
-            },
-            cast_to=object,
-            stream=True,
-            stream_cls=openai.AsyncStream[object],
+        _, stream = await asyncio.gather(
+            call.write(config),
+            self.llm.post(
+                "/chat/completions",
+                body={
+                    "model": LLM_MODEL,
+                    "messages": _messages(),
+                    "stream": True,
+                    "max_tokens": MAX_TOKENS,
+                },
+                cast_to=object,
+                stream=True,
+                stream_cls=openai.AsyncStream[object],
+            ),
         )
         async with stream:
             async for chunk in stream:

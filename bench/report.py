@@ -229,7 +229,7 @@ def streamed_input(
         ),
         "within_target": None
         if vs_chat is None or vs_limit is None
-        else abs(vs_chat) <= target and vs_limit <= target,
+        else vs_chat <= target and vs_limit <= target,  # no more than that slower than either
         "errors": stream_in["errors"],
     }
 
