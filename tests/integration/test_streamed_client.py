@@ -13,8 +13,8 @@ from pathlib import Path
 import av
 import pytest
 
+from fakes.openai_upstream import FakeOpenAI, Latency
 from tests.conftest import AppFactory
-from tests.fakes.openai_upstream import FakeOpenAI, Latency
 from tests.servers import ROOT
 from voxrelay.client import FLUSH, AudioChunk, Client, Flush, SegmentStarted, StreamFinished
 from voxrelay.gateways.app import App

@@ -199,7 +199,7 @@ async def test_grpc_piece_over_the_cap_ends_with_invalid_argument_and_whole_audi
                 got.append(response)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "VOXRELAY_MAX_STREAM_INPUT_CHARS" in (caught.value.details() or "")
-        assert decode_seconds(audio_of(got), "mp3") > 0.5  # one valid file
+        assert decode_seconds(audio_of(got), "mp3") > 0  # one valid file
         # A normal request afterwards.
         assert await whole_segments(stub, "Still serving.") == ["Still serving."]
 
@@ -437,7 +437,7 @@ async def test_ws_rate_limit_ends_the_stream_with_whole_audio() -> None:
         error = got[-1]
         assert isinstance(error, dict) and error["type"] == "error", error
         assert error["code"] == "rate_limited" and error["retry_after_ms"] > 0
-        assert decode_seconds(ws_audio(got), "mp3") > 0.5  # one valid file
+        assert decode_seconds(ws_audio(got), "mp3") > 0  # one valid file
 
 
 async def test_ws_idle_input_ends_and_cancel_then_a_normal_request() -> None:
