@@ -506,3 +506,33 @@ async def test_an_open_input_holds_its_callers_stream_slot() -> None:
             await frames_until(first, "finished")
             await send(second, type="synthesize", id="b2", mode="speak", text="Me too.")
             assert ws_segments(await frames_until(second, "finished")) == ["Me too."]
+
+
+async def test_word_offsets_point_into_the_whole_streamed_text(app: App) -> None:
+    async with ws_open(app) as ws:
+        first, *rest = pieces(TEXT, 5)
+        await send(ws, type="synthesize", id="w", mode="speak", input="stream", text=first,
+                   format="pcm", word_timestamps=True)  # fmt: skip
+        for piece in rest:
+            await send(ws, type="append", id="w", text=piece)
+        await send(ws, type="end", id="w")
+        frames = await frames_until(ws, "finished")
+    words = [
+        word for f in frames if isinstance(f, dict) and f["type"] == "words" for word in f["words"]
+    ]
+    assert len(words) == len(TEXT.split())
+    offsets = [w["text_offset"] for w in words]
+    assert offsets == sorted(offsets)
+    for word in words:
+        assert TEXT[word["text_offset"] :].startswith(word["text"])
+    async with grpc_stub(app) as stub:
+        call = stub.SynthesizeStream(timeout=WAIT)
+        await call.write(config(word_timestamps=True))
+        for piece in pieces(TEXT, 6):
+            await call.write(text(piece))
+        await call.done_writing()
+        responses = await read_rest(call)
+    grpc_words = [w for r in responses if r.HasField("words") for w in r.words.words]
+    assert [(w.text, w.text_offset) for w in grpc_words] == [
+        (w["text"], w["text_offset"]) for w in words
+    ]
