@@ -100,8 +100,12 @@ class WsTransport:
         """
         request_id = request.request_id or uuid.uuid4().hex[:16]
         frame = dumps(synthesize_frame(request, request_id=request_id))
-        async for event in self._stream(request_id, frame, None, timeout, interruption):
-            yield event
+        # Closed with this generator, at once: its cancel must be done when we are.
+        async with contextlib.aclosing(
+            self._stream(request_id, frame, None, timeout, interruption)
+        ) as events:
+            async for event in events:
+                yield event
 
     async def synthesize_stream(
         self,
@@ -117,8 +121,11 @@ class WsTransport:
         """
         request_id = request.request_id or uuid.uuid4().hex[:16]
         frame = dumps(synthesize_frame(request, request_id=request_id, streamed_input=True))
-        async for event in self._stream(request_id, frame, pieces, timeout, interruption):
-            yield event
+        async with contextlib.aclosing(
+            self._stream(request_id, frame, pieces, timeout, interruption)
+        ) as events:
+            async for event in events:
+                yield event
 
     async def _stream(
         self,
