@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
 
@@ -87,6 +88,7 @@ class GrpcTransport:
         gRPC carries no playback position: *interruption* is left for the caller to read.
         """
         del interruption
+        started = time.monotonic()
         call = self._synthesizer().Synthesize(
             request_message(request), timeout=timeout, metadata=self._metadata
         )
@@ -96,7 +98,7 @@ class GrpcTransport:
                 if event is not None:
                     yield event
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, timeout) from None
+            raise self._error(exc, timeout, started) from None
         finally:
             call.cancel()  # a no-op once the call is over
 
@@ -115,6 +117,7 @@ class GrpcTransport:
         is left for the caller to read, as for :meth:`synthesize`.
         """
         del interruption
+        started = time.monotonic()
         call = self._synthesizer().SynthesizeStream(timeout=timeout, metadata=self._metadata)
         failure: list[BaseException] = []
 
@@ -142,7 +145,7 @@ class GrpcTransport:
             if failure:
                 raise failure[0]
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, timeout) from None
+            raise self._error(exc, timeout, started) from None
         except asyncio.CancelledError:
             if failure:
                 raise failure[0] from None
@@ -159,12 +162,13 @@ class GrpcTransport:
         timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
     ) -> list[model.Voice]:
         """Call ``ListVoices``."""
+        started = time.monotonic()
         try:
             reply = await self._synthesizer().ListVoices(
                 pb.ListVoicesRequest(language=language), timeout=timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, timeout) from None
+            raise self._error(exc, timeout, started) from None
         return [model.Voice(v.name, v.language) for v in reply.voices]
 
     async def aclose(self) -> None:
@@ -173,13 +177,18 @@ class GrpcTransport:
             channel, self._channel, self._stub = self._channel, None, None
             await channel.close()
 
-    def _error(self, exc: grpc.aio.AioRpcError, timeout: float | None) -> Exception:
-        """Turn a failed call into the core error the server sent, or a client-side one."""
+    def _error(self, exc: grpc.aio.AioRpcError, timeout: float | None, started: float) -> Exception:
+        """Turn a failed call into the core error the server sent, or a client-side one.
+
+        A deadline the call's own *timeout* (from *started*) has reached is the caller's
+        :class:`TimeoutError`, whichever side noticed it first.
+        """
         code, details = exc.code(), exc.details() or ""
         status = _rich_status(exc)
+        late = timeout is not None and time.monotonic() - started >= timeout
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED and (status is None or late):
+            return TimeoutError(f"no answer within {timeout or 0:g} s (DEADLINE_EXCEEDED)")
         if status is None:  # grpc's own verdict, not the server's
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                return TimeoutError(f"no answer within {timeout or 0:g} s (DEADLINE_EXCEEDED)")
             if code is grpc.StatusCode.UNAVAILABLE and (
                 "failed to connect" in details or "errors resolving" in details
             ):
