@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -158,6 +159,27 @@ async def test_sigterm_drains_every_worker_and_a_second_changes_nothing() -> Non
     # Each worker drained and stopped, then the supervisor.
     stopped = [line.get("worker") for line in server.lines if line.get("event") == "shutdown"]
     assert sorted(stopped, key=str) == [0, 1, None]
+
+
+async def test_sigterms_up_to_the_exit_change_nothing() -> None:
+    # A process-group SIGTERM may come again at any moment of the stop, its very end included
+    # (a deployment's teardown, a second Ctrl-C): the exit is still the drain's clean one.
+    async with workers_process(2) as server:
+        metrics_dir = str(server.startup["metrics_dir"])
+        assert server.proc is not None
+
+        async def keep_signalling() -> None:
+            while server.proc is not None and server.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    server.signal(signal.SIGTERM)
+                await asyncio.sleep(0.005)
+
+        signalling = asyncio.create_task(keep_signalling())
+        try:
+            assert await server.wait() == 0
+        finally:
+            signalling.cancel()
+    assert not await asyncio.to_thread(os.path.exists, metrics_dir)
 
 
 async def run_failing(*args: str, **env_overrides: str) -> tuple[int, list[str]]:
