@@ -441,3 +441,52 @@ def test_type_to_speak_speaks_each_sentence_while_typing(browser: Any, base_url:
     click(browser, "speak")
     state = wait_done(browser)
     assert [s["text"] for s in state["segments"]] == ["Again."]
+
+
+def test_the_word_being_heard_is_highlighted(browser: Any, base_url: str) -> None:
+    open_page(browser, base_url, text=" ".join(SENTENCES), mode="speak", fmt="pcm")
+    click(browser, "speak")
+    wait_done(browser)
+    # While it plays, the highlighted word is the last one begun at the playback position.
+    seen: list[dict[str, Any]] = []
+    for _ in range(20):
+        sample = browser.execute_script(
+            "const v = window.voxrelay; const n = document.querySelector('#transcript .w.now');"
+            " return v.wordNow && n ? { now: v.wordNow, shown: n.textContent, words: v.words }"
+            " : null;"
+        )
+        if sample is None:
+            break
+        seen.append(sample)
+    assert seen, "no word was highlighted while the audio played"
+    for sample in seen:
+        now, words = sample["now"], sample["words"]
+        begun = [w for w in words if w["start_ms"] <= now["pos"]]
+        assert sample["shown"] == now["text"] == begun[-1]["text"]
+    words = seen[0]["words"]
+    assert [w["text"] for w in words[:3]] == [w.strip(",.") for w in SENTENCES[0].split()[:3]]
+
+
+def test_stop_says_what_was_heard(browser: Any, base_url: str) -> None:
+    text = " ".join(
+        f"This is sentence number {i} of a long text that nobody will hear to the end."
+        for i in range(1, 46)
+    )
+    open_page(browser, base_url, text=text, mode="speak", fmt="mp3")
+    click(browser, "speak")
+    wait(browser, 30, poll=0.01).until(
+        lambda d: d.execute_script("return window.voxrelay.playbackStarted")
+    )
+    wait(browser, 30).until(lambda d: d.execute_script("return window.voxrelay.wordNow !== null"))
+    click(browser, "stop")
+    wait(browser, 30).until(
+        lambda d: d.execute_script("return window.voxrelay.state") != "stopping"
+    )
+    state = browser.execute_script(STATE)
+    if state["state"] == "cancelled":  # the stream was still in flight when Stop landed
+        # The server answers for the playback position the page sent: the words ended by then.
+        heard, at = state["heardText"], state["stoppedAtMs"]
+        ended = [w["text"] for w in state["words"] if w["end_ms"] <= at]
+        assert heard is not None and text.startswith(heard)
+        assert [w.strip(".,") for w in heard.split()] == ended[: len(heard.split())]
+        assert status_text(browser).startswith("Stopped. You heard:" if heard else "Stopped after")
