@@ -1,0 +1,46 @@
+"""The soak run's upstream: faults only where asked, never enough in a row to open a breaker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx2
+import pytest
+
+from bench.soak_upstream import LONG_REPLY, MAX_FAULTS_IN_A_ROW, SoakUpstream
+from fakes.openai_upstream import DEFAULT_REPLY, Latency
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[tuple[SoakUpstream, httpx2.AsyncClient]]:
+    async with (
+        SoakUpstream(latency=Latency.zero()) as fake,
+        httpx2.AsyncClient(base_url=fake.base_url, timeout=10) as client,
+    ):
+        yield fake, client
+
+
+async def ask(client: httpx2.AsyncClient, text: str) -> httpx2.Response:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+    return await client.post("/chat/completions", json=body)
+
+
+async def test_only_marked_requests_fault(
+    http: tuple[SoakUpstream, httpx2.AsyncClient],
+) -> None:
+    _, client = http
+    assert (await ask(client, "Hello. [[fault:503]]")).status_code == 503
+    healthy = await ask(client, "Hello.")
+    assert healthy.status_code == 200
+    assert healthy.json()["choices"][0]["message"]["content"] == DEFAULT_REPLY
+    long = await ask(client, "Go on. [[long]]")
+    assert long.json()["choices"][0]["message"]["content"] == LONG_REPLY
+
+
+async def test_faults_in_a_row_stop_below_the_breaker_threshold(
+    http: tuple[SoakUpstream, httpx2.AsyncClient],
+) -> None:
+    _, client = http
+    codes = [(await ask(client, "Again. [[fault:500]]")).status_code for _ in range(5)]
+    assert codes == [500] * MAX_FAULTS_IN_A_ROW + [200] + [500]
+    assert MAX_FAULTS_IN_A_ROW < 5  # voxrelay's default VOXRELAY_BREAKER_FAILURES
