@@ -107,6 +107,7 @@ class Point:
     processes: int
     tasks: float | None
     active_streams: float | None
+    grpc_streams: float | None
     ws_connections: float | None
     normal_ok: int
     normal_failed: int
@@ -165,6 +166,7 @@ class Watch:
             processes=len(pids),
             tasks=self.last.get("voxrelay_event_loop_tasks"),
             active_streams=_total(self.last, "voxrelay_active_streams"),
+            grpc_streams=self.last.get('voxrelay_active_streams{protocol="grpc"}'),
             ws_connections=self.last.get("voxrelay_ws_connections"),
             normal_ok=sum(o.error is None for o in fresh),
             normal_failed=sum(o.error is not None for o in fresh),
