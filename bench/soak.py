@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -364,15 +365,13 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         print(f"  {kind:<11} {i['p50']}/{i['p99']} → {s['p50']}/{s['p99']}")
     print("\nattack outcomes:")
     for attack in run.attacks:
-        drops = ""
-        if attack.drops_s:
-            drops = f" (dropped after {percentiles(attack.drops_s, 1.0)['p50']} s median)"
-        print(f"  {attack.name}{drops}: {dict(sorted(attack.tally.items()))}")
+        print(f"  {attack.name}: {dict(sorted(attack.tally.items()))}")
     if run.after_point is not None and run.idle_point is not None:
-        a, i = run.after_point, run.idle_point
+        after, before = run.after_point, run.idle_point
         print(
-            f"\nafter the attack: streams {a.active_streams}, tasks {a.tasks} (idle {i.tasks}), "
-            f"fds {a.fds} (idle {i.fds}), RSS {a.rss_mb} MB (idle {i.rss_mb} MB)"
+            f"\nafter the attack: streams {after.active_streams}, tasks {after.tasks} "
+            f"(idle {before.tasks}), fds {after.fds} (idle {before.fds}), "
+            f"RSS {after.rss_mb} MB (idle {before.rss_mb} MB)"
         )
     if run.log_problems:
         print(f"\nvoxrelay logged {len(run.log_problems)} warnings and errors:")
@@ -391,10 +390,7 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         "after_point": run.after_point.row() if run.after_point else None,
         "ttfa_ms": {"idle": idle, "by_kind": by_kind},
         "normal_failures": [o.error for o in run.normal if o.error],
-        "attacks": {
-            a.name: {"tally": dict(a.tally), "drops_s": [round(d, 2) for d in a.drops_s]}
-            for a in run.attacks
-        },
+        "attacks": {a.name: dict(a.tally) for a in run.attacks},
         "breaker_opened": watch.breaker_opened[:100],
         "log_summary": dict(log_summary(run.log_problems)),
         "log_problems": run.log_problems[:50],
@@ -415,7 +411,7 @@ def log_summary(lines: list[str]) -> Counter[str]:
         except ValueError:
             kinds[line[:80]] += 1
             continue
-        message = str(entry.get("msg", ""))[:70]
+        message = re.sub(r"\d+(\.\d+)?", "#", str(entry.get("msg", "")))[:70]
         extra = f" [{entry['outcome']}]" if "outcome" in entry else ""
         kinds[f"{entry.get('level')} {entry.get('logger')}: {message}{extra}"] += 1
     return kinds
