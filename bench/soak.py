@@ -9,12 +9,13 @@ embedded espeak engine for speech and the fake as its chat upstream, and SPEC's 
 2. *Soak*: normal clients of every kind, a bounded number, each asking again once its answer
    has played, and every attack of :mod:`bench.soak_attacks` at once. Every 10 s a
    :class:`~bench.soak_watch.Point`: voxrelay's RSS and open descriptors (its process and
-   every process under it), threads, event loop tasks, streams in flight, and the normal
-   clients' TTFA p50/p99 over those 10 s.
+   every process under it; descriptors also without the callers' connections), threads,
+   event loop tasks, streams in flight, and the normal clients' TTFA p50/p99 over those 10 s.
 3. *Settle*: the attack stops; voxrelay should return to no streams in flight.
 
-It prints a table and one PASS/FAIL line per criterion — RSS and descriptors flat after the
-warm-up (growth under 10 %), no normal request failed, normal TTFA p99 within 2× the idle
+It prints a table and one PASS/FAIL line per criterion — RSS and descriptors (other than
+callers' connections, which come and go with the attack) flat after the warm-up (growth under
+10 %), no normal request failed, normal TTFA p99 within 2× the idle
 server's, the embedded engine's breaker never open — and writes ``bench/results/soak-*.json``
 and ``.png``. The exit status is 0 only if every criterion passed.
 
@@ -39,6 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .load import percentiles
 from .procs import ChildProcess, Pinning, fake_process, voxrelay_process
@@ -233,7 +235,8 @@ def _growth(points: list[Point], attr: str, warmup_s: float, t0: float) -> tuple
 def criteria(run: Run, watch: Watch, soak_t0: float) -> list[tuple[str, bool, str]]:
     plan = run.plan
     out = []
-    for attr, label in (("rss_mb", "RSS flat (MB)"), ("fds", "descriptors flat")):
+    flat = (("rss_mb", "RSS flat (MB)"), ("own_fds", "descriptors flat (callers' excluded)"))
+    for attr, label in flat:
         growth, detail = _growth(watch.points, attr, plan.warmup_s, soak_t0)
         out.append((label, growth < GROWTH_LIMIT, detail))
     failed = [o for o in run.normal if o.error is not None]
@@ -267,7 +270,7 @@ def criteria(run: Run, watch: Watch, soak_t0: float) -> list[tuple[str, bool, st
 
 def table(points: list[Point]) -> str:
     head = (
-        f"{'t s':>6} {'phase':<7} {'RSS MB':>8} {'fds':>5} {'thr':>4} {'procs':>5} "
+        f"{'t s':>6} {'phase':<7} {'RSS MB':>8} {'fds':>5} {'own':>4} {'thr':>4} {'procs':>5} "
         f"{'tasks':>6} {'streams':>7} {'grpc':>5} {'wsconn':>6} {'ok':>4} {'fail':>4} "
         f"{'p50 ms':>8} {'p99 ms':>8}"
     )
@@ -278,7 +281,7 @@ def table(points: list[Point]) -> str:
     lines = [head, "-" * len(head)]
     for p in points:
         lines.append(
-            f"{p.t:>6.0f} {p.phase:<7} {p.rss_mb:>8.1f} {p.fds:>5} {p.threads:>4} "
+            f"{p.t:>6.0f} {p.phase:<7} {p.rss_mb:>8.1f} {p.fds:>5} {p.own_fds:>4} {p.threads:>4} "
             f"{p.processes:>5} {n(p.tasks, 6)} {n(p.active_streams, 7)} {n(p.grpc_streams, 5)} "
             f"{n(p.ws_connections, 6)} {p.normal_ok:>4} {p.normal_failed:>4} "
             f"{n(p.ttfa_p50_ms, 8)} {n(p.ttfa_p99_ms, 8)}"
@@ -301,7 +304,14 @@ def plot(
     fig, axes = plt.subplots(5, 1, figsize=(10, 13), sharex=True)
     series: list[tuple[Any, list[tuple[str, list[Any]]], str]] = [
         (axes[0], [("RSS (voxrelay and children)", [p.rss_mb for p in points])], "MB"),
-        (axes[1], [("open descriptors", [p.fds for p in points])], "count"),
+        (
+            axes[1],
+            [
+                ("open descriptors", [p.fds for p in points]),
+                ("not callers' connections", [p.own_fds for p in points]),
+            ],
+            "count",
+        ),
         (
             axes[2],
             [
@@ -450,7 +460,13 @@ async def soak(args: argparse.Namespace) -> bool:
             await voxrelay_process(pinning, fake.info["base_url"], extra_env=SOAK_ENV)
         )
         targets = Targets(grpc=voxrelay.info["grpc"], ws_url=voxrelay.info["websocket"])
-        watch = Watch(voxrelay.pid, voxrelay.info["metrics"], lambda: run.normal, plan.every_s)
+        ports = frozenset(
+            urlsplit(url).port or 0
+            for url in (f"//{targets.grpc}", targets.ws_url, voxrelay.info["metrics"])
+        )
+        watch = Watch(
+            voxrelay.pid, voxrelay.info["metrics"], lambda: run.normal, ports, plan.every_s
+        )
         say(f"idle: {plan.idle_rounds} rounds of {', '.join(KINDS)}, one request at a time")
         idle_clients = {
             kind: NormalClient(

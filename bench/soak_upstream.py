@@ -5,10 +5,13 @@ answered with that fault: a 5xx, a reset before or after some tokens, a stall, a
 byte, a malformed frame. ``[[long]]`` asks for a long reply. Every other request is served
 normally, so the soak's normal clients share the upstream with the attack and see it healthy.
 
-Faults in a row (a retry of a faulted call is asked the same fault) are capped below voxrelay's
-breaker threshold (``VOXRELAY_BREAKER_FAILURES``, 5 by default): the breaker counts consecutive
-failed calls, and an attack that asks for faults must not be what opens the chat breaker for
-everyone. Past the cap, marked requests are served healthy until one is.
+One fault at a time, and only after :data:`HEALTHY_BETWEEN_FAULTS` chat requests were answered
+whole since the last one ended: voxrelay's breaker opens after five consecutive failed calls
+(``VOXRELAY_BREAKER_FAILURES``), and an attack that asks for faults must not be what opens the
+chat breaker for the normal clients. A failure is recorded when voxrelay notices it, a stall's
+only at its timeout, so counting faults in a row as they are served was not enough: in a
+12-minute run the chat breaker opened three times. A marked request that comes too soon (or
+a retry of a faulted one) is served healthy.
 
 Run ``python -m bench.soak_upstream --port 0``; the start-up line is the fake's own.
 """
@@ -31,7 +34,7 @@ from fakes.openai_upstream import (
     status,
 )
 
-__all__ = ["FAULTS", "LONG_REPLY", "MAX_FAULTS_IN_A_ROW", "SoakUpstream", "main", "marker"]
+__all__ = ["FAULTS", "HEALTHY_BETWEEN_FAULTS", "LONG_REPLY", "SoakUpstream", "main", "marker"]
 
 #: what ``[[fault:KIND]]`` asks for.
 FAULTS: Mapping[str, Callable[[], Fault]] = {
@@ -43,8 +46,8 @@ FAULTS: Mapping[str, Callable[[], Fault]] = {
     "slow": lambda: slow_first_byte(4.0),
     "malformed": malformed,
 }
-#: fewer than voxrelay's default breaker threshold (5).
-MAX_FAULTS_IN_A_ROW = 3
+#: chat requests answered whole between two faults.
+HEALTHY_BETWEEN_FAULTS = 2
 
 LONG_REPLY = " ".join(
     f"Point {i}: the relay keeps speaking while the listener keeps listening, "
@@ -79,21 +82,28 @@ class SoakUpstream(FakeOpenAI):
     def __init__(self, **options: Any) -> None:
         options["reply"] = _reply
         super().__init__(**options)
-        self.faults_in_a_row = 0
+        self.fault_open = False
+        self.healthy_since_fault = HEALTHY_BETWEEN_FAULTS
 
     async def _respond(self, conn: Any, request: Any, record: Any) -> bool:
-        if record.path == "/v1/chat/completions" and isinstance(record.body, dict):
-            messages = record.body.get("messages")
-            text = _last_user_text(messages) if isinstance(messages, list) else ""
-            found = marker(text)
-            make = FAULTS.get(found.group("fault") or "") if found is not None else None
-            if make is not None and self.faults_in_a_row < MAX_FAULTS_IN_A_ROW:
-                self.faults_in_a_row += 1
-                # Taken by this very request: nothing awaits between here and the take.
-                self.chat_faults.append(make())
-            else:
-                self.faults_in_a_row = 0
-        return await super()._respond(conn, request, record)
+        if record.path != "/v1/chat/completions" or not isinstance(record.body, dict):
+            return await super()._respond(conn, request, record)
+        messages = record.body.get("messages")
+        found = marker(_last_user_text(messages) if isinstance(messages, list) else "")
+        make = FAULTS.get(found.group("fault") or "") if found is not None else None
+        due = not self.fault_open and self.healthy_since_fault >= HEALTHY_BETWEEN_FAULTS
+        if make is not None and due:
+            self.fault_open, self.healthy_since_fault = True, 0
+            # Taken by this very request: nothing awaits between here and the take.
+            self.chat_faults.append(make())
+            try:
+                return await super()._respond(conn, request, record)
+            finally:
+                self.fault_open = False
+        whole = await super()._respond(conn, request, record)
+        if whole:
+            self.healthy_since_fault += 1
+        return whole
 
 
 def main(argv: Sequence[str] | None = None) -> None:

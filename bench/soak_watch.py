@@ -2,8 +2,9 @@
 
 :class:`Watch` scrapes ``/metrics`` every second (a circuit breaker may open and close
 between two samples) and takes a :class:`Point` every ``every_s``: RSS and open descriptors
-of voxrelay and every process under it, its threads, its event loop's tasks, streams in
-flight, and the normal clients' time to first audio over that interval.
+(all, and those that are not callers' connections) of voxrelay and every process under it,
+its threads, its event loop's tasks, streams in flight, and the normal clients' time to first
+audio over that interval.
 """
 
 from __future__ import annotations
@@ -88,11 +89,37 @@ class ProcessTree:
         return 0
 
     @staticmethod
-    def fds(pid: int) -> int:
+    def fds(pid: int) -> list[str]:
+        """Return what each open descriptor points at (``socket:[inode]``, a path, ...)."""
+        out: list[str] = []
         try:
-            return len(os.listdir(f"/proc/{pid}/fd"))
+            names = os.listdir(f"/proc/{pid}/fd")
         except OSError:
-            return 0
+            return out
+        for name in names:
+            with contextlib.suppress(OSError):
+                out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        return out
+
+
+_TCP_LISTEN = "0A"
+
+
+def tcp_sockets() -> dict[str, tuple[int, str]]:
+    """Return every TCP socket of this network namespace: ``socket:[inode]`` → (local port,
+    state as /proc/net/tcp writes it)."""
+    out: dict[str, tuple[int, str]] = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path, encoding="ascii") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            out[f"socket:[{fields[9]}]"] = (port, fields[3])
+    return out
 
 
 @dataclass(slots=True)
@@ -103,6 +130,8 @@ class Point:
     phase: str
     rss_mb: float
     fds: int
+    #: descriptors other than the callers' connections (listeners, upstream pool, files...).
+    own_fds: int
     threads: int
     processes: int
     tasks: float | None
@@ -125,6 +154,8 @@ class Watch:
     pid: int
     metrics_url: str
     outcomes: Callable[[], Sequence[Outcome]]
+    #: voxrelay's listening ports: a descriptor connected on one of them is a caller's.
+    ports: frozenset[int]
     every_s: float = 10.0
     phase: str = "start"
     points: list[Point] = field(default_factory=list)
@@ -157,11 +188,17 @@ class Watch:
         fresh, self._seen_outcomes = done[self._seen_outcomes :], len(done)
         ttfas = [o.ttfa for o in fresh if o.ttfa is not None]
         stats = percentiles(ttfas)
+        targets = [t for p in pids for t in tree.fds(p)]
+        tcp = tcp_sockets()
+        callers = sum(
+            1 for t in targets if t in tcp and tcp[t][0] in self.ports and tcp[t][1] != _TCP_LISTEN
+        )
         point = Point(
             t=round(self.now(), 1),
             phase=self.phase,
             rss_mb=round(sum(tree.status(p, "VmRSS") for p in pids) / 1024, 1),
-            fds=sum(tree.fds(p) for p in pids),
+            fds=len(targets),
+            own_fds=len(targets) - callers,
             threads=tree.status(self.pid, "Threads"),
             processes=len(pids),
             tasks=self.last.get("voxrelay_event_loop_tasks"),

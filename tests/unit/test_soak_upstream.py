@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import httpx2
 import pytest
 
-from bench.soak_upstream import LONG_REPLY, MAX_FAULTS_IN_A_ROW, SoakUpstream
+from bench.soak_upstream import HEALTHY_BETWEEN_FAULTS, LONG_REPLY, SoakUpstream
 from fakes.openai_upstream import DEFAULT_REPLY, Latency
 
 
@@ -37,10 +39,25 @@ async def test_only_marked_requests_fault(
     assert long.json()["choices"][0]["message"]["content"] == LONG_REPLY
 
 
-async def test_faults_in_a_row_stop_below_the_breaker_threshold(
+async def test_faults_come_one_at_a_time_between_healthy_answers(
     http: tuple[SoakUpstream, httpx2.AsyncClient],
 ) -> None:
     _, client = http
-    codes = [(await ask(client, "Again. [[fault:500]]")).status_code for _ in range(5)]
-    assert codes == [500] * MAX_FAULTS_IN_A_ROW + [200] + [500]
-    assert MAX_FAULTS_IN_A_ROW < 5  # voxrelay's default VOXRELAY_BREAKER_FAILURES
+    codes = [(await ask(client, "Again. [[fault:500]]")).status_code for _ in range(6)]
+    assert codes == [500, 200, 200, 500, 200, 200]
+    assert HEALTHY_BETWEEN_FAULTS == 2
+
+
+async def test_no_fault_while_another_is_still_answered(
+    http: tuple[SoakUpstream, httpx2.AsyncClient],
+) -> None:
+    fake, client = http
+    stalled = asyncio.create_task(ask(client, "Wait. [[fault:stall]]"))
+    await fake.wait_for(lambda: fake.fault_open)
+    for _ in range(HEALTHY_BETWEEN_FAULTS + 1):
+        assert (await ask(client, "Now. [[fault:500]]")).status_code == 200
+    stalled.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stalled
+    await fake.wait_for(lambda: not fake.fault_open)
+    assert (await ask(client, "Now. [[fault:500]]")).status_code == 500
