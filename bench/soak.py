@@ -387,6 +387,10 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         print(f"\nvoxrelay logged {len(run.log_problems)} warnings and errors:")
         for what, count in log_summary(run.log_problems).most_common(12):
             print(f"  {count:>5}  {what}")
+    if own := own_errors(run.log_problems):
+        entry = json.loads(own[0])
+        print(f"\nvoxrelay's own errors: {len(own)}; the first one's traceback ends:")
+        print("  " + str(entry.get("exc", entry.get("msg")))[-1500:].replace("\n", "\n  "))
     verdicts = criteria(run, watch, soak_t0)
     print()
     for label, ok, detail in verdicts:
@@ -404,12 +408,24 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         "breaker_opened": watch.breaker_opened[:100],
         "log_summary": dict(log_summary(run.log_problems)),
         "log_problems": run.log_problems[:50],
+        "voxrelay_errors": own_errors(run.log_problems)[:200],
         "criteria": [{"name": n, "pass": ok, "detail": d} for n, ok, d in verdicts],
     }
     Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))
     drawn = plot(watch.points, idle["p99"], soak_t0, run.plan.warmup_s, Path(f"{stem}.png"))
     say(f"wrote {stem}.json" + (f" and {stem}.png" if drawn else " (no matplotlib: no plot)"))
     return all(ok for _, ok, _ in verdicts)
+
+
+def own_errors(lines: list[str]) -> list[str]:
+    """Return the error lines voxrelay's own loggers wrote (not grpc's or websockets')."""
+    out = []
+    for line in lines:
+        with contextlib.suppress(ValueError, AttributeError):
+            entry = json.loads(line)
+            if entry.get("level") == "error" and str(entry.get("logger")).startswith("voxrelay"):
+                out.append(line)
+    return out
 
 
 def log_summary(lines: list[str]) -> Counter[str]:
