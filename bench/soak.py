@@ -11,7 +11,9 @@ embedded espeak engine for speech and the fake as its chat upstream, and SPEC's 
    :class:`~bench.soak_watch.Point`: voxrelay's RSS and open descriptors (its process and
    every process under it; descriptors also without the callers' connections), threads,
    event loop tasks, streams in flight, and the normal clients' TTFA p50/p99 over those 10 s.
-3. *Settle*: the attack stops; voxrelay should return to no streams in flight.
+3. *Settle*: the attack stops; voxrelay should return to no streams in flight. Then the idle
+   pass once more: the lower of the two idle p99s is the bar (the machine is shared, and a
+   neighbour's burst during one pass raises it).
 
 It prints a table and one PASS/FAIL line per criterion — RSS and descriptors (other than
 callers' connections, which come and go with the attack) flat after the warm-up (growth under
@@ -103,6 +105,8 @@ class Run:
 
     plan: Plan
     idle: list[Outcome] = field(default_factory=list)
+    #: the same idle pass once the attack has settled.
+    idle_again: list[Outcome] = field(default_factory=list)
     normal: list[Outcome] = field(default_factory=list)
     idle_point: Point | None = None
     after_point: Point | None = None
@@ -145,14 +149,40 @@ class Children:
 # The phases
 
 
-async def idle_phase(clients: dict[str, NormalClient], plan: Plan, run: Run) -> None:
+async def idle_phase(targets: Targets, plan: Plan, into: list[Outcome]) -> None:
     """One request at a time, each kind in turn; a warm-up round first is not counted."""
-    for kind in KINDS:
-        await clients[kind].request()
-    for _ in range(plan.idle_rounds):
+    clients = {
+        kind: NormalClient(
+            kind,
+            grpc_target=targets.grpc,
+            ws_url=targets.ws_url,
+            address=loopback(1, 200 + k),
+            timeout_s=plan.request_timeout_s,
+        )
+        for k, kind in enumerate(KINDS)
+    }
+    try:
         for kind in KINDS:
-            run.idle.append(await clients[kind].request())
-            await asyncio.sleep(0.2)
+            await clients[kind].request()
+        for _ in range(plan.idle_rounds):
+            for kind in KINDS:
+                into.append(await clients[kind].request())
+                await asyncio.sleep(0.2)
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients.values()))
+
+
+def idle_reference(run: Run) -> tuple[float | None, str]:
+    """Return the idle TTFA p99 the soak is judged against, and where it comes from.
+
+    The machine is shared: a neighbour's burst during one idle pass raises its p99 (≈ its
+    maximum) and with it the bar. Of the pass before the attack and the one after it, the
+    lower p99 is the idle server's.
+    """
+    before = percentiles([o.ttfa for o in run.idle if o.ttfa is not None])["p99"]
+    after = percentiles([o.ttfa for o in run.idle_again if o.ttfa is not None])["p99"]
+    known = [v for v in (before, after) if v is not None]
+    return (min(known) if known else None), f"idle p99 {before} ms before, {after} ms after"
 
 
 async def normal_worker(client: NormalClient, stop: asyncio.Event, run: Run) -> None:
@@ -245,10 +275,10 @@ def criteria(run: Run, watch: Watch, soak_t0: float) -> list[tuple[str, bool, st
     if reasons:
         detail += f": {dict(reasons)}"
     out.append(("no normal request fails", bool(run.normal) and not failed, detail))
-    idle = percentiles([o.ttfa for o in run.idle if o.ttfa is not None])["p99"]
+    idle, where = idle_reference(run)
     soak = percentiles([o.ttfa for o in run.normal if o.ttfa is not None])["p99"]
     ok = idle is not None and soak is not None and soak <= TTFA_FACTOR * idle
-    out.append(("normal TTFA p99 within 2x idle", ok, f"{soak} ms vs idle {idle} ms"))
+    out.append(("normal TTFA p99 within 2x idle", ok, f"{soak} ms vs {idle} ms ({where})"))
     opened = [(t, k) for t, k in watch.breaker_opened if k == EMBEDDED_BREAKER]
     logged = [line for line in run.log_problems if "circuit breaker" in line and "tts" in line]
     failures = sum(
@@ -362,17 +392,22 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
     print(table(watch.points))
     print()
     idle = percentiles([o.ttfa for o in run.idle if o.ttfa is not None])
+    idle_again = percentiles([o.ttfa for o in run.idle_again if o.ttfa is not None])
     by_kind = {
         kind: {
-            "idle": percentiles([o.ttfa for o in run.idle if o.kind == kind and o.ttfa]),
-            "soak": percentiles([o.ttfa for o in run.normal if o.kind == kind and o.ttfa]),
+            phase: percentiles([o.ttfa for o in outcomes if o.kind == kind and o.ttfa])
+            for phase, outcomes in (
+                ("idle", run.idle),
+                ("soak", run.normal),
+                ("idle_again", run.idle_again),
+            )
         }
         for kind in KINDS
     }
-    print("normal TTFA by kind (ms): idle p50/p99 → soak p50/p99")
-    for kind, both in by_kind.items():
-        i, s = both["idle"], both["soak"]
-        print(f"  {kind:<11} {i['p50']}/{i['p99']} → {s['p50']}/{s['p99']}")
+    print("normal TTFA by kind (ms), p50/p99: idle → soak → idle again")
+    for kind, phases in by_kind.items():
+        shown = " → ".join(f"{p['p50']}/{p['p99']}" for p in phases.values())
+        print(f"  {kind:<11} {shown}")
     print("\nattack outcomes:")
     for attack in run.attacks:
         print(f"  {attack.name}: {dict(sorted(attack.tally.items()))}")
@@ -402,7 +437,7 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         "points": [p.row() for p in watch.points],
         "idle_point": run.idle_point.row() if run.idle_point else None,
         "after_point": run.after_point.row() if run.after_point else None,
-        "ttfa_ms": {"idle": idle, "by_kind": by_kind},
+        "ttfa_ms": {"idle": idle, "idle_again": idle_again, "by_kind": by_kind},
         "normal_failures": [o.error for o in run.normal if o.error],
         "attacks": {a.name: dict(a.tally) for a in run.attacks},
         "breaker_opened": watch.breaker_opened[:100],
@@ -412,7 +447,8 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         "criteria": [{"name": n, "pass": ok, "detail": d} for n, ok, d in verdicts],
     }
     Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    drawn = plot(watch.points, idle["p99"], soak_t0, run.plan.warmup_s, Path(f"{stem}.png"))
+    reference, _ = idle_reference(run)
+    drawn = plot(watch.points, reference, soak_t0, run.plan.warmup_s, Path(f"{stem}.png"))
     say(f"wrote {stem}.json" + (f" and {stem}.png" if drawn else " (no matplotlib: no plot)"))
     return all(ok for _, ok, _ in verdicts)
 
@@ -484,23 +520,10 @@ async def soak(args: argparse.Namespace) -> bool:
             voxrelay.pid, voxrelay.info["metrics"], lambda: run.normal, ports, plan.every_s
         )
         say(f"idle: {plan.idle_rounds} rounds of {', '.join(KINDS)}, one request at a time")
-        idle_clients = {
-            kind: NormalClient(
-                kind,
-                grpc_target=targets.grpc,
-                ws_url=targets.ws_url,
-                address=loopback(1, 200 + k),
-                timeout_s=plan.request_timeout_s,
-            )
-            for k, kind in enumerate(KINDS)
-        }
         watch.phase = "idle"
         await watch.poll()
         watch.sample()
-        try:
-            await idle_phase(idle_clients, plan, run)
-        finally:
-            await asyncio.gather(*(c.aclose() for c in idle_clients.values()))
+        await idle_phase(targets, plan, run.idle)
         await watch.poll()
         run.idle_point = watch.sample()
         failed = [o.error for o in run.idle if o.error]
@@ -526,6 +549,11 @@ async def soak(args: argparse.Namespace) -> bool:
             await asyncio.gather(watcher, return_exceptions=True)
         say("settle: waiting for voxrelay to have no stream in flight")
         run.after_point = await watch.settle(45.0)
+        say("idle again: the same pass as before the attack")
+        watch.phase = "idle2"
+        await idle_phase(targets, plan, run.idle_again)
+        await watch.poll()
+        watch.sample()
         run.log_problems = voxrelay.problems()
         return report(run, watch, soak_t0, args.out)
     finally:
