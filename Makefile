@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test test-cluster test-deps wheelhouse image proto proto-check buf-lint lint types check bench clean venv
+.PHONY: run test test-cluster test-deps wheelhouse image proto proto-check buf-lint lint types check bench soak clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -102,6 +102,11 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 ## The benchmark (about 20 minutes; `make bench BENCH_ARGS=--quick` for a tiny run).
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## The soak and abuse run: normal traffic and every attack at once, PASS/FAIL per criterion
+## (about 13 minutes; `make soak SOAK_ARGS=--quick` for about 3). Not part of `make test`.
+soak: $(BENCH_STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,13 +241,17 @@ async def fake_process(
     tts_first_byte_ms: float,
     tts_rtf: float,
     reply: str | None,
+    module: str = "fakes.openai_upstream",
 ) -> ChildProcess:
-    """Start the fake OpenAI upstream (its CLI keeps no history) on a free port."""
+    """Start the fake OpenAI upstream (its CLI keeps no history) on a free port.
+
+    *module* is any module with the fake's command line that prints its start-up line.
+    """
     argv = [
         *pinning.prefix(pinning.fake),
         sys.executable,
         "-m",
-        "fakes.openai_upstream",
+        module,
         "--port",
         "0",
         "--ttft-ms",
@@ -314,8 +319,12 @@ async def _ready(ws_port: int, proc: asyncio.subprocess.Process, timeout: float)
     return False
 
 
-async def voxrelay_process(pinning: Pinning, upstream: str) -> ChildProcess:
+async def voxrelay_process(
+    pinning: Pinning, upstream: str, *, extra_env: Mapping[str, str] | None = None
+) -> ChildProcess:
     """Start ``voxrelay serve`` on free ports against *upstream*, with the bench limits.
+
+    *extra_env* is applied last: it may change the providers or put limits back.
 
     At log level warning voxrelay does not log its start-up line, so the ports are picked
     here and readiness is polled on ``/readyz``.
@@ -338,6 +347,7 @@ async def voxrelay_process(pinning: Pinning, upstream: str) -> ChildProcess:
         # Every request is a first turn, on both doors alike.
         VOXRELAY_MEMORY_TURNS="0",
     )
+    env.update(extra_env or {})
     argv = [
         *pinning.prefix(pinning.voxrelay),
         sys.executable,

@@ -108,6 +108,7 @@ class App:
     async def start(self) -> None:
         """Open every listener and log what was chosen."""
         s = self.settings
+        metrics.watch_loop(asyncio.get_running_loop())
         if self.worker is None:
             server, thread = start_http_server(
                 s.metrics_port, addr=s.host, registry=metrics.REGISTRY

@@ -12,7 +12,8 @@ than "no data" and ``rate()`` has something to work on from the first scrape.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -25,6 +26,8 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from . import __version__
 from .errors import ERROR_CODES
@@ -61,6 +64,7 @@ __all__ = [
     "WS_CONNECTIONS",
     "closed",
     "init_upstream",
+    "watch_loop",
 ]
 
 # `_created` series double the exposition and no dashboard or alert here reads them.
@@ -220,6 +224,35 @@ UPSTREAM_CHARACTERS = Counter(
     ["provider"],
     registry=REGISTRY,
 )
+
+
+class _LoopTasks(Collector):
+    """Count the unfinished tasks of the serving event loop at each scrape.
+
+    A scrape runs on the metrics listener's thread: :func:`asyncio.all_tasks` only reads the
+    tasks' registry (retrying if it changes meanwhile), it never touches the loop.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        loop = self.loop
+        count = 0 if loop is None or loop.is_closed() else len(asyncio.all_tasks(loop))
+        yield GaugeMetricFamily(
+            "voxrelay_event_loop_tasks",
+            "Unfinished asyncio tasks of the serving event loop (a leak shows as growth).",
+            value=count,
+        )
+
+
+_LOOP_TASKS = _LoopTasks()
+REGISTRY.register(_LOOP_TASKS)
+
+
+def watch_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Report *loop*'s task count as ``voxrelay_event_loop_tasks`` (call once, at start-up)."""
+    _LOOP_TASKS.loop = loop
 
 
 def init_upstream(stage: str, provider: str) -> None:

@@ -457,3 +457,31 @@ async def test_series_worth_seeing_exist_before_any_traffic(app: App) -> None:
     assert has("voxrelay_upstream_tokens_total", provider="openai", kind="prompt")
     assert has("voxrelay_upstream_characters_total", provider="espeak")
     assert has("voxrelay_limits_backend_up")  # 1: Redis is not used here
+
+
+async def test_event_loop_tasks_gauge_follows_a_stream_in_flight(
+    app: App, fake: FakeOpenAI
+) -> None:
+    """The soak run reads leaks off ``voxrelay_event_loop_tasks``: it must see a stream's
+    tasks while the stream runs and their end after a cancel."""
+
+    async def tasks() -> float:
+        seen = Scrape.parse(await scrape(app))
+        assert seen.types["voxrelay_event_loop_tasks"] == "gauge"
+        return seen.value("voxrelay_event_loop_tasks")
+
+    idle = await tasks()
+    assert idle >= 1  # at least the test itself runs on the serving loop
+    fake.chat_faults.append(hang())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        call = pb_grpc.SynthesizerStub(channel).Synthesize(
+            pb.SynthesizeRequest(text="Never answered."), timeout=WAIT
+        )
+        assert (await call.read()).HasField("started")
+        await fake.wait_for(lambda: any(r.first("hanging") for r in fake.chat_requests))
+        assert await tasks() > idle
+        call.cancel()
+        await eventually(lambda: counted("voxrelay_active_streams", protocol="grpc") == 0)
+    async with asyncio.timeout(WAIT):
+        while await tasks() > idle:  # noqa: ASYNC110 - a task's end announces nothing
+            await asyncio.sleep(0.01)
