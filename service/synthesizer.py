@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from .audio import StreamEncoder, format_info
+from .cache import PhraseCache
 from .engines import Engines
 from .errors import Internal, VoxrelayError
 from .limits import Admission
@@ -54,6 +55,8 @@ class Synthesizer:
         self.planner = RequestPlanner(settings, self.engines)
         self.runtime = Runtime(settings, Admission.from_settings(settings))
         self.speakable = SpeakableText(settings.lexicon_file)
+        #: repeated segments replayed, not synthesised again (None: ``VOXRELAY_CACHE_MB=0``).
+        self.phrases = PhraseCache.from_settings(settings)
         # Encoding is CPU work: it runs here, never on the event loop.
         self._encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="encode")
 
@@ -77,8 +80,10 @@ class Synthesizer:
         return await self.engines.voices(language)
 
     async def aclose(self) -> None:
-        """Release providers and the encoder threads."""
+        """Release providers, the phrase cache and the encoder threads."""
         await self.engines.aclose()
+        if self.phrases is not None:
+            await self.phrases.aclose()
         self._encoders.shutdown(wait=True, cancel_futures=True)
 
     def _output(
@@ -236,7 +241,13 @@ class SynthesisStream:
         self._output = out
         started = core._started(plan, encoder)
         ctx = StreamContext(
-            plan, core.settings, core.engines, self._deadline, self._caller, core.speakable
+            plan,
+            core.settings,
+            core.engines,
+            self._deadline,
+            self._caller,
+            core.speakable,
+            core.phrases,
         )
         speaking = plan.mode is Mode.CHAT and core.engines.speaking is not None
         pipeline = SpeakingPipeline(ctx, out) if speaking else ChainedPipeline(ctx, out)

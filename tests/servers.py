@@ -29,6 +29,8 @@ def make_settings(**overrides: Any) -> Settings:
         http_port=0,
         llm="echo",
         tts="espeak",
+        # Off: a repeated text would be replayed, not spoken. Tests of the cache turn it on.
+        cache_mb=0,
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
@@ -147,6 +149,6 @@ def serve_process(**env_overrides: str) -> ServerProcess:
     """``voxrelay serve`` on free ports with the embedded providers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
-    env.update(VOXRELAY_HTTP_PORT="0")
+    env.update(VOXRELAY_HTTP_PORT="0", VOXRELAY_CACHE_MB="0")  # as make_settings does
     env.update(env_overrides)
     return ServerProcess([sys.executable, "-m", "voxrelay.gateways.cli", "serve"], env)
