@@ -286,13 +286,17 @@ class PhraseCache:
             del self._flights[name]
             flight.done.set_result(made)
 
+    async def flushed(self) -> None:
+        """Return once every phrase offered to the shared tier so far has been written."""
+        if self._writes:
+            await asyncio.wait(set(self._writes))
+
     async def aclose(self) -> None:
         """Forget every phrase, wait for the writes to the shared tier, and close it."""
         metrics.CACHE_BYTES.dec(self._bytes)
         self._entries.clear()
         self._bytes = 0
-        if self._writes:
-            await asyncio.wait(set(self._writes))
+        await self.flushed()
         if self.shared is not None:
             await self.shared.aclose()
 
