@@ -317,7 +317,9 @@ async def _ready(ws_port: int, proc: asyncio.subprocess.Process, timeout: float)
     return False
 
 
-async def voxrelay_process(pinning: Pinning, upstream: str) -> ChildProcess:
+async def voxrelay_process(
+    pinning: Pinning, upstream: str, *, settings: dict[str, str] | None = None
+) -> ChildProcess:
     """Start ``voxrelay serve`` on free ports against *upstream*, with the bench limits.
 
     At log level warning voxrelay does not log its start-up line, so the ports are picked
@@ -341,6 +343,7 @@ async def voxrelay_process(pinning: Pinning, upstream: str) -> ChildProcess:
         # Every request is a first turn, on both doors alike.
         VOXRELAY_MEMORY_TURNS="0",
     )
+    env.update(settings or {})
     argv = [
         *pinning.prefix(pinning.voxrelay),
         sys.executable,
