@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 
 from fakes.openai_upstream import FakeOpenAI, Latency
 from fakes.providers import SpyChat, ToneSpeech, pcm_bytes
+from tests.integration.test_metrics import PROMTOOL, Scrape, delta, promtool_check, scrape
 from tests.servers import make_settings, running_app
 from voxrelay.client import AudioChunk, Client, StreamFinished, WordTimings
 from voxrelay.gateways.app import App
@@ -311,3 +312,21 @@ async def test_the_cache_is_closed_with_the_app(redis_server: RedisProcess) -> N
             [e async for e in client.synthesize("Hello there.", mode="speak")]
         assert phrases.bytes > 0
     assert phrases.bytes == 0
+
+
+async def test_metrics_count_hits_misses_and_bytes() -> None:
+    async with running_app(cache_mb=64) as app:  # the embedded espeak engine
+        before = Scrape.parse(await scrape(app))
+        async with Client(target(app, "ws"), timeout=WAIT) as client:
+            for _ in range(2):
+                [e async for e in client.synthesize(TEXT, mode="speak")]
+        after = Scrape.parse(await scrape(app))
+    # Every segment made once by the first request, replayed by the second.
+    misses = delta(before, after, "voxrelay_cache_misses_total")
+    assert misses > 0 and delta(before, after, "voxrelay_cache_hits_total") == misses
+    assert after.types["voxrelay_cache_bytes"] == "gauge"
+    assert after.value("voxrelay_cache_bytes") > 0
+    assert "voxrelay_cache_evictions_total" in after.names()
+    if PROMTOOL is not None:
+        checked = promtool_check(after.text)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
