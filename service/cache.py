@@ -44,6 +44,9 @@ ENTRY_OVERHEAD = 256
 #: One phrase may take at most this share of the bound, so one long segment cannot
 #: push out every short one.
 MAX_ENTRY_SHARE = 4
+#: A stream waits this long at most for a phrase another stream is making, then asks
+#: the engine itself: about what a segment's synthesis takes, at worst, when all is well.
+MAX_FLIGHT_WAIT_S = 5.0
 #: A Redis round trip longer than this is a miss: the engine is asked instead.
 REDIS_TIMEOUT_S = 0.25
 #: After a Redis failure, the shared tier is not asked again for this long.
@@ -165,7 +168,10 @@ class Recording:
 
 @dataclass(slots=True)
 class Lookup:
-    """What :meth:`PhraseCache.phrase` found: a phrase to replay, or a recording to make."""
+    """What :meth:`PhraseCache.phrase` found: a phrase to replay, or a recording to make.
+
+    Neither: speak the segment uncached (its maker elsewhere took too long).
+    """
 
     hit: Phrase | None
     recording: Recording | None
@@ -186,9 +192,16 @@ class PhraseCache:
     a phrase made here is offered there.
     """
 
-    def __init__(self, max_bytes: int, shared: SharedPhrases | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        shared: SharedPhrases | None = None,
+        *,
+        max_wait_s: float = MAX_FLIGHT_WAIT_S,
+    ) -> None:
         self.max_bytes = max_bytes
         self.shared = shared
+        self.max_wait_s = max_wait_s
         self._entries: OrderedDict[str, Phrase] = OrderedDict()
         self._bytes = 0
         self._flights: dict[str, _Flight] = {}
@@ -241,7 +254,8 @@ class PhraseCache:
         while speaking the segment; leaving the block stores a completed recording and
         wakes every stream that waited for it. A stream that finds the phrase being made
         waits for the whole of it; if its maker fails or is cancelled, the waiters ask
-        again and one of them makes it.
+        again and one of them makes it. A waiter that has waited *max_wait_s* speaks the
+        segment itself, uncached (a ``Lookup`` with neither).
         """
         name = key.digest()
         while True:
@@ -257,7 +271,14 @@ class PhraseCache:
             # Shielded: a waiter that is cancelled must not cancel the maker's future.
             flight.waiters += 1
             try:
-                made = await asyncio.shield(flight.done)
+                async with asyncio.timeout(self.max_wait_s):
+                    made = await asyncio.shield(flight.done)
+            except TimeoutError:
+                # The maker is stuck (an upstream stalling, a listener not reading):
+                # speak the segment without it, and leave the caching to the maker.
+                metrics.CACHE_MISSES.inc()
+                yield Lookup(None, None)
+                return
             finally:
                 flight.waiters -= 1
             if made is not None:

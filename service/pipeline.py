@@ -202,9 +202,9 @@ class ChainedPipeline:
             if found.hit is not None:
                 await self._replay(found.hit, feed)
             else:
-                assert found.recording is not None
                 await self._synthesize(text, feed, found.recording)
-                found.recording.complete()
+                if found.recording is not None:
+                    found.recording.complete()
         feed.end()
 
     async def _replay(self, phrase: Phrase, feed: PcmFeed) -> None:

@@ -225,3 +225,24 @@ async def test_a_failed_segment_is_not_cached(core: tuple[Synthesizer, ToneSpeec
     events = await run(synthesizer, speak("This one is broken."))
     assert speech.calls == ["This one is broken."] * 2
     assert len(audio(events)) == pcm_bytes("This one is broken.")
+
+
+async def test_a_waiter_whose_maker_is_stuck_speaks_the_segment_itself(
+    core: tuple[Synthesizer, ToneSpeech],
+) -> None:
+    synthesizer, speech = core
+    phrases = synthesizer.phrases
+    assert phrases is not None
+    phrases.max_wait_s = 0.05
+    speech.gate = asyncio.Event()  # the maker is held after its first chunk, for good
+    maker = asyncio.create_task(run(synthesizer, speak("Just a moment.")))
+    await eventually(lambda: len(speech.calls) == 1)
+    speech.gate = None  # the waiter's own call is not held
+    events = await run(synthesizer, speak("Just a moment."))
+    assert len(audio(events)) == pcm_bytes("Just a moment.")
+    assert speech.calls == ["Just a moment."] * 2
+    assert len(phrases) == 0  # caching is left to the maker, still at work
+    maker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await maker
+    assert len(phrases) == 0
