@@ -27,10 +27,10 @@ def make_settings(**overrides: Any) -> Settings:
         ws_port=0,
         metrics_port=0,
         http_port=0,
-        llm="echo",
-        tts="espeak",
         # Off: a repeated text would be replayed, not spoken. Tests of the cache turn it on.
         cache_mb=0,
+        llm="echo",
+        tts="espeak",
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
