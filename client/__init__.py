@@ -29,6 +29,7 @@ from voxrelay.service.model import (
 
 from .client import TLS, Client, Via
 from .errors import ConnectionFailed
+from .synthesis import Synthesis
 
 __all__ = [
     "TLS",
@@ -42,6 +43,7 @@ __all__ = [
     "SegmentStarted",
     "StreamFinished",
     "StreamStarted",
+    "Synthesis",
     "Via",
     "Voice",
     "WordTiming",

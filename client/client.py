@@ -12,6 +12,7 @@ from voxrelay.service import model
 from voxrelay.service.errors import InvalidRequest
 
 from .grpc_transport import GrpcTransport, channel_credentials
+from .synthesis import Interruption, Synthesis
 from .ws_transport import WsTransport, ssl_context
 
 __all__ = ["DEFAULT_TIMEOUT_S", "STREAM_PATH", "TLS", "Client", "Transport", "Via"]
@@ -37,6 +38,7 @@ class Transport(Protocol):
         request: model.SynthesisRequest,
         *,
         timeout: float | None,
+        interruption: Interruption,
     ) -> AsyncIterator[model.Event]: ...
 
     async def voices(
@@ -152,7 +154,7 @@ class Client:
         word_timestamps: bool = False,
         normalization: bool | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[model.Event]:
+    ) -> Synthesis:
         """Stream the spoken answer to *text* (chat) or *text* itself (``mode="speak"``).
 
         Empty strings and zeros leave the choice to the server. With *word_timestamps*,
@@ -161,7 +163,8 @@ class Client:
         the client's) bounds the whole call. Leaving the ``async for`` early — ``break``,
         an exception, a cancelled task — cancels the stream on the server; to have that
         done before the next line runs, iterate inside
-        ``async with contextlib.aclosing(client.synthesize(...)) as events``.
+        ``async with contextlib.aclosing(client.synthesize(...)) as events``. A listener
+        who stops playback calls ``await events.interrupt(played_ms)`` for the text heard.
         """
         request = model.SynthesisRequest(
             text=text,
@@ -176,7 +179,11 @@ class Client:
             word_timestamps=word_timestamps,
             normalization=normalization,
         )
-        return self._transport.synthesize(request, timeout=self._timeout(timeout))
+        interruption = Interruption()
+        events = self._transport.synthesize(
+            request, timeout=self._timeout(timeout), interruption=interruption
+        )
+        return Synthesis(events, interruption)
 
     async def voices(
         self,

@@ -18,6 +18,7 @@ from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 from .errors import ConnectionFailed
+from .synthesis import Interruption
 
 __all__ = ["GrpcTransport", "channel_credentials"]
 
@@ -72,8 +73,13 @@ class GrpcTransport:
         request: model.SynthesisRequest,
         *,
         timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
+        interruption: Interruption,
     ) -> AsyncIterator[model.Event]:
-        """Run one ``Synthesize`` call; leaving early cancels it on the server."""
+        """Run one ``Synthesize`` call; leaving early cancels it on the server.
+
+        gRPC carries no playback position: *interruption* is left for the caller to read.
+        """
+        del interruption
         call = self._synthesizer().Synthesize(
             request_message(request), timeout=timeout, metadata=self._metadata
         )

@@ -28,6 +28,7 @@ from voxrelay.service import model
 from voxrelay.service.errors import InvalidRequest, VoxrelayError
 
 from .errors import ConnectionFailed
+from .synthesis import Interruption
 
 __all__ = ["WsTransport", "ssl_context"]
 
@@ -85,8 +86,13 @@ class WsTransport:
         request: model.SynthesisRequest,
         *,
         timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
+        interruption: Interruption,
     ) -> AsyncIterator[model.Event]:
-        """Run one stream; leaving early sends ``cancel`` and waits for ``cancelled``."""
+        """Run one stream; leaving early sends ``cancel`` and waits for ``cancelled``.
+
+        The ``cancel`` carries *interruption*'s playback position, if set, and the
+        server's ``heard_text`` is put back there.
+        """
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         request_id = request.request_id or uuid.uuid4().hex[:16]
         frame = dumps(synthesize_frame(request, request_id=request_id))
@@ -127,7 +133,7 @@ class WsTransport:
         finally:
             try:
                 if in_flight and self._ws is not None:
-                    await self._cancel(self._ws, request_id)
+                    await self._cancel(self._ws, request_id, interruption)
             finally:
                 self._turn.release()
 
@@ -215,7 +221,9 @@ class WsTransport:
             return ConnectionFailed("the connection was lost before the stream finished")
         return ConnectionFailed(f"the server closed the connection with {exc.rcvd}")
 
-    async def _cancel(self, ws: ClientConnection, request_id: str) -> None:
+    async def _cancel(
+        self, ws: ClientConnection, request_id: str, interruption: Interruption
+    ) -> None:
         """Cancel the stream in flight and read up to its end, or drop the connection.
 
         Whatever interrupts this (even a second cancel of the task), the connection is
@@ -224,12 +232,15 @@ class WsTransport:
         clean = False
         try:
             async with asyncio.timeout(CANCEL_WAIT_S):
-                await ws.send(dumps(cancel_frame(request_id)))
+                await ws.send(dumps(cancel_frame(request_id, interruption.played_ms)))
                 while True:
                     message = await ws.recv()
-                    if isinstance(message, str) and isinstance(
-                        parse_server_frame(message), Cancelled | ErrorFrame | model.StreamFinished
-                    ):
+                    if not isinstance(message, str):
+                        continue
+                    end = parse_server_frame(message)
+                    if isinstance(end, Cancelled):
+                        interruption.heard_text = end.heard_text
+                    if isinstance(end, Cancelled | ErrorFrame | model.StreamFinished):
                         clean = True
                         return
         except (TimeoutError, ConnectionClosed, VoxrelayError):

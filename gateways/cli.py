@@ -34,6 +34,8 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     configure_logging(settings.log_level)
+    if (count := settings.worker_count()) > 1:
+        return _serve_workers(settings, count)
     raise_descriptor_limit(settings)
     from .app import App  # imported late: building providers is start-up work
 
@@ -50,6 +52,18 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
             return _fail(_port_in_use(settings, exc))
         return _fail(f"cannot start: {exc}")
     return 0
+
+
+def _serve_workers(settings: Any, count: int) -> int:
+    """Run *count* worker processes behind a supervisor (see :mod:`.workers`)."""
+    from .workers import SupervisorError, supervise
+
+    try:
+        return supervise(settings, count)
+    except SupervisorError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor's own handlers were in place
+        return EXIT_INTERRUPTED
 
 
 #: Young collections once this many more container objects live than at the last one

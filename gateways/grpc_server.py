@@ -332,7 +332,10 @@ async def _refuse_undecodable(
 class GrpcDoor:
     """The grpc.aio server with the Synthesizer, health and (optionally) reflection."""
 
-    def __init__(self, settings: Settings, relay: Relay, keys: KeyStore) -> None:
+    def __init__(
+        self, settings: Settings, relay: Relay, keys: KeyStore, *, reuse_port: bool = False
+    ) -> None:
+        """*reuse_port*: share the port with other workers (SO_REUSEPORT); else own it."""
         self.settings = settings
         limit = settings.ws_max_message_bytes or -1
         known = _channelz_servers()
@@ -340,7 +343,7 @@ class GrpcDoor:
             interceptors=[AuthInterceptor(keys), DecodeInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(reuse_port)),
                 *_connection_options(settings),
             ],
         )

@@ -322,9 +322,12 @@ def synthesize_frame(request: model.SynthesisRequest, *, request_id: str) -> dic
     return frame
 
 
-def cancel_frame(request_id: str) -> dict[str, Any]:
-    """Build the ``cancel`` frame that stops stream *request_id*."""
-    return {"type": "cancel", "id": request_id}
+def cancel_frame(request_id: str, played_ms: int | None = None) -> dict[str, Any]:
+    """Build the ``cancel`` frame that stops stream *request_id* (at *played_ms*, if known)."""
+    frame: dict[str, Any] = {"type": "cancel", "id": request_id}
+    if played_ms is not None:
+        frame["played_ms"] = played_ms
+    return frame
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from .resilience import guarded_stream
 from .settings import Settings
 from .speakable import SpeakableText
 from .spoken import Spoken
-from .words import SpeechSpan, estimate_in
+from .words import SpeechSpan, WordMark, estimate_in, from_marks
 
 __all__ = ["ChainedPipeline", "Segment", "SegmentLocator", "SpeakingPipeline", "StreamContext"]
 
@@ -59,6 +59,12 @@ class StreamContext:
     speakable: SpeakableText
     #: the process's phrase cache (None: off).
     phrases: PhraseCache | None = None
+
+
+def _fresh(marks: list[WordMark]) -> list[WordMark]:
+    """Empty *marks* for a new attempt at a call (a retry starts the segment over)."""
+    marks.clear()
+    return marks
 
 
 def _call_timeout(timeout_s: float) -> float:
@@ -107,7 +113,9 @@ class ChainedPipeline:
         self.out = out
         self.reply_parts: list[str] = []
         self._segments: asyncio.Queue[Segment | None] = asyncio.Queue()
-        self._spoken: asyncio.Queue[tuple[Segment, PcmFeed] | None] = asyncio.Queue()
+        self._spoken: asyncio.Queue[tuple[Segment, PcmFeed, list[WordMark]] | None] = (
+            asyncio.Queue()
+        )
         self._lookahead = asyncio.Semaphore(ctx.settings.lookahead_segments)
 
     async def run(self, started: StreamStarted) -> str:
@@ -174,18 +182,20 @@ class ChainedPipeline:
         while (segment := await self._segments.get()) is not None:
             await self._lookahead.acquire()
             feed = PcmFeed()
-            tg.create_task(self._speak(segment.spoken.text, feed))
-            self._spoken.put_nowait((segment, feed))
+            marks: list[WordMark] = []
+            tg.create_task(self._speak(segment.spoken.text, feed, marks))
+            self._spoken.put_nowait((segment, feed, marks))
         self._spoken.put_nowait(None)
 
-    async def _speak(self, text: str, feed: PcmFeed) -> None:
-        """Speak one segment into *feed* (nothing, when nothing of it is to be said)."""
+    async def _speak(self, text: str, feed: PcmFeed, marks: list[WordMark]) -> None:
+        """Speak one segment into *feed* (nothing, when nothing of it is to be said);
+        an engine that reports its words puts them in *marks*."""
         if not text.strip():
             feed.end()
             return
         ctx = self.ctx
         if ctx.phrases is None:
-            await self._synthesize(text, feed, None)
+            await self._synthesize(text, feed, marks, None)
             feed.end()
             return
         speech, plan = ctx.engines.speech, ctx.plan
@@ -200,16 +210,17 @@ class ChainedPipeline:
         )
         async with ctx.phrases.phrase(key) as found:
             if found.hit is not None:
-                await self._replay(found.hit, feed)
+                await self._replay(found.hit, feed, marks)
             else:
-                await self._synthesize(text, feed, found.recording)
+                await self._synthesize(text, feed, marks, found.recording)
                 if found.recording is not None:
-                    found.recording.complete()
+                    found.recording.complete(tuple(marks) if speech.reports_words else None)
         feed.end()
 
-    async def _replay(self, phrase: Phrase, feed: PcmFeed) -> None:
+    async def _replay(self, phrase: Phrase, feed: PcmFeed, marks: list[WordMark]) -> None:
         """Put a cached phrase into *feed* as the engine would have, with no upstream call."""
         out = self.out
+        marks[:] = phrase.marks or ()
         if not out.finished.tts_first_byte_ms:
             out.finished.tts_first_byte_ms = out.since()
         pcm = phrase.pcm
@@ -220,8 +231,11 @@ class ChainedPipeline:
             if at == 0:
                 await asyncio.sleep(0)
 
-    async def _synthesize(self, text: str, feed: PcmFeed, recording: Recording | None) -> None:
-        """Ask the speech engine for *text*, into *feed* (and *recording*, when given)."""
+    async def _synthesize(
+        self, text: str, feed: PcmFeed, marks: list[WordMark], recording: Recording | None
+    ) -> None:
+        """Ask the speech engine for *text*, into *feed* (and *recording*, when given);
+        the engine's word marks, if it reports them, go in *marks*."""
         ctx, out = self.ctx, self.out
         speech, finished = ctx.engines.speech, out.finished
         loop = asyncio.get_running_loop()
@@ -239,6 +253,8 @@ class ChainedPipeline:
                 speed=ctx.plan.speed,
                 instructions=ctx.plan.instructions,
                 timeout=_call_timeout(ctx.settings.tts_timeout_s),
+                caller=ctx.caller,
+                marks=_fresh(marks),
             ),
             deadline=ctx.deadline,
             on_first=first_byte,
@@ -262,8 +278,9 @@ class ChainedPipeline:
         """Send the segments in order, each with its audio as it comes, then its words."""
         out = self.out
         rate = self.ctx.engines.speech.sample_rate
+        speech = self.ctx.engines.speech
         while (item := await self._spoken.get()) is not None:
-            segment, feed = item
+            segment, feed, marks = item
             spoken = segment.spoken
             start_ms = out.audio_ms
             await out.segment(
@@ -276,17 +293,27 @@ class ChainedPipeline:
                 await out.audio(pcm)
                 span.feed(pcm)
             self._lookahead.release()
-            first, last = span.bounds()
-            timings = estimate_in(
-                segment.text,
-                spoken,
-                first,
-                last,
-                span.audio_ms,
-                offset_ms=start_ms,
-                text_offset=segment.offset,
-            )
-            await out.words(timings, estimated=True)
+            if speech.reports_words:
+                timings = from_marks(
+                    segment.text,
+                    spoken,
+                    marks,
+                    offset_ms=start_ms,
+                    audio_ms=span.audio_ms,
+                    text_offset=segment.offset,
+                )
+            else:
+                first, last = span.bounds()
+                timings = estimate_in(
+                    segment.text,
+                    spoken,
+                    first,
+                    last,
+                    span.audio_ms,
+                    offset_ms=start_ms,
+                    text_offset=segment.offset,
+                )
+            await out.words(timings, estimated=not speech.reports_words)
 
 
 class SpeakingPipeline:

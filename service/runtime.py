@@ -60,7 +60,7 @@ class Runtime:
         None for an anonymous internal caller, to whom only the global caps apply).
         """
         self.check_open()
-        grant = self.admission.admit(caller, chars)
+        grant = await self.admission.admit(caller, chars)
         try:
             self.check_open()  # others may have started while the admission answered
         except VoxrelayError:

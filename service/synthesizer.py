@@ -26,7 +26,7 @@ from .audio import StreamEncoder, format_info
 from .cache import PhraseCache
 from .engines import Engines
 from .errors import Internal, VoxrelayError
-from .limits import Admission
+from .limits import make_admission
 from .model import AudioFormat, Event, Mode, StreamFinished, StreamStarted, SynthesisRequest, Voice
 from .output import EncoderRunner, EventQueue, StreamEnd, StreamOutput
 from .pipeline import ChainedPipeline, SpeakingPipeline, StreamContext
@@ -53,7 +53,7 @@ class Synthesizer:
         self.settings = settings
         self.engines = Engines(settings, chat, speech)
         self.planner = RequestPlanner(settings, self.engines)
-        self.runtime = Runtime(settings, Admission.from_settings(settings))
+        self.runtime = Runtime(settings, make_admission(settings))
         self.speakable = SpeakableText(settings.lexicon_file)
         #: repeated segments replayed, not synthesised again (None: ``VOXRELAY_CACHE_MB=0``).
         self.phrases = PhraseCache.from_settings(settings)
@@ -80,8 +80,9 @@ class Synthesizer:
         return await self.engines.voices(language)
 
     async def aclose(self) -> None:
-        """Release providers, the phrase cache and the encoder threads."""
+        """Release providers, the admission's connections, the phrase cache and the encoders."""
         await self.engines.aclose()
+        await self.runtime.admission.aclose()
         if self.phrases is not None:
             await self.phrases.aclose()
         self._encoders.shutdown(wait=True, cancel_futures=True)

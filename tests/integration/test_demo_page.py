@@ -36,8 +36,7 @@ os.environ.setdefault("SE_OFFLINE", "true")
 pytestmark = [
     pytest.mark.skipif(
         not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason="headless browser test needs /usr/bin/chromium and /usr/bin/chromedriver "
-        "(apt-get install chromium chromium-driver; CI installs them)",
+        reason="needs /usr/bin/chromium and /usr/bin/chromedriver: `make test-deps` installs them",
     ),
     pytest.mark.timeout(180),
 ]
