@@ -2,24 +2,16 @@
 
 A repeated reply costs no speech request to the (fake) OpenAI upstream, on either door;
 every format is made from one replayed entry; two processes' caches ("replicas") share
-phrases through a real ``redis-server``, within the shared tier's own bound and expiry,
-and a Redis that does not answer costs a stream nothing but the phrase.
+phrases through a real ``redis-server`` (``tests.redis_server``), within the shared tier's
+own bound and expiry, and a Redis that does not answer costs a stream nothing but the phrase.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import av
@@ -29,74 +21,21 @@ from redis.asyncio import Redis
 from fakes.openai_upstream import FakeOpenAI, Latency
 from fakes.providers import SpyChat, ToneSpeech, pcm_bytes
 from tests.integration.test_metrics import PROMTOOL, Scrape, delta, promtool_check, scrape
+from tests.redis_server import RedisServer, free_port
 from tests.servers import make_settings, running_app
-from voxrelay.client import AudioChunk, Client, StreamFinished, WordTimings
+from voxrelay.client import AudioChunk, Client, StreamFinished
 from voxrelay.gateways.app import App
 from voxrelay.service import metrics
 from voxrelay.service.cache import Phrase, PhraseCache, SharedPhrases
+from voxrelay.service.model import AudioChunk as CoreAudioChunk
 from voxrelay.service.model import AudioFormat, Mode, SynthesisRequest
+from voxrelay.service.model import WordTimings as CoreWordTimings
+from voxrelay.service.providers.registry import make_chat, make_speech
 from voxrelay.service.synthesizer import Synthesizer
 
 WAIT = 30.0
 KEY = "sk-cache-3c1f0e9a7b5d42e8"
 TEXT = "Sure! Let me check that for you."
-REDIS_SERVER = shutil.which("redis-server")
-
-
-# A real redis-server (Debian's), on a free port, owned by the test.
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisProcess:
-    def __init__(self, workdir: Path) -> None:
-        assert REDIS_SERVER is not None
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(workdir), "--loglevel", "warning"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "redis-server exited"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING")
-
-    def pause(self) -> None:
-        """Freeze it: the kernel accepts connections, nothing answers."""
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def stop(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisProcess]:
-    if REDIS_SERVER is None:
-        pytest.skip("needs redis-server (Debian's redis-server package)")
-    with tempfile.TemporaryDirectory(prefix="voxrelay-cache-redis-") as workdir:
-        server = RedisProcess(Path(workdir))
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 def speak(text: str = TEXT) -> SynthesisRequest:
@@ -123,7 +62,7 @@ async def replica(url: str, **settings: Any) -> AsyncIterator[tuple[Synthesizer,
 
 
 async def test_a_phrase_made_on_one_replica_is_replayed_on_another(
-    redis_server: RedisProcess,
+    redis_server: RedisServer,
 ) -> None:
     async with (
         replica(redis_server.url) as (one, one_speech),
@@ -138,7 +77,7 @@ async def test_a_phrase_made_on_one_replica_is_replayed_on_another(
 
 
 async def test_redis_holds_the_phrases_within_its_own_bound_and_expiry(
-    redis_server: RedisProcess,
+    redis_server: RedisServer,
 ) -> None:
     entry = Phrase(bytes(10_000), 24000)
     size = len(entry.to_bytes())
@@ -165,7 +104,7 @@ async def test_redis_holds_the_phrases_within_its_own_bound_and_expiry(
         await shared.aclose()
 
 
-async def test_expired_phrases_leave_the_bookkeeping(redis_server: RedisProcess) -> None:
+async def test_expired_phrases_leave_the_bookkeeping(redis_server: RedisServer) -> None:
     shared = SharedPhrases.from_url(
         redis_server.url, max_bytes=1_000_000, ttl_s=0.05, prefix="{test-ttl}"
     )
@@ -186,7 +125,7 @@ async def test_expired_phrases_leave_the_bookkeeping(redis_server: RedisProcess)
 
 
 async def test_a_redis_that_does_not_answer_is_a_miss_not_a_failure(
-    redis_server: RedisProcess,
+    redis_server: RedisServer,
 ) -> None:
     async with replica(redis_server.url) as (core, speech):
         redis_server.pause()
@@ -201,7 +140,7 @@ async def test_a_redis_that_does_not_answer_is_a_miss_not_a_failure(
 
 
 async def test_no_redis_at_all_is_a_miss_not_a_failure() -> None:
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     async with replica(url) as (core, speech):
         assert len(await pcm_of(core, speak("Hello."))) == pcm_bytes("Hello.")
         assert speech.calls == ["Hello."]
@@ -242,15 +181,13 @@ async def test_a_repeated_reply_costs_no_speech_request(via: str) -> None:
             async with Client(target(app, via), timeout=WAIT) as client:
                 events = [e async for e in client.synthesize("What does a ticket cost?")]
             assert isinstance(events[-1], StreamFinished)
-            audio = b"".join(e.data for e in events if isinstance(e, AudioChunk))
-            words = [w for e in events if isinstance(e, WordTimings) for w in e.words]
-            heard.append((audio, words))
+            heard.append(b"".join(e.data for e in events if isinstance(e, AudioChunk)))
             if len(heard) == 1:
                 speech_requests = len(upstream.speech_requests)
                 assert speech_requests > 0
         assert len(upstream.chat_requests) == 2  # the reply is still the LLM's to write
         assert len(upstream.speech_requests) == speech_requests  # but none of it is spoken again
-        assert heard[1] == heard[0]  # the same audio and the same word timings
+        assert heard[1] == heard[0]  # the same audio
 
 
 async def test_repeated_speak_requests_cost_no_upstream_request() -> None:
@@ -304,7 +241,7 @@ async def test_every_format_decodes_from_one_replayed_entry() -> None:
         assert metrics.CACHE_HITS._value.get() > hits
 
 
-async def test_the_cache_is_closed_with_the_app(redis_server: RedisProcess) -> None:
+async def test_the_cache_is_closed_with_the_app(redis_server: RedisServer) -> None:
     async with running_app(cache_mb=64, redis_url=redis_server.url) as app:
         phrases = app.synthesizer.phrases
         assert isinstance(phrases, PhraseCache) and phrases.shared is not None
@@ -330,3 +267,27 @@ async def test_metrics_count_hits_misses_and_bytes() -> None:
     if PROMTOOL is not None:
         checked = promtool_check(after.text)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_the_engines_word_marks_are_kept_and_replayed() -> None:
+    settings = make_settings(cache_mb=64)
+    core = Synthesizer(settings, make_chat(settings), make_speech(settings))
+    try:
+        phrases = core.phrases
+        assert phrases is not None and core.engines.speech.reports_words  # espeak
+        heard = []
+        for _ in range(2):
+            request = SynthesisRequest(
+                text=TEXT, mode=Mode.SPEAK, format=AudioFormat.PCM, word_timestamps=True
+            )
+            async with asyncio.timeout(WAIT), core.stream(request) as stream:
+                events = [e async for e in stream]
+            timings = [e for e in events if isinstance(e, CoreWordTimings)]
+            assert timings and not any(t.estimated for t in timings)
+            audio = b"".join(e.data for e in events if isinstance(e, CoreAudioChunk))
+            heard.append((audio, [t.words for t in timings]))
+        assert heard[1] == heard[0]
+        kept = list(phrases._entries.values())
+        assert kept and all(phrase.marks for phrase in kept)
+    finally:
+        await core.aclose()
