@@ -270,17 +270,20 @@ class PhraseCache:
                 break
             # Shielded: a waiter that is cancelled must not cancel the maker's future.
             flight.waiters += 1
+            stuck = False
             try:
                 async with asyncio.timeout(self.max_wait_s):
                     made = await asyncio.shield(flight.done)
             except TimeoutError:
+                stuck = True
+            finally:
+                flight.waiters -= 1
+            if stuck:
                 # The maker is stuck (an upstream stalling, a listener not reading):
                 # speak the segment without it, and leave the caching to the maker.
                 metrics.CACHE_MISSES.inc()
                 yield Lookup(None, None)
                 return
-            finally:
-                flight.waiters -= 1
             if made is not None:
                 metrics.CACHE_HITS.inc()
                 yield Lookup(made, None)

@@ -238,7 +238,10 @@ async def test_a_waiter_whose_maker_is_stuck_speaks_the_segment_itself(
     maker = asyncio.create_task(run(synthesizer, speak("Just a moment.")))
     await eventually(lambda: len(speech.calls) == 1)
     speech.gate = None  # the waiter's own call is not held
-    events = await run(synthesizer, speak("Just a moment."))
+    waiter = asyncio.create_task(run(synthesizer, speak("Just a moment.")))
+    await eventually(lambda: len(speech.calls) == 2)  # it gave up waiting and asked itself
+    assert phrases.waiting(key("Just a moment.")) == 0
+    events = await waiter
     assert len(audio(events)) == pcm_bytes("Just a moment.")
     assert speech.calls == ["Just a moment."] * 2
     assert len(phrases) == 0  # caching is left to the maker, still at work
