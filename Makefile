@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test test-deps wheelhouse image proto proto-check buf-lint lint types check bench clean venv
+.PHONY: run test test-cluster test-deps wheelhouse image proto proto-check buf-lint lint types check bench clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ venv: $(STAMP)
 run: $(STAMP)
 	exec $(BIN)/voxrelay serve
 
-## The whole suite, bootstrapping the venv first.
+## The whole suite, bootstrapping the venv first (the cluster test runs on its own: below).
 test: $(STAMP) proto-check
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --ignore=tests/cluster $(PYTEST_ARGS)
+
+## The cluster test: redis-server, two replicas of two workers each, nginx in front, all on
+## 127.0.0.1 (about a minute; skipped, naming `make test-deps`, without redis-server or nginx).
+test-cluster: $(STAMP) proto-check
+	$(BIN)/python -m pytest -q tests/cluster $(PYTEST_ARGS)
 
 ## What the suite needs from the system (Debian/Ubuntu; as root or through sudo). Without
 ## them `make test` still runs, skips their tests and lists them at the end.

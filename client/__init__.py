@@ -26,12 +26,14 @@ from voxrelay.service.model import (
     WordTiming,
     WordTimings,
 )
+from voxrelay.service.text_input import FLUSH, Flush
 
 from .client import TLS, Client, Via
 from .errors import ConnectionFailed
 from .synthesis import Synthesis
 
 __all__ = [
+    "FLUSH",
     "TLS",
     "AudioChunk",
     "AudioFormat",
@@ -39,6 +41,7 @@ __all__ = [
     "Client",
     "ConnectionFailed",
     "Event",
+    "Flush",
     "Mode",
     "SegmentStarted",
     "StreamFinished",

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from voxrelay.gateways.grpc_codec import request_message, response_event, status_error
+from voxrelay.gateways.grpc_codec import (
+    request_message,
+    response_event,
+    status_error,
+    stream_config_message,
+)
 from voxrelay.service import model
 from voxrelay.service.errors import VoxrelayError
+from voxrelay.service.text_input import Flush
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
@@ -80,6 +88,7 @@ class GrpcTransport:
         gRPC carries no playback position: *interruption* is left for the caller to read.
         """
         del interruption
+        started = time.monotonic()
         call = self._synthesizer().Synthesize(
             request_message(request), timeout=timeout, metadata=self._metadata
         )
@@ -89,9 +98,62 @@ class GrpcTransport:
                 if event is not None:
                     yield event
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, timeout) from None
+            raise self._error(exc, timeout, started) from None
         finally:
             call.cancel()  # a no-op once the call is over
+
+    async def synthesize_stream(
+        self,
+        request: model.SynthesisRequest,
+        pieces: AsyncIterable[str | Flush],
+        *,
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
+        interruption: Interruption,
+    ) -> AsyncIterator[model.Event]:
+        """Run one ``SynthesizeStream`` call, writing *pieces* while the events come back.
+
+        The end of *pieces* half-closes the call; an error raised by *pieces* cancels it
+        and is raised here. Leaving early cancels the call on the server; *interruption*
+        is left for the caller to read, as for :meth:`synthesize`.
+        """
+        del interruption
+        started = time.monotonic()
+        call = self._synthesizer().SynthesizeStream(timeout=timeout, metadata=self._metadata)
+        failure: list[BaseException] = []
+
+        async def write() -> None:
+            try:
+                await call.write(stream_config_message(request))
+                async for piece in pieces:
+                    if isinstance(piece, Flush):
+                        await call.write(pb.SynthesizeStreamRequest(flush=pb.Flush()))
+                    elif piece:
+                        await call.write(pb.SynthesizeStreamRequest(text=piece))
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the call is over: its reader reports why
+            except Exception as exc:
+                failure.append(exc)
+                call.cancel()
+
+        writer = asyncio.create_task(write(), name="grpc-pieces")
+        try:
+            async for response in call:
+                event = response_event(response)
+                if event is not None:
+                    yield event
+            if failure:
+                raise failure[0]
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, timeout, started) from None
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            call.cancel()
+            writer.cancel()
+            await asyncio.wait([writer])
 
     async def voices(
         self,
@@ -100,12 +162,13 @@ class GrpcTransport:
         timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
     ) -> list[model.Voice]:
         """Call ``ListVoices``."""
+        started = time.monotonic()
         try:
             reply = await self._synthesizer().ListVoices(
                 pb.ListVoicesRequest(language=language), timeout=timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, timeout) from None
+            raise self._error(exc, timeout, started) from None
         return [model.Voice(v.name, v.language) for v in reply.voices]
 
     async def aclose(self) -> None:
@@ -114,13 +177,18 @@ class GrpcTransport:
             channel, self._channel, self._stub = self._channel, None, None
             await channel.close()
 
-    def _error(self, exc: grpc.aio.AioRpcError, timeout: float | None) -> Exception:
-        """Turn a failed call into the core error the server sent, or a client-side one."""
+    def _error(self, exc: grpc.aio.AioRpcError, timeout: float | None, started: float) -> Exception:
+        """Turn a failed call into the core error the server sent, or a client-side one.
+
+        A deadline the call's own *timeout* (from *started*) has reached is the caller's
+        :class:`TimeoutError`, whichever side noticed it first.
+        """
         code, details = exc.code(), exc.details() or ""
         status = _rich_status(exc)
+        late = timeout is not None and time.monotonic() - started >= timeout
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED and (status is None or late):
+            return TimeoutError(f"no answer within {timeout or 0:g} s (DEADLINE_EXCEEDED)")
         if status is None:  # grpc's own verdict, not the server's
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                return TimeoutError(f"no answer within {timeout or 0:g} s (DEADLINE_EXCEEDED)")
             if code is grpc.StatusCode.UNAVAILABLE and (
                 "failed to connect" in details or "errors resolving" in details
             ):

@@ -138,6 +138,7 @@ examples:
   voxrelay say --mode speak "Hello world." -o hello.mp3
   voxrelay say "Tell me a story" -o story.wav       # chat mode; the format follows the name
   voxrelay say --via ws --format opus "Hi" | ffplay -nodisp -autoexit -
+  my-llm-tool | voxrelay say --stream - -o reply.mp3   # speak a token stream as it comes
   voxrelay voices --language en
 
 Demo page: http://127.0.0.1:8765/ while the server runs.
@@ -221,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument(
         "--mode",
         choices=[m.value for m in Mode],
-        default="chat",
         help="chat: the LLM answers TEXT (default); speak: TEXT itself is spoken",
+    )
+    say.add_argument(
+        "--stream",
+        action="store_true",
+        help="speak stdin (TEXT '-') as it is typed or piped, sentence by sentence"
+        " (streamed input; speak mode); a typed line is spoken at Enter",
     )
     say.add_argument(
         "--via", choices=["grpc", "ws"], default="grpc", help="which door (default: grpc)"

@@ -333,7 +333,10 @@ class Supervisor:
             await asyncio.wait(keepers)
         finally:
             for sig in signals:
+                # The stop is under way: no signal may end it early, up to the exit itself
+                # (the loop's removal would restore the default action, which kills).
                 loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
             await self._stop_all(keepers)
         if self.fatal is not None:
             return 1

@@ -105,6 +105,10 @@ class AdmissionControl(Protocol):
         """Grant a stream to *key* for *chars* input characters, or raise a typed refusal."""
         ...
 
+    async def charge(self, key: str | None, chars: int) -> None:
+        """Take *chars* more input characters from *key*'s budget, or raise a refusal."""
+        ...
+
     async def aclose(self) -> None:
         """Stop the upkeep and give back what this process holds (idempotent)."""
         ...
@@ -214,6 +218,32 @@ class Admission:
             caller.last_seen = self._clock()
 
         return Lease(release)
+
+    async def charge(self, key: str | None, chars: int) -> None:
+        """Take *chars* more input characters from *key*'s budget, or raise a refusal.
+
+        A streamed input pays for each piece as it arrives; a refused piece costs nothing.
+        The decision is all in memory: nothing here awaits.
+        """
+        if key is None or chars <= 0:
+            return
+        now = self._clock()
+        bucket = self._caller(key, now).chars
+        if bucket is None:
+            return
+        if chars > bucket.capacity:
+            raise TooLarge(
+                f"a piece of {chars} characters exceeds this caller's budget of"
+                f" {self.chars_per_min} per minute"
+            )
+        wait = bucket.wait_for(chars, now)
+        if wait > 0:
+            raise RateLimited(
+                f"rate limit of {self.chars_per_min} characters per minute reached:"
+                f" retry in {wait:.1f} s",
+                retry_after_s=wait,
+            )
+        bucket.take(chars, now)
 
     def _prune(self, now: float) -> None:
         """Forget quiet callers with full buckets and no streams (bounded memory)."""

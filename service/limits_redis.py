@@ -139,6 +139,33 @@ end
 return {0}
 """
 
+# KEYS[1] buckets hash; ARGV: requests/min, chars/min, chars asked. Takes characters only
+# (a streamed input's piece), refilling both buckets as ADMIT_LUA does, since they share
+# one time stamp. Returns {0} taken, {2} larger than the whole budget, {3, 2, wait_ms}.
+CHARGE_LUA = """
+local rpm, cpm, chars = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if cpm <= 0 then return {0} end
+if chars > cpm then return {2} end
+local t = redis.call('TIME')
+local sec, usec = tonumber(t[1]), tonumber(t[2])
+local rt, ct = rpm, cpm
+local state = redis.call('HMGET', KEYS[1], 'rt', 'ct', 's', 'us')
+if state[3] then
+  local elapsed = (sec - tonumber(state[3])) + (usec - tonumber(state[4])) / 1e6
+  if elapsed < 0 then elapsed = 0 end
+  rt = math.min(rpm, tonumber(state[1]) + elapsed * rpm / 60)
+  ct = math.min(cpm, tonumber(state[2]) + elapsed * cpm / 60)
+end
+if ct + 1e-9 < chars then
+  return {3, 2, math.ceil((chars - ct) / (cpm / 60) * 1000 - 1e-6)}
+end
+ct = ct - chars
+redis.call('HSET', KEYS[1], 'rt', string.format('%.17g', rt),
+  'ct', string.format('%.17g', ct), 's', t[1], 'us', t[2])
+redis.call('PEXPIRE', KEYS[1], 61000)
+return {0}
+"""
+
 # KEYS: slot sets; ARGV[1] slot ttl (ms), ARGV[i + 1] the member held in KEYS[i].
 # XX: a slot released (or swept) meanwhile is not brought back.
 HEARTBEAT_LUA = """
@@ -187,6 +214,7 @@ class RedisAdmission:
         self._client = client
         self._admit_script = client.register_script(ADMIT_LUA)
         self._heartbeat_script = client.register_script(HEARTBEAT_LUA)
+        self._charge_script = client.register_script(CHARGE_LUA)
         #: None until the first check; then whether the shared limits are in force.
         self.up: bool | None = None
         self._shared = asyncio.Event()
@@ -290,6 +318,42 @@ class RedisAdmission:
             return await self._degraded(key, chars)
         return self._grant(reply, streams, member, chars)
 
+    async def charge(self, key: str | None, chars: int) -> None:
+        """Take *chars* more input characters from *key*'s shared budget, or raise a refusal."""
+        if key is None or chars <= 0 or not self.chars_per_min:
+            return
+        if self._keeper is None:
+            await self.start()
+        if self.up:
+            buckets, _ = _keys(key)
+            try:
+                async with self._trip():
+                    reply = await self._charge_script(
+                        keys=[buckets], args=[self.requests_per_min, self.chars_per_min, chars]
+                    )
+            except BACKEND_ERRORS as exc:
+                self._went_down(exc)
+            else:
+                code = int(reply[0])
+                if code == 2:
+                    raise TooLarge(
+                        f"a piece of {chars} characters exceeds this caller's budget of"
+                        f" {self.chars_per_min} per minute"
+                    )
+                if code == 3:
+                    wait = int(reply[2]) / 1000
+                    raise RateLimited(
+                        f"rate limit of {self.chars_per_min} characters per minute reached:"
+                        f" retry in {wait:.1f} s",
+                        retry_after_s=wait,
+                    )
+                return
+        if self.failure == "closed":
+            raise Unavailable(
+                "the shared limits (Redis) cannot be reached: retry shortly", retry_after_s=1.0
+            )
+        await self._fallback_admission().charge(key, chars)
+
     async def _run_admit(self, buckets: str, streams: str, chars: int, member: str) -> Any:
         ttl_ms = round(self.slot_ttl_s * 1000)
         args = (self.requests_per_min, self.chars_per_min, self.streams_per_key)
@@ -351,6 +415,10 @@ class RedisAdmission:
                 "the shared limits (Redis) cannot be reached: retry shortly",
                 retry_after_s=1.0,
             )
+        return await self._fallback_admission().admit(key, chars)
+
+    def _fallback_admission(self) -> Admission:
+        """The per-process budgets of the ``open`` policy, made when first needed."""
         if self._fallback is None:
             self._fallback = Admission(
                 requests_per_min=self.requests_per_min,
@@ -358,7 +426,7 @@ class RedisAdmission:
                 streams_per_key=self.streams_per_key,
                 clock=self._clock,
             )
-        return await self._fallback.admit(key, chars)
+        return self._fallback
 
     # Health
 

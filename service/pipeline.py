@@ -12,7 +12,7 @@ Either ends in the stream's one :class:`~.output.StreamOutput` and returns the r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from .alignment import TranscriptAligner
 from .cache import Phrase, PhraseCache, PhraseKey, Recording
 from .chunker import SentenceChunker
 from .engines import Engines
+from .errors import VoxrelayError
 from .model import Mode, StreamFinished, StreamStarted
 from .output import PcmFeed, StreamOutput
 from .planner import Plan
@@ -28,6 +29,7 @@ from .resilience import guarded_stream
 from .settings import Settings
 from .speakable import SpeakableText
 from .spoken import Spoken
+from .text_input import FLUSH, Flush
 from .words import SpeechSpan, WordMark, estimate_in, from_marks
 
 __all__ = ["ChainedPipeline", "Segment", "SegmentLocator", "SpeakingPipeline", "StreamContext"]
@@ -59,6 +61,8 @@ class StreamContext:
     speakable: SpeakableText
     #: the process's phrase cache (None: off).
     phrases: PhraseCache | None = None
+    #: charge a streamed input's piece (its length) to the caller's budget, or refuse it.
+    charge: Callable[[int], Awaitable[None]] | None = None
 
 
 def _fresh(marks: list[WordMark]) -> list[WordMark]:
@@ -117,6 +121,9 @@ class ChainedPipeline:
             asyncio.Queue()
         )
         self._lookahead = asyncio.Semaphore(ctx.settings.lookahead_segments)
+        #: why a streamed input stopped the text early; the audio in flight then ends
+        #: between two chunks, so that what was sent is one whole file once flushed.
+        self._refusal: VoxrelayError | None = None
 
     async def run(self, started: StreamStarted) -> str:
         """Produce the stream; *started* goes out once the first upstream call is under way."""
@@ -140,19 +147,35 @@ class ChainedPipeline:
             for text in segments:
                 self._segments.put_nowait(Segment(text, shape(text), locator.locate(text)))
 
-        async with aclosing(self._text()) as pieces:
-            async for piece in pieces:
-                self.reply_parts.append(piece)
-                locator.feed(piece)
-                put(chunker.feed(piece))
+        try:
+            async with aclosing(self._text()) as pieces:
+                async for piece in pieces:
+                    if piece is FLUSH:
+                        put(chunker.cut())
+                        continue
+                    self.reply_parts.append(piece)
+                    locator.feed(piece)
+                    put(chunker.feed(piece))
+        except VoxrelayError as exc:
+            if plan.input is None:
+                raise
+            self._refusal = exc
+            self._segments.put_nowait(None)
+            return
         put(chunker.flush())
         self._segments.put_nowait(None)
 
-    async def _text(self) -> AsyncIterator[str]:
-        """Yield the text to speak: the caller's own (speak mode) or the LLM's reply."""
+    async def _text(self) -> AsyncIterator[str | Flush]:
+        """Yield the text to speak: the caller's own (speak mode, whole or streamed in)
+        or the LLM's reply."""
         plan = self.ctx.plan
         if plan.mode is Mode.SPEAK:
-            yield plan.text
+            if plan.text:
+                yield plan.text
+            if plan.input is not None:
+                async with aclosing(plan.input.pieces(self.ctx.charge)) as pieces:
+                    async for piece in pieces:
+                        yield piece
             return
         engines, settings, finished = self.ctx.engines, self.ctx.settings, self.out.finished
         chat, stage = engines.chat, engines.llm_stage
@@ -280,6 +303,7 @@ class ChainedPipeline:
         rate = self.ctx.engines.speech.sample_rate
         speech = self.ctx.engines.speech
         while (item := await self._spoken.get()) is not None:
+            self._check_refusal()
             segment, feed, marks = item
             spoken = segment.spoken
             start_ms = out.audio_ms
@@ -290,6 +314,7 @@ class ChainedPipeline:
             )
             span = SpeechSpan(rate)
             while (pcm := await feed.take(hold_s=out.hold_s())) is not None:
+                self._check_refusal()
                 await out.audio(pcm)
                 span.feed(pcm)
             self._lookahead.release()
@@ -314,6 +339,12 @@ class ChainedPipeline:
                     text_offset=segment.offset,
                 )
             await out.words(timings, estimated=not speech.reports_words)
+        self._check_refusal()
+
+    def _check_refusal(self) -> None:
+        if self._refusal is not None:
+            self.out.capped = True  # what was sent ends as one whole file
+            raise self._refusal
 
 
 class SpeakingPipeline:

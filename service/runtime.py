@@ -77,6 +77,10 @@ class Runtime:
 
         return Lease(release)
 
+    async def charge(self, caller: str | None, chars: int) -> None:
+        """Charge *chars* more input characters to *caller* (a streamed input's piece)."""
+        await self.admission.charge(caller, chars)
+
     def on_drain(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Await *callback* when the drain begins (a door reports that it is not serving)."""
         self._on_drain.append(callback)

@@ -210,6 +210,10 @@ class Settings(BaseSettings):
     """longest instructions accepted (0 = off)"""
     max_stream_audio_s: float = Field(600, ge=0)
     """seconds of audio one stream may make (0 = off)"""
+    max_stream_input_chars: int = Field(100_000, ge=0)
+    """characters one streamed input may carry in all (0 = off)"""
+    input_idle_s: float = Field(20, ge=0)
+    """a streamed input with no text or flush this long ends as if the caller ended it (0 = off)"""
     rate_limit_per_min: int = Field(60, ge=0)
     """requests per minute per caller (0 = off)"""
     chars_per_min: int = Field(20000, ge=0)

@@ -241,14 +241,20 @@ class SynthesisStream:
         out, encoder = core._output(plan, self._queue, since)
         self._output = out
         started = core._started(plan, encoder)
+        caller = self._caller
+
+        async def charge(chars: int) -> None:
+            await core.runtime.charge(caller, chars)
+
         ctx = StreamContext(
             plan,
             core.settings,
             core.engines,
             self._deadline,
-            self._caller,
+            caller,
             core.speakable,
-            core.phrases,
+            phrases=core.phrases,
+            charge=charge,
         )
         speaking = plan.mode is Mode.CHAT and core.engines.speaking is not None
         pipeline = SpeakingPipeline(ctx, out) if speaking else ChainedPipeline(ctx, out)

@@ -8,10 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from voxrelay.gateways.app import App
 from voxrelay.service.settings import Settings
@@ -152,3 +155,43 @@ def serve_process(**env_overrides: str) -> ServerProcess:
     env.update(VOXRELAY_HTTP_PORT="0", VOXRELAY_CACHE_MB="0")  # as make_settings does
     env.update(env_overrides)
     return ServerProcess([sys.executable, "-m", "voxrelay.gateways.cli", "serve"], env)
+
+
+def workers_process(count: int = 2, *args: str, **env_overrides: str) -> ServerProcess:
+    """``voxrelay serve --workers COUNT`` (a supervisor and its workers) on free ports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
+    env.update(VOXRELAY_CACHE_MB="0")  # as make_settings does
+    env.update(env_overrides)
+    argv = [sys.executable, "-m", "voxrelay.gateways.cli", "serve", "--workers", str(count)]
+    return ServerProcess([*argv, *args], env)
+
+
+def ready_pids(server: ServerProcess) -> dict[int, list[int]]:
+    """Each worker index's pids, in the order they became ready."""
+    pids: dict[int, list[int]] = {}
+    for line in server.lines:
+        if line.get("event") == "worker_ready":
+            pids.setdefault(line["worker_index"], []).append(line["pid"])
+    return pids
+
+
+def ends(server: ServerProcess) -> list[dict[str, Any]]:
+    """The server's ``stream_end`` log lines so far."""
+    return [line for line in server.lines if line.get("event") == "stream_end"]
+
+
+def scrape(server: ServerProcess) -> str:
+    """The server's ``/metrics`` (blocking: from a coroutine, call it in a thread)."""
+    with urllib.request.urlopen(server.startup["metrics"], timeout=10) as response:
+        return str(response.read().decode())
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample *name* with *labels* in a Prometheus exposition *text*."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name} {labels}")

@@ -98,6 +98,23 @@ async def test_character_budget_is_shared_and_too_large_is_refused(replicas: Fac
         await a.admit("k", 6001)
 
 
+async def test_streamed_pieces_are_charged_to_the_shared_budget(replicas: Factory) -> None:
+    a = await replicas(requests_per_min=2, chars_per_min=6000)
+    b = await replicas(requests_per_min=2, chars_per_min=6000)
+    (await a.admit("k", 0)).release()
+    await a.charge("k", 3000)  # a streamed input's pieces, as they arrive
+    await b.charge("k", 2000)
+    with pytest.raises(RateLimited) as refused:
+        await a.charge("k", 2000)  # 1000 missing at 100 a second: 10 s
+    wait = refused.value.retry_after_ms
+    assert wait is not None and 9_000 < wait <= 10_000
+    await b.charge("k", 900)  # a refused piece consumed nothing
+    with pytest.raises(TooLarge):
+        await b.charge("k", 6001)
+    (await b.admit("k", 0)).release()  # charging took no request token
+    await a.charge(None, 10**6)  # anonymous: no limit, no round trip
+
+
 async def test_stream_slots_are_shared_and_come_back(replicas: Factory) -> None:
     a, b = await replicas(streams_per_key=2), await replicas(streams_per_key=2)
     first, second = await a.admit("k", 1), await b.admit("k", 1)

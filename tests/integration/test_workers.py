@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -10,17 +11,15 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from tests.servers import ROOT, ServerProcess
+from tests.servers import ROOT, ends, ready_pids, scrape, value, workers_process
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
@@ -30,15 +29,6 @@ WAIT = 60.0
 REQUESTS = 16
 LONG = " ".join(f"Sentence number {i} is spoken while the workers drain." for i in range(12))
 PROMTOOL = shutil.which("promtool")
-
-
-def workers_process(count: int = 2, *args: str, **env_overrides: str) -> ServerProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
-    env.update(env_overrides)
-    argv = [sys.executable, "-m", "voxrelay.gateways.cli", "serve", "--workers", str(count)]
-    return ServerProcess([*argv, *args], env)
 
 
 async def speak_grpc(
@@ -66,19 +56,6 @@ async def speak_ws(url: str, text: str = "Hello there.") -> list[dict[str, Any]]
     return frames
 
 
-def scrape(server: ServerProcess) -> str:
-    with urllib.request.urlopen(server.startup["metrics"], timeout=10) as response:
-        return str(response.read().decode())
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    raise AssertionError(f"no sample {name} {labels}")
-
-
 def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
     return subprocess.run(
@@ -86,23 +63,10 @@ def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def ends(server: ServerProcess) -> list[dict[str, Any]]:
-    return [line for line in server.lines if line.get("event") == "stream_end"]
-
-
 async def eventually(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(WAIT):
         while not condition():  # noqa: ASYNC110 - a log line has no event to await
             await asyncio.sleep(0.02)
-
-
-def ready_pids(server: ServerProcess) -> dict[int, list[int]]:
-    """Each worker index's pids, in the order they became ready."""
-    pids: dict[int, list[int]] = {}
-    for line in server.lines:
-        if line.get("event") == "worker_ready":
-            pids.setdefault(line["worker_index"], []).append(line["pid"])
-    return pids
 
 
 async def test_two_workers_serve_both_doors_behind_one_metrics() -> None:
@@ -195,6 +159,27 @@ async def test_sigterm_drains_every_worker_and_a_second_changes_nothing() -> Non
     # Each worker drained and stopped, then the supervisor.
     stopped = [line.get("worker") for line in server.lines if line.get("event") == "shutdown"]
     assert sorted(stopped, key=str) == [0, 1, None]
+
+
+async def test_sigterms_up_to_the_exit_change_nothing() -> None:
+    # A process-group SIGTERM may come again at any moment of the stop, its very end included
+    # (a deployment's teardown, a second Ctrl-C): the exit is still the drain's clean one.
+    async with workers_process(2) as server:
+        metrics_dir = str(server.startup["metrics_dir"])
+        assert server.proc is not None
+
+        async def keep_signalling() -> None:
+            while server.proc is not None and server.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    server.signal(signal.SIGTERM)
+                await asyncio.sleep(0.005)
+
+        signalling = asyncio.create_task(keep_signalling())
+        try:
+            assert await server.wait() == 0
+        finally:
+            signalling.cancel()
+    assert not await asyncio.to_thread(os.path.exists, metrics_dir)
 
 
 async def run_failing(*args: str, **env_overrides: str) -> tuple[int, list[str]]:
