@@ -318,7 +318,11 @@ class GrpcClient:
 
     kind = "grpc"
 
-    def __init__(self, target: str, streams: int) -> None:
+    def __init__(
+        self, target: str, streams: int, *, text: str = PROMPT, mode: str = "chat"
+    ) -> None:
+        self.text = text
+        self.mode = pb.MODE_SPEAK if mode == "speak" else pb.MODE_CHAT
         count = max(1, -(-streams // STREAMS_PER_CHANNEL))
         # A local subchannel pool gives each channel its own HTTP/2 connection.
         options = [("grpc.use_local_subchannel_pool", 1)]
@@ -338,7 +342,7 @@ class GrpcClient:
         audio_bytes = 0
         call = stub.Synthesize(
             pb.SynthesizeRequest(
-                text=PROMPT, mode=pb.MODE_CHAT, voice=VOICE, format=_GRPC_FORMATS[fmt]
+                text=self.text, mode=self.mode, voice=VOICE, format=_GRPC_FORMATS[fmt]
             ),
             timeout=REQUEST_TIMEOUT_S,
         )
@@ -447,8 +451,10 @@ class WsClient:
 
     kind = "ws"
 
-    def __init__(self, url: str, streams: int) -> None:
+    def __init__(self, url: str, streams: int, *, text: str = PROMPT, mode: str = "chat") -> None:
         self.url = url
+        self.text = text
+        self.mode = mode
         self.idle: list[ClientConnection] = []
         self._ids = itertools.count()
         self._want = streams
@@ -482,8 +488,8 @@ class WsClient:
                     {
                         "type": "synthesize",
                         "id": request_id,
-                        "text": PROMPT,
-                        "mode": "chat",
+                        "text": self.text,
+                        "mode": self.mode,
                         "voice": VOICE,
                         "format": fmt,
                     }

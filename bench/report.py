@@ -32,7 +32,7 @@ SCHEMA = "voxrelay-bench/1"
 JSON_KEYS = (
     "schema", "quick", "started_at", "elapsed_s", "machine", "config", "latency_model", "levels",
     "runs", "comparisons", "capacity", "formats", "encoders", "espeak", "idle",
-    "early_release", "streamed_input", "profile", "targets", "notes",
+    "early_release", "cache", "streamed_input", "profile", "targets", "notes",
 )  # fmt: skip
 #: A stream whose player waited longer than this, in all, did not keep up with real time.
 STALL_LIMIT_MS = 50.0
@@ -49,6 +49,7 @@ TARGETS = {
     "pipelining_factor": 1.05,
     "idle_kib_per_connection": 64.0,
     "espeak_rtf": 0.1,
+    "cached_first_audio_ms": 5.0,
     "streamed_input_p50_ms": 5.0,
 }
 MIB = 1024 * 1024
@@ -307,6 +308,20 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             f"{early['grpc']['p50']} vs {early['limit_sentence']['p50']} ms",
             early["beats_whole_sentence"],
         )
+    cache = doc.get("cache")
+    if cache and cache["grpc"]["p99"] is not None and cache["ws"]["p99"] is not None:
+        add(
+            "a reply all in the phrase cache: first audio p99 on both doors",
+            f"<= {TARGETS['cached_first_audio_ms']:g} ms",
+            f"{cache['grpc']['p99']} (grpc), {cache['ws']['p99']} (ws) ms",
+            cache["within_goal"],
+        )
+        add(
+            "a reply all in the phrase cache: upstream calls",
+            "0",
+            cache["upstream_calls_during"],
+            cache["upstream_calls_during"] == 0,
+        )
     streamed = doc.get("streamed_input")
     if streamed and streamed.get("within_target") is not None:
         add(
@@ -482,6 +497,28 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             f"Early release gains {_num(early['gain_ms'])} ms at p50; voxrelay is "
             f"{_num(early['overhead_over_early_limit_ms'])} ms over its own limit.",
+        ]
+    cache = doc.get("cache")
+    if cache:
+        lines += [
+            "",
+            "## A reply all in the phrase cache",
+            "",
+            f"The reply spoken once (TTFA {_ms(cache['first_request_ttfa_ms'])} ms, "
+            f"{_num(cache['first_request_upstream_calls'])} upstream calls), then "
+            f"{cache['rounds']} times on each door from the cache:",
+            "",
+            "| door | TTFA p50 | p95 | p99 |",
+            "|---|--:|--:|--:|",
+        ]
+        for kind in ("grpc", "ws"):
+            t = cache[kind]
+            lines.append(f"| {kind} | {_ms(t['p50'])} | {_ms(t['p95'])} | {_ms(t['p99'])} |")
+        lines += [
+            "",
+            f"Upstream calls during the repeats: {_num(cache['upstream_calls_during'])}; "
+            f"cache hits {_num(cache['cache_hits_during'])}, "
+            f"misses {_num(cache['cache_misses_during'])}; errors {cache['errors']}.",
         ]
     if doc["profile"]:
         p = doc["profile"]

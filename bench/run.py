@@ -40,6 +40,7 @@ from fakes.openai_upstream import DEFAULT_REPLY, tokenize
 from voxrelay.service.chunker import SentenceChunker
 
 from . import children, report
+from .cached import cached_reply
 from .clients import (
     GrpcClient,
     HttpClient,
@@ -411,6 +412,16 @@ class Bench:
         )
         return result
 
+    async def cached_reply(self) -> dict[str, Any]:
+        """The reply spoken once, then replayed from the phrase cache on both doors."""
+        fake = await self._fake()
+        try:
+            return await cached_reply(
+                self.pinning, str(fake.info["base_url"]), rounds=self.cfg.probes
+            )
+        finally:
+            await fake.stop()
+
     @staticmethod
     def _format_row(fmt: str, row: dict[str, Any], pcm: dict[str, Any]) -> dict[str, Any]:
         t, base = row["ttfa_ms"], pcm["ttfa_ms"]
@@ -586,6 +597,8 @@ class Bench:
             await fake.stop()
         _say("1 stream: a long first sentence (early release vs the whole sentence)")
         early = await self.early_release()
+        _say("1 stream: a reply all in the phrase cache, on both doors")
+        cache = await self.cached_reply()
         _say("encoders and espeak, in process")
         encoders = encoder_costs(seconds=3.0 if cfg.quick else 10.0, repeats=1 if cfg.quick else 3)
         swallowed = {e["format"]: e["first_output_after_audio_ms"] for e in encoders}
@@ -630,6 +643,7 @@ class Bench:
             "espeak": espeak,
             "idle": idle,
             "early_release": early,
+            "cache": cache,
             "streamed_input": self.streamed_input,
             "profile": self.profile,
             "targets": [],

@@ -39,6 +39,10 @@ __all__ = [
     "AUDIO_SECONDS",
     "BREAKER_OPEN",
     "BUILD_INFO",
+    "CACHE_BYTES",
+    "CACHE_EVICTIONS",
+    "CACHE_HITS",
+    "CACHE_MISSES",
     "DURATION_BUCKETS",
     "ERRORS",
     "ERROR_CODES",
@@ -222,6 +226,31 @@ UPSTREAM_CHARACTERS = Counter(
     "voxrelay_upstream_characters",
     "Characters sent to the speech upstream: what it costs.",
     ["provider"],
+    registry=REGISTRY,
+)
+
+# The phrase cache (service.cache)
+
+CACHE_HITS = Counter(
+    "voxrelay_cache_hits",
+    "Segments replayed from the phrase cache: no upstream call, no synthesis.",
+    registry=REGISTRY,
+)
+CACHE_MISSES = Counter(
+    "voxrelay_cache_misses",
+    "Segments the phrase cache did not hold, spoken by the engine.",
+    registry=REGISTRY,
+)
+#: ``livesum`` under prometheus-client's multiprocess mode: the living workers' caches.
+CACHE_BYTES = Gauge(
+    "voxrelay_cache_bytes",
+    "Bytes the phrase cache holds in this process's memory.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+CACHE_EVICTIONS = Counter(
+    "voxrelay_cache_evictions",
+    "Phrases pushed out of the cache by its byte bound (in memory or in Redis).",
     registry=REGISTRY,
 )
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import metrics
 from .alignment import TranscriptAligner
+from .cache import Phrase, PhraseCache, PhraseKey, Recording
 from .chunker import SentenceChunker
 from .engines import Engines
 from .errors import VoxrelayError
@@ -40,6 +41,9 @@ READ_WAITED_S = 0.001
 MAX_READ_HOLD_S = 0.1
 #: No upstream call waits longer than this when its stage has no timeout (``0``).
 UNBOUNDED_CALL_S = 600.0
+#: A replayed phrase goes into its feed in pieces this long: the first goes out alone,
+#: so its encode (and the listener's first audio) does not wait for the whole phrase.
+REPLAY_CHUNK_MS = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,8 @@ class StreamContext:
     caller: str | None
     #: the process's normalization and lexicon.
     speakable: SpeakableText
+    #: the process's phrase cache (None: off).
+    phrases: PhraseCache | None = None
     #: charge a streamed input's piece (its length) to the caller's budget, or refuse it.
     charge: Callable[[int], Awaitable[None]] | None = None
 
@@ -210,6 +216,49 @@ class ChainedPipeline:
         if not text.strip():
             feed.end()
             return
+        ctx = self.ctx
+        if ctx.phrases is None:
+            await self._synthesize(text, feed, marks, None)
+            feed.end()
+            return
+        speech, plan = ctx.engines.speech, ctx.plan
+        key = PhraseKey(
+            speech.name,
+            speech.model,
+            plan.voice,
+            plan.speed,
+            plan.instructions,
+            speech.sample_rate,
+            text,
+        )
+        async with ctx.phrases.phrase(key) as found:
+            if found.hit is not None:
+                await self._replay(found.hit, feed, marks)
+            else:
+                await self._synthesize(text, feed, marks, found.recording)
+                if found.recording is not None:
+                    found.recording.complete(tuple(marks) if speech.reports_words else None)
+        feed.end()
+
+    async def _replay(self, phrase: Phrase, feed: PcmFeed, marks: list[WordMark]) -> None:
+        """Put a cached phrase into *feed* as the engine would have, with no upstream call."""
+        out = self.out
+        marks[:] = phrase.marks or ()
+        if not out.finished.tts_first_byte_ms:
+            out.finished.tts_first_byte_ms = out.since()
+        pcm = phrase.pcm
+        step = max(2, phrase.sample_rate * REPLAY_CHUNK_MS // 1000 * 2)
+        for at in range(0, len(pcm), step):
+            await feed.put(pcm[at : at + step])
+            # Let the stream take the first piece before the rest gathers behind it.
+            if at == 0:
+                await asyncio.sleep(0)
+
+    async def _synthesize(
+        self, text: str, feed: PcmFeed, marks: list[WordMark], recording: Recording | None
+    ) -> None:
+        """Ask the speech engine for *text*, into *feed* (and *recording*, when given);
+        the engine's word marks, if it reports them, go in *marks*."""
         ctx, out = self.ctx, self.out
         speech, finished = ctx.engines.speech, out.finished
         loop = asyncio.get_running_loop()
@@ -240,12 +289,13 @@ class ChainedPipeline:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
+                if recording is not None:
+                    recording.add(chunk)
                 await feed.put(chunk)
                 # The socket ran dry. While the listener has audio in hand, let the next
                 # chunks gather there and read them in one go: one wake-up, not one each.
                 if loop.time() - began > READ_WAITED_S and (hold := out.hold_s()) > 0:
                     await asyncio.sleep(min(hold, MAX_READ_HOLD_S))
-        feed.end()
 
     async def _relay(self) -> None:
         """Send the segments in order, each with its audio as it comes, then its words."""

@@ -177,6 +177,12 @@ class Settings(BaseSettings):
     """make text speakable: markdown as plain text, no emoji, numbers as words"""
     lexicon_file: Path | None = None
     """lines 'word<TAB>spoken form', applied after normalization (reloaded on SIGHUP)"""
+    cache_mb: float = Field(64, ge=0)
+    """phrase cache: MB of repeated segments' audio kept to replay (0 = off)"""
+    cache_redis_mb: float = Field(256, ge=0)
+    """phrase cache's own bound in Redis, MB, when VOXRELAY_REDIS_URL is set (0 = not shared)"""
+    cache_redis_ttl_s: float = Field(86400, gt=0)
+    """a phrase in Redis unused this long expires"""
 
     # Logging
     log_level: Literal["debug", "info", "warning", "error"] = "info"

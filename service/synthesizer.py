@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from .audio import StreamEncoder, format_info
+from .cache import PhraseCache
 from .engines import Engines
 from .errors import Internal, VoxrelayError
 from .limits import make_admission
@@ -54,6 +55,8 @@ class Synthesizer:
         self.planner = RequestPlanner(settings, self.engines)
         self.runtime = Runtime(settings, make_admission(settings))
         self.speakable = SpeakableText(settings.lexicon_file)
+        #: repeated segments replayed, not synthesised again (None: ``VOXRELAY_CACHE_MB=0``).
+        self.phrases = PhraseCache.from_settings(settings)
         # Encoding is CPU work: it runs here, never on the event loop.
         self._encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="encode")
 
@@ -77,9 +80,11 @@ class Synthesizer:
         return await self.engines.voices(language)
 
     async def aclose(self) -> None:
-        """Release providers, the admission's connections and the encoder threads."""
+        """Release providers, the admission's connections, the phrase cache and the encoders."""
         await self.engines.aclose()
         await self.runtime.admission.aclose()
+        if self.phrases is not None:
+            await self.phrases.aclose()
         self._encoders.shutdown(wait=True, cancel_futures=True)
 
     def _output(
@@ -242,7 +247,14 @@ class SynthesisStream:
             await core.runtime.charge(caller, chars)
 
         ctx = StreamContext(
-            plan, core.settings, core.engines, self._deadline, caller, core.speakable, charge
+            plan,
+            core.settings,
+            core.engines,
+            self._deadline,
+            caller,
+            core.speakable,
+            phrases=core.phrases,
+            charge=charge,
         )
         speaking = plan.mode is Mode.CHAT and core.engines.speaking is not None
         pipeline = SpeakingPipeline(ctx, out) if speaking else ChainedPipeline(ctx, out)

@@ -30,6 +30,8 @@ def make_settings(**overrides: Any) -> Settings:
         ws_port=0,
         metrics_port=0,
         http_port=0,
+        # Off: a repeated text would be replayed, not spoken. Tests of the cache turn it on.
+        cache_mb=0,
         llm="echo",
         tts="espeak",
     )
@@ -150,7 +152,7 @@ def serve_process(**env_overrides: str) -> ServerProcess:
     """``voxrelay serve`` on free ports with the embedded providers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
-    env.update(VOXRELAY_HTTP_PORT="0")
+    env.update(VOXRELAY_HTTP_PORT="0", VOXRELAY_CACHE_MB="0")  # as make_settings does
     env.update(env_overrides)
     return ServerProcess([sys.executable, "-m", "voxrelay.gateways.cli", "serve"], env)
 
@@ -160,6 +162,7 @@ def workers_process(count: int = 2, *args: str, **env_overrides: str) -> ServerP
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
+    env.update(VOXRELAY_CACHE_MB="0")  # as make_settings does
     env.update(env_overrides)
     argv = [sys.executable, "-m", "voxrelay.gateways.cli", "serve", "--workers", str(count)]
     return ServerProcess([*argv, *args], env)

@@ -86,12 +86,18 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     early = doc["early_release"]
     assert {"limit", "limit_sentence", "grpc", "gain_ms", "beats_whole_sentence"} <= set(early)
     assert early["grpc"]["p50"] is not None and early["limit_sentence"]["p50"] is not None
+    cache = doc["cache"]
+    assert cache["upstream_calls_during"] == 0 and cache["cache_misses_during"] == 0
+    assert cache["cache_hits_during"] > 0 and cache["errors"] == 0
+    assert cache["grpc"]["p50"] is not None and cache["ws"]["p50"] is not None
     streamed = doc["streamed_input"]
     assert {"ttfa_ms", "chat_ttfa_ms", "limit_ttfa_ms", "p50_vs_chat_ms", "within_target"} <= set(
         streamed
     )
     assert streamed["ttfa_ms"]["p50"] is not None and streamed["errors"] == 0
     assert {t["name"] for t in doc["targets"]} >= {
+        "a reply all in the phrase cache: first audio p99 on both doors",
+        "a reply all in the phrase cache: upstream calls",
         "TTFA overhead p50, 1 stream, pcm (grpc)",
         "TTFA overhead p50, 1 stream, pcm (http)",
         "first segment released early beats waiting for the whole first sentence",
