@@ -25,6 +25,7 @@ from .output import PcmFeed, StreamOutput
 from .planner import Plan
 from .resilience import guarded_stream
 from .settings import Settings
+from .silence import SilenceTrimmer
 from .speakable import SpeakableText
 from .spoken import Spoken
 from .words import SpeechSpan, estimate_in
@@ -57,6 +58,12 @@ class StreamContext:
 
 def _call_timeout(timeout_s: float) -> float:
     return timeout_s or UNBOUNDED_CALL_S
+
+
+def _trimmer(settings: Settings, sample_rate: int) -> SilenceTrimmer | None:
+    if not settings.trim_silence:
+        return None
+    return SilenceTrimmer(sample_rate, pause_ms=settings.segment_pause_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +223,7 @@ class ChainedPipeline:
         """Send the segments in order, each with its audio as it comes, then its words."""
         out = self.out
         rate = self.ctx.engines.speech.sample_rate
+        trim = _trimmer(self.ctx.settings, rate)
         while (item := await self._spoken.get()) is not None:
             segment, feed = item
             spoken = segment.spoken
@@ -225,10 +233,16 @@ class ChainedPipeline:
                 spoken=spoken.text if spoken.changed else "",
                 text_offset=segment.offset,
             )
+            # Words are placed in the audio as sent: the span sees the trimmed PCM.
             span = SpeechSpan(rate)
             while (pcm := await feed.take(hold_s=out.hold_s())) is not None:
+                if trim is not None and not (pcm := trim.feed(pcm)):
+                    continue
                 await out.audio(pcm)
                 span.feed(pcm)
+            if trim is not None and (tail := trim.end()):
+                await out.audio(tail)
+                span.feed(tail)
             self._lookahead.release()
             first, last = span.bounds()
             timings = estimate_in(
@@ -259,6 +273,9 @@ class SpeakingPipeline:
         self._locator = SegmentLocator()
         self._current: tuple[str, int, int] | None = None
         self._span: SpeechSpan | None = None
+        # One model speaks the whole reply, so its pauses are its own: only the reply's
+        # leading silence is cut (the trimmer sees the reply as one segment).
+        self._trim = _trimmer(ctx.settings, self.rate)
 
     async def run(self, started: StreamStarted) -> str:
         """Produce the stream and return the reply's transcript."""
@@ -297,6 +314,8 @@ class SpeakingPipeline:
                     await self._send(aligner.audio(delta.pcm))
                 count_usage(finished, speaking.name, delta.prompt_tokens, delta.completion_tokens)
         await self._send(aligner.end())
+        if self._trim is not None:
+            await self._send_audio(self._trim.end())
         await self._close_segment()
         return "".join(transcript)
 
@@ -305,15 +324,19 @@ class SpeakingPipeline:
         out = self.out
         for item in items:
             if isinstance(item, bytes):
-                await out.audio(item)
-                if self._span is not None:
-                    self._span.feed(item)
+                await self._send_audio(item if self._trim is None else self._trim.feed(item))
                 continue
             await self._close_segment()
             offset = self._locator.locate(item)
             self._current = (item, out.audio_ms, offset)
             self._span = SpeechSpan(self.rate)
             await out.segment(item, text_offset=offset)
+
+    async def _send_audio(self, pcm: bytes) -> None:
+        if pcm:
+            await self.out.audio(pcm)
+            if self._span is not None:
+                self._span.feed(pcm)
 
     async def _close_segment(self) -> None:
         """Send the words of the segment whose audio is complete, fitted into it."""
