@@ -43,7 +43,13 @@ CHUNK_MS = 20
 
 #: (name, format, output rate (0 = today's), bit rate, codec options)
 CANDIDATES: list[tuple[str, AudioFormat, int, int, dict[str, str]]] = [
-    ("opus 32k (old)", AudioFormat.OPUS, 0, 32000, {}),
+    (
+        "opus 32k (old)",
+        AudioFormat.OPUS,
+        0,
+        32000,
+        {"application": "audio", "compression_level": "10"},
+    ),
     ("opus 32k voip", AudioFormat.OPUS, 0, 32000, {"application": "voip"}),
     ("opus 24k voip", AudioFormat.OPUS, 0, 24000, {"application": "voip"}),
     (
@@ -111,11 +117,25 @@ CANDIDATES: list[tuple[str, AudioFormat, int, int, dict[str, str]]] = [
         24000,
         {"application": "voip", "compression_level": "3", "vbr": "constrained"},
     ),
-    ("mp3 64k (old)", AudioFormat.MP3, 0, 64000, {}),
+    (
+        "opus 24k lowdelay c5 (new)",
+        AudioFormat.OPUS,
+        0,
+        24000,
+        {"application": "lowdelay", "compression_level": "5"},
+    ),
+    (
+        "opus 24k lowdelay c5 cvbr",
+        AudioFormat.OPUS,
+        0,
+        24000,
+        {"application": "lowdelay", "compression_level": "5", "vbr": "constrained"},
+    ),
+    ("mp3 64k (old)", AudioFormat.MP3, 0, 64000, {"compression_level": "-1"}),
     ("mp3 48k", AudioFormat.MP3, 0, 48000, {}),
     ("mp3 48k q7", AudioFormat.MP3, 0, 48000, {"compression_level": "7"}),
     ("mp3 48k q9", AudioFormat.MP3, 0, 48000, {"compression_level": "9"}),
-    ("mp3 64k q7", AudioFormat.MP3, 0, 64000, {"compression_level": "7"}),
+    ("mp3 64k q7 (new)", AudioFormat.MP3, 0, 64000, {"compression_level": "7"}),
     ("mp3 40k q7", AudioFormat.MP3, 0, 40000, {"compression_level": "7"}),
     (
         "mp3 48k q7 noreservoir",
@@ -312,7 +332,7 @@ if __name__ == "__main__":
     for row in measure(pcm, rate):
         print(json.dumps(row))
     for name, fmt, _, bit_rate, options in CANDIDATES:
-        if name in {"opus 32k (old)", "mp3 64k (old)", "opus 24k voip c3", "mp3 48k q7"}:
+        if name.endswith(("(old)", "(new)")):
             print(
                 json.dumps({"setting": name, "threads": threads(pcm, rate, fmt, bit_rate, options)})
             )
