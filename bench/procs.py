@@ -240,6 +240,7 @@ async def fake_process(
     tts_first_byte_ms: float,
     tts_rtf: float,
     reply: str | None,
+    leading_silence_ms: int = 0,
 ) -> ChildProcess:
     """Start the fake OpenAI upstream (its CLI keeps no history) on a free port."""
     argv = [
@@ -257,6 +258,8 @@ async def fake_process(
         str(tts_first_byte_ms),
         "--tts-rtf",
         str(tts_rtf),
+        "--leading-silence-ms",
+        str(leading_silence_ms),
     ]
     if reply is not None:
         argv += ["--reply", reply]

@@ -907,7 +907,11 @@ def serve_from_command_line(
     parser.add_argument("--tts-rtf", type=float, default=0.2, help="speech real-time factor")
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="the reply text")
     parser.add_argument("--api-key", default=None, help="refuse other bearer tokens with 401")
+    parser.add_argument(
+        "--leading-silence-ms", type=int, default=0, help="silence before each speech response"
+    )
     args = parser.parse_args(argv)
+    extra = {"leading_silence_ms": args.leading_silence_ms} if args.leading_silence_ms else {}
     latency = Latency(
         ttft_s=args.ttft_ms / 1000,
         token_s=args.token_ms / 1000,
@@ -921,6 +925,7 @@ def serve_from_command_line(
         host=args.host,
         port=args.port,
         keep_history=False,
+        **extra,
     )
     # uvloop, as voxrelay runs: the fake shares a core with the benchmark's load generator.
     with (
