@@ -135,7 +135,14 @@ CANDIDATES: list[tuple[str, AudioFormat, int, int, dict[str, str]]] = [
     ("mp3 48k", AudioFormat.MP3, 0, 48000, {}),
     ("mp3 48k q7", AudioFormat.MP3, 0, 48000, {"compression_level": "7"}),
     ("mp3 48k q9", AudioFormat.MP3, 0, 48000, {"compression_level": "9"}),
-    ("mp3 64k q7 (new)", AudioFormat.MP3, 0, 64000, {"compression_level": "7"}),
+    ("mp3 64k q7", AudioFormat.MP3, 0, 64000, {"compression_level": "7"}),
+    (
+        "mp3 64k q7 no reservoir (new)",
+        AudioFormat.MP3,
+        0,
+        64000,
+        {"compression_level": "7", "reservoir": "0"},
+    ),
     ("mp3 40k q7", AudioFormat.MP3, 0, 40000, {"compression_level": "7"}),
     (
         "mp3 48k q7 noreservoir",

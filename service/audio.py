@@ -71,8 +71,10 @@ _ENCODINGS: dict[AudioFormat, _Encoding] = {
         rates=_MPEG_RATES,
         bit_rate=64000,
         # LAME quality 7 for speech: half the CPU of its default (3), the same bitrate and
-        # no worse a spectral distance (docs/performance.md).
-        codec_options={"compression_level": "7"},
+        # no worse a spectral distance. Without the bit reservoir a frame never waits for
+        # bits saved in later ones: 44 ms less audio held before the first byte, at the
+        # same spectral distance (docs/performance.md).
+        codec_options={"compression_level": "7", "reservoir": "0"},
         # The Xing/LAME frame is filled in by seeking back at the end, which a stream
         # cannot do; an ID3 tag is noise in front of a stream.
         muxer_options={"write_xing": "0", "id3v2_version": "0"},

@@ -365,7 +365,7 @@ def test_default_rates() -> None:
     ("fmt", "options"),
     [
         (AudioFormat.OPUS, {"application": "lowdelay", "compression_level": "5"}),
-        (AudioFormat.MP3, {"compression_level": "7"}),
+        (AudioFormat.MP3, {"compression_level": "7", "reservoir": "0"}),
     ],
 )
 @pytest.mark.parametrize("input_rate", INPUT_RATES)
