@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fakes.openai_upstream import voice_pcm
+from fakes.providers import ToneSpeaker, ToneSpeech, pcm_bytes
 from tests.servers import make_settings
 from voxrelay.service.model import (
     AudioChunk,
@@ -16,10 +19,12 @@ from voxrelay.service.model import (
     Mode,
     SegmentStarted,
     SynthesisRequest,
+    WordTimings,
 )
+from voxrelay.service.providers.base import SpokenDelta
 from voxrelay.service.providers.echo import EchoChat
 from voxrelay.service.providers.espeak import EspeakEngine
-from voxrelay.service.silence import SilenceTrimmer
+from voxrelay.service.silence import LEAD_MS, SilenceTrimmer
 from voxrelay.service.synthesizer import Synthesizer
 
 RATE = 24_000
@@ -168,3 +173,33 @@ async def test_espeak_segments_start_at_their_sound_and_follow_the_audio_as_sent
         if i < len(segments) - 1:
             last = max(n for n, s in enumerate(samples) if abs(s) >= 184)
             assert abs((len(samples) - 1 - last) * 1000 // rate - 250) <= 15
+
+
+@dataclass
+class LateSpeaker(ToneSpeaker):
+    """A speaking model whose reply starts with 300 ms of silence, as realtime models' do."""
+
+    async def _respond(self, speed: float) -> AsyncGenerator[SpokenDelta, None]:
+        yield SpokenDelta(pcm=silence(300))
+        async for delta in super()._respond(speed):
+            yield delta
+
+
+async def test_a_speaking_models_reply_starts_at_its_sound() -> None:
+    speaker = LateSpeaker()
+    core = Synthesizer(make_settings(trim_silence=True), speaker, ToneSpeech())
+    request = SynthesisRequest(text="Say something.", mode=Mode.CHAT, format=AudioFormat.PCM)
+    try:
+        async with asyncio.timeout(20), core.stream(request) as events:
+            got = [event async for event in events]
+    finally:
+        await core.aclose()
+    pcm = b"".join(e.data for e in got if isinstance(e, AudioChunk))
+    assert leading_silence_ms(pcm) <= 30
+    # The tone itself is never silent: all of it is sent, after its lead-in and before
+    # the one pause that ends the reply.
+    assert len(pcm) == (LEAD_MS + 250) * MS + pcm_bytes(speaker.reply)
+    segments = [e for e in got if isinstance(e, SegmentStarted)]
+    assert segments[0].start_ms == 0
+    words = [w for e in got if isinstance(e, WordTimings) for w in e.words]
+    assert words and words[0].start_ms <= 30
