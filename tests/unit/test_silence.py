@@ -124,12 +124,13 @@ def test_any_segment_in_any_chunks(parts: list[tuple[bool, int]], step: int, pau
         assert once == b""
         return
     assert leading_silence_ms(once) <= 30
-    # The segment ends in its pause, give or take a window.
-    assert abs(trailing_silence_ms(once) - pause_ms) <= 10
+    # The segment ends in its pause, and at most the silent part of its last loud window.
+    assert pause_ms <= trailing_silence_ms(once) <= pause_ms + 11
     # Between its first and last sound the audio is untouched.
     first = leading_silence_ms(pcm) * MS
     last = len(pcm) - trailing_silence_ms(pcm) * MS
-    assert pcm[first + 10 * MS : last - 10 * MS] in once
+    if last - first > 20 * MS:
+        assert pcm[first + 10 * MS : last - 10 * MS] in once
 
 
 def audio_per_segment(events: list[Event]) -> dict[int, bytes]:
