@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test proto proto-check buf-lint lint types check bench clean venv
+.PHONY: run test test-deps wheelhouse image proto proto-check buf-lint lint types check bench clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,38 @@ run: $(STAMP)
 ## The whole suite, bootstrapping the venv first.
 test: $(STAMP) proto-check
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## What the suite needs from the system (Debian/Ubuntu; as root or through sudo). Without
+## them `make test` still runs, skips their tests and lists them at the end.
+##   redis-server: shared limits · nginx: the nginx front · chromium, chromium-driver: the
+##   demo page · ffmpeg: decoding checks · prometheus: promtool · openssl: TLS certificates ·
+##   buildah, podman, debootstrap: the container image
+TEST_DEPS := redis-server nginx chromium chromium-driver ffmpeg prometheus openssl \
+             buildah podman debootstrap
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test-deps:
+	@missing=$$(for p in $(TEST_DEPS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -z "$$missing" ]; then echo "test-deps: all installed"; exit 0; fi; \
+	echo "test-deps: apt-get install" $$missing; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$(SUDO) apt-get update -qq && \
+	$(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
+## voxrelay's wheel and every dependency's, for the image build (which uses no index).
+## Plus what the image's Python needs and this one may not: Debian's Python 3.11.2 is
+## older than 3.11.3, below which redis needs async-timeout.
+IMAGE_ONLY_WHEELS := async-timeout==5.0.1
+wheelhouse: $(STAMP)
+	rm -rf build/wheelhouse
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check -w build/wheelhouse . \
+	  $(IMAGE_ONLY_WHEELS)
+
+## The container image (not part of `make test`): needs buildah, podman and debootstrap.
+image: wheelhouse
+	scripts/image.sh
 
 ## Regenerate generated/ from protos/.
 proto: $(STAMP)

@@ -9,6 +9,9 @@
 - :class:`HttpClient`: voxrelay's OpenAI-compatible door, which speaks a text as written
   (no LLM), through the openai SDK; :class:`SpeechLimitClient` is its limit: the same
   speech calls straight from the SDK, segments cut by voxrelay's chunker.
+- :class:`StreamInClient`: the caller runs the LLM (the same chat stream) and pipes its
+  deltas into voxrelay's streamed input (gRPC ``SynthesizeStream``), as a voice agent
+  with its own LLM does.
 
 Each request returns a :class:`Sample`. A *probe* stops at the first audio byte (a cancel
 on voxrelay's doors, closed responses on the SDK), for many time-to-first-audio samples
@@ -51,6 +54,7 @@ __all__ = [
     "Playback",
     "Sample",
     "SpeechLimitClient",
+    "StreamInClient",
     "WsClient",
     "whole_sentence_chunker",
 ]
@@ -398,6 +402,82 @@ class GrpcClient:
             sample.stall_s = playback.stall_s
             if playback.audible is not None:
                 sample.audible = playback.audible - sample.started
+        if not probe and sample.error is None and sample.total is None:
+            sample.error = "no_finished"
+
+
+class StreamInClient:
+    """The chat stream read by the caller, its deltas streamed into ``SynthesizeStream``."""
+
+    kind = "stream_in"
+
+    def __init__(self, base_url: str, target: str, streams: int) -> None:
+        self.llm = sdk_client(base_url, max(16, streams))
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.SynthesizerStub(self.channel)
+
+    async def aclose(self) -> None:
+        await self.llm.close()
+        await self.channel.close()
+
+    async def _pipe(self, call: Any) -> None:
+        """Write the LLM's deltas into *call* as they arrive, then half-close it.
+
+        The LLM is asked at once, while the call is opened: a voice agent's LLM does not
+        wait for its speech service.
+        """
+        config = pb.SynthesizeStreamRequest(
+            config=pb.SynthesizeStreamConfig(voice=VOICE, format=pb.AUDIO_FORMAT_PCM)
+        )
+        _, stream = await asyncio.gather(
+            call.write(config),
+            self.llm.post(
+                "/chat/completions",
+                body={
+                    "model": LLM_MODEL,
+                    "messages": _messages(),
+                    "stream": True,
+                    "max_tokens": MAX_TOKENS,
+                },
+                cast_to=object,
+                stream=True,
+                stream_cls=openai.AsyncStream[object],
+            ),
+        )
+        async with stream:
+            async for chunk in stream:
+                if text := _chunk_text(chunk):
+                    await call.write(pb.SynthesizeStreamRequest(text=text))
+        await call.done_writing()
+
+    async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
+        del fmt  # pcm, as the limit it is compared with
+        probe = sample.probe
+        sample.started = time.perf_counter()
+        playback = Playback()
+        call = self.stub.SynthesizeStream(timeout=REQUEST_TIMEOUT_S)
+        writer = asyncio.create_task(self._pipe(call))
+        try:
+            async for response in call:
+                if response.HasField("audio"):
+                    at = time.perf_counter()
+                    if sample.ttfa is None:
+                        sample.ttfa = at - sample.started
+                        if probe:
+                            break
+                    playback.arrive(at, len(response.audio.data))
+                elif response.HasField("finished"):
+                    sample.total = time.perf_counter() - sample.started
+                    sample.audio_s = response.finished.audio_ms / 1000
+            if writer.done() and not writer.cancelled() and writer.exception() is not None:
+                raise writer.exception()  # type: ignore[misc]
+        except Exception as exc:
+            sample.error = _error(exc)
+        finally:
+            call.cancel()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        sample.stall_s = playback.stall_s
         if not probe and sample.error is None and sample.total is None:
             sample.error = "no_finished"
 

@@ -32,7 +32,7 @@ SCHEMA = "voxrelay-bench/1"
 JSON_KEYS = (
     "schema", "quick", "started_at", "elapsed_s", "machine", "config", "latency_model", "levels",
     "runs", "comparisons", "capacity", "formats", "encoders", "espeak", "idle",
-    "early_release", "profile", "targets", "notes",
+    "early_release", "streamed_input", "profile", "targets", "notes",
 )  # fmt: skip
 #: A stream whose player waited longer than this, in all, did not keep up with real time.
 STALL_LIMIT_MS = 50.0
@@ -49,6 +49,7 @@ TARGETS = {
     "pipelining_factor": 1.05,
     "idle_kib_per_connection": 64.0,
     "espeak_rtf": 0.1,
+    "streamed_input_p50_ms": 5.0,
 }
 MIB = 1024 * 1024
 _TICKS_MS = (300, 400, 500, 600, 800, 1000, 1200, 1500, 2000, 3000, 5000, 10000, 20000)
@@ -206,6 +207,35 @@ def capacity(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def streamed_input(
+    stream_in: dict[str, Any], chat: dict[str, Any], limit: dict[str, Any], model: dict[str, Any]
+) -> dict[str, Any]:
+    """Compare streamed input's time to first audio with the chat path and the limit.
+
+    The caller reads the LLM itself and streams its deltas in; the same reply through
+    voxrelay's own chat path, and the limit (the same calls with no gateway), bound it.
+    """
+    ours, theirs, best = stream_in["ttfa_ms"], chat["ttfa_ms"], limit["ttfa_ms"]
+    vs_chat = _sub(ours, theirs, "p50")
+    vs_limit = _sub(ours, best, "p50")
+    target = TARGETS["streamed_input_p50_ms"]
+    return {
+        "ttfa_ms": ours,
+        "chat_ttfa_ms": theirs,
+        "limit_ttfa_ms": best,
+        "model_limit_ms": model["model_limit_ms"],
+        "p50_vs_chat_ms": vs_chat,
+        "p50_vs_limit_ms": vs_limit,
+        "p50_vs_model_limit_ms": (
+            None if ours.get("p50") is None else round(ours["p50"] - model["model_limit_ms"], 2)
+        ),
+        "within_target": None
+        if vs_chat is None or vs_limit is None
+        else vs_chat <= target and vs_limit <= target,  # no more than that slower than either
+        "errors": stream_in["errors"],
+    }
+
+
 def _floor_note(c: dict[str, Any]) -> str:
     """Say what the door's bare hop costs, and what voxrelay adds beyond it, at p50."""
     floor, beyond = c.get("floor_ttfa_ms"), c.get("overhead_beyond_floor_ms")
@@ -278,6 +308,16 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             "voxrelay TTFA < limit with a whole-sentence splitter",
             f"{early['grpc']['p50']} vs {early['limit_sentence']['p50']} ms",
             early["beats_whole_sentence"],
+        )
+    streamed = doc.get("streamed_input")
+    if streamed and streamed.get("within_target") is not None:
+        add(
+            "streamed input (caller's own LLM deltas → SynthesizeStream) TTFA p50, 1 stream",
+            f"within {TARGETS['streamed_input_p50_ms']:g} ms of the chat path and the limit",
+            f"{streamed['ttfa_ms']['p50']} vs chat {streamed['chat_ttfa_ms']['p50']},"
+            f" limit {streamed['limit_ttfa_ms']['p50']} ms",
+            streamed["within_target"],
+            f"model limit {streamed['model_limit_ms']:g} ms",
         )
     espeak = doc.get("espeak")
     if espeak and espeak.get("rtf") is not None:
@@ -508,6 +548,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         "ws": "tab:orange",
         "http": "tab:green",
         "speech_limit": "tab:olive",
+        "stream_in": "tab:cyan",
     }
     for ax, level in zip(axes.flat, levels, strict=False):
         for r in doc["runs"]:

@@ -47,6 +47,7 @@ from .clients import (
     NaiveClient,
     Sample,
     SpeechLimitClient,
+    StreamInClient,
     WsClient,
     whole_sentence_chunker,
 )
@@ -251,6 +252,7 @@ class Bench:
         self.formats: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.profile: dict[str, Any] | None = None
+        self.streamed_input: dict[str, Any] | None = None
         self.cycle_s = 1.0
 
     @property
@@ -297,6 +299,7 @@ class Bench:
             WsClient(str(vox.info["websocket"]), 1),
             SpeechLimitClient(base, 1),
             HttpClient(str(vox.info["http"]), 1),
+            StreamInClient(base, str(vox.info["grpc"]), 1),
         ]
         floors: list[Client] = [
             GrpcFloorClient(str(floor.info["grpc"]), 1),
@@ -311,7 +314,7 @@ class Bench:
                     for _ in range(2):  # warm connections and caches; not counted
                         await client.request(Sample(probe=True))
                 _say(
-                    "1 stream: limit, naive, grpc, ws, speech limit, http"
+                    "1 stream: limit, naive, grpc, ws, speech limit, http, streamed input"
                     " and the doors' floor probes, in turn"
                 )
                 probes = await run_interleaved(clients + floors, probes=cfg.probes)
@@ -340,6 +343,9 @@ class Bench:
                     self.formats.append(self._format_row(fmt, row, pcm))
         finally:
             await _close(clients + floors, floor)
+        self.streamed_input = report.streamed_input(
+            rows["stream_in"], rows["grpc"], rows["limit"], latency_model(cfg)
+        )
         for protocol in ("grpc", "ws", "http"):
             hop = [s.ttfa for s in probes[f"{protocol}_floor"] if s.ttfa is not None]
             speaks = protocol == "http"  # text spoken as written: the speech calls' limit
@@ -630,6 +636,7 @@ class Bench:
             "espeak": espeak,
             "idle": idle,
             "early_release": early,
+            "streamed_input": self.streamed_input,
             "profile": self.profile,
             "targets": [],
             "notes": self.notes,

@@ -26,11 +26,14 @@ from voxrelay.service.model import (
     WordTiming,
     WordTimings,
 )
+from voxrelay.service.text_input import FLUSH, Flush
 
 from .client import TLS, Client, Via
 from .errors import ConnectionFailed
+from .synthesis import Synthesis
 
 __all__ = [
+    "FLUSH",
     "TLS",
     "AudioChunk",
     "AudioFormat",
@@ -38,10 +41,12 @@ __all__ = [
     "Client",
     "ConnectionFailed",
     "Event",
+    "Flush",
     "Mode",
     "SegmentStarted",
     "StreamFinished",
     "StreamStarted",
+    "Synthesis",
     "Via",
     "Voice",
     "WordTiming",

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Literal, Protocol, Self, TypeVar
 
 from voxrelay.service import model
 from voxrelay.service.errors import InvalidRequest
+from voxrelay.service.text_input import Flush
 
 from .grpc_transport import GrpcTransport, channel_credentials
+from .synthesis import Interruption, Synthesis
 from .ws_transport import WsTransport, ssl_context
 
 __all__ = ["DEFAULT_TIMEOUT_S", "STREAM_PATH", "TLS", "Client", "Transport", "Via"]
@@ -37,6 +39,16 @@ class Transport(Protocol):
         request: model.SynthesisRequest,
         *,
         timeout: float | None,
+        interruption: Interruption,
+    ) -> AsyncIterator[model.Event]: ...
+
+    def synthesize_stream(
+        self,
+        request: model.SynthesisRequest,
+        pieces: AsyncIterable[str | Flush],
+        *,
+        timeout: float | None,
+        interruption: Interruption,
     ) -> AsyncIterator[model.Event]: ...
 
     async def voices(
@@ -152,7 +164,7 @@ class Client:
         word_timestamps: bool = False,
         normalization: bool | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[model.Event]:
+    ) -> Synthesis:
         """Stream the spoken answer to *text* (chat) or *text* itself (``mode="speak"``).
 
         Empty strings and zeros leave the choice to the server. With *word_timestamps*,
@@ -161,7 +173,8 @@ class Client:
         the client's) bounds the whole call. Leaving the ``async for`` early — ``break``,
         an exception, a cancelled task — cancels the stream on the server; to have that
         done before the next line runs, iterate inside
-        ``async with contextlib.aclosing(client.synthesize(...)) as events``.
+        ``async with contextlib.aclosing(client.synthesize(...)) as events``. A listener
+        who stops playback calls ``await events.interrupt(played_ms)`` for the text heard.
         """
         request = model.SynthesisRequest(
             text=text,
@@ -176,7 +189,51 @@ class Client:
             word_timestamps=word_timestamps,
             normalization=normalization,
         )
-        return self._transport.synthesize(request, timeout=self._timeout(timeout))
+        interruption = Interruption()
+        events = self._transport.synthesize(
+            request, timeout=self._timeout(timeout), interruption=interruption
+        )
+        return Synthesis(events, interruption)
+
+    def synthesize_stream(
+        self,
+        pieces: AsyncIterable[str | Flush],
+        *,
+        voice: str = "",
+        format: model.AudioFormat | str | None = None,
+        sample_rate_hz: int = 0,
+        speed: float = 0.0,
+        instructions: str = "",
+        request_id: str = "",
+        word_timestamps: bool = False,
+        normalization: bool | None = None,
+        timeout: float | None = None,
+    ) -> Synthesis:
+        """Speak *pieces* as they come: text of any size, and :data:`FLUSH` markers.
+
+        For a caller that writes its text while it is spoken (its own LLM's tokens, a
+        user typing): each sentence is spoken as soon as it is certain; ``FLUSH``
+        speaks what is buffered now, even mid-sentence; the end of *pieces* ends the
+        text. The events are those of :meth:`synthesize` (speak mode). An exception
+        raised by *pieces* cancels the stream and is raised here.
+        """
+        request = model.SynthesisRequest(
+            text="",
+            mode=model.Mode.SPEAK,
+            voice=voice,
+            format=None if format is None else _choice(model.AudioFormat, format, "format"),
+            sample_rate_hz=sample_rate_hz,
+            instructions=instructions,
+            speed=speed,
+            request_id=request_id,
+            word_timestamps=word_timestamps,
+            normalization=normalization,
+        )
+        interruption = Interruption()
+        events = self._transport.synthesize_stream(
+            request, pieces, timeout=self._timeout(timeout), interruption=interruption
+        )
+        return Synthesis(events, interruption)
 
     async def voices(
         self,

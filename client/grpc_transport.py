@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from voxrelay.gateways.grpc_codec import request_message, response_event, status_error
+from voxrelay.gateways.grpc_codec import (
+    request_message,
+    response_event,
+    status_error,
+    stream_config_message,
+)
 from voxrelay.service import model
 from voxrelay.service.errors import VoxrelayError
+from voxrelay.service.text_input import Flush
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
 from .errors import ConnectionFailed
+from .synthesis import Interruption
 
 __all__ = ["GrpcTransport", "channel_credentials"]
 
@@ -72,8 +80,13 @@ class GrpcTransport:
         request: model.SynthesisRequest,
         *,
         timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
+        interruption: Interruption,
     ) -> AsyncIterator[model.Event]:
-        """Run one ``Synthesize`` call; leaving early cancels it on the server."""
+        """Run one ``Synthesize`` call; leaving early cancels it on the server.
+
+        gRPC carries no playback position: *interruption* is left for the caller to read.
+        """
+        del interruption
         call = self._synthesizer().Synthesize(
             request_message(request), timeout=timeout, metadata=self._metadata
         )
@@ -86,6 +99,58 @@ class GrpcTransport:
             raise self._error(exc, timeout) from None
         finally:
             call.cancel()  # a no-op once the call is over
+
+    async def synthesize_stream(
+        self,
+        request: model.SynthesisRequest,
+        pieces: AsyncIterable[str | Flush],
+        *,
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
+        interruption: Interruption,
+    ) -> AsyncIterator[model.Event]:
+        """Run one ``SynthesizeStream`` call, writing *pieces* while the events come back.
+
+        The end of *pieces* half-closes the call; an error raised by *pieces* cancels it
+        and is raised here. Leaving early cancels the call on the server; *interruption*
+        is left for the caller to read, as for :meth:`synthesize`.
+        """
+        del interruption
+        call = self._synthesizer().SynthesizeStream(timeout=timeout, metadata=self._metadata)
+        failure: list[BaseException] = []
+
+        async def write() -> None:
+            try:
+                await call.write(stream_config_message(request))
+                async for piece in pieces:
+                    if isinstance(piece, Flush):
+                        await call.write(pb.SynthesizeStreamRequest(flush=pb.Flush()))
+                    elif piece:
+                        await call.write(pb.SynthesizeStreamRequest(text=piece))
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the call is over: its reader reports why
+            except Exception as exc:
+                failure.append(exc)
+                call.cancel()
+
+        writer = asyncio.create_task(write(), name="grpc-pieces")
+        try:
+            async for response in call:
+                event = response_event(response)
+                if event is not None:
+                    yield event
+            if failure:
+                raise failure[0]
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, timeout) from None
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            call.cancel()
+            writer.cancel()
+            await asyncio.wait([writer])
 
     async def voices(
         self,

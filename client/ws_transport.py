@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl as ssl_module
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus, InvalidURI
@@ -17,17 +18,22 @@ from websockets.typing import Data
 from voxrelay.gateways.ws_frames import (
     Cancelled,
     ErrorFrame,
+    append_frame,
     cancel_frame,
     close_error,
     dumps,
+    end_frame,
+    flush_frame,
     handshake_error,
     parse_server_frame,
     synthesize_frame,
 )
 from voxrelay.service import model
 from voxrelay.service.errors import InvalidRequest, VoxrelayError
+from voxrelay.service.text_input import Flush
 
 from .errors import ConnectionFailed
+from .synthesis import Interruption
 
 __all__ = ["WsTransport", "ssl_context"]
 
@@ -85,11 +91,70 @@ class WsTransport:
         request: model.SynthesisRequest,
         *,
         timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
+        interruption: Interruption,
     ) -> AsyncIterator[model.Event]:
-        """Run one stream; leaving early sends ``cancel`` and waits for ``cancelled``."""
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        """Run one stream; leaving early sends ``cancel`` and waits for ``cancelled``.
+
+        The ``cancel`` carries *interruption*'s playback position, if set, and the
+        server's ``heard_text`` is put back there.
+        """
         request_id = request.request_id or uuid.uuid4().hex[:16]
         frame = dumps(synthesize_frame(request, request_id=request_id))
+        # Closed with this generator, at once: its cancel must be done when we are.
+        async with contextlib.aclosing(
+            self._stream(request_id, frame, None, timeout, interruption)
+        ) as events:
+            async for event in events:
+                yield event
+
+    async def synthesize_stream(
+        self,
+        request: model.SynthesisRequest,
+        pieces: AsyncIterable[str | Flush],
+        *,
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
+        interruption: Interruption,
+    ) -> AsyncIterator[model.Event]:
+        """Run one streamed input: ``append`` each piece, ``flush`` each marker, then ``end``.
+
+        An error raised by *pieces* cancels the stream and is raised here.
+        """
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        frame = dumps(synthesize_frame(request, request_id=request_id, streamed_input=True))
+        async with contextlib.aclosing(
+            self._stream(request_id, frame, pieces, timeout, interruption)
+        ) as events:
+            async for event in events:
+                yield event
+
+    async def _stream(
+        self,
+        request_id: str,
+        frame: str,
+        pieces: AsyncIterable[str | Flush] | None,
+        timeout: float | None,  # noqa: ASYNC109 - a gRPC deadline travels to the server
+        interruption: Interruption,
+    ) -> AsyncIterator[model.Event]:
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        writer: asyncio.Task[None] | None = None
+        failure: list[BaseException] = []
+
+        async def write(ws: ClientConnection, pieces: AsyncIterable[str | Flush]) -> None:
+            try:
+                async for piece in pieces:
+                    if isinstance(piece, Flush):
+                        await ws.send(dumps(flush_frame(request_id)))
+                    elif piece:
+                        await ws.send(dumps(append_frame(request_id, piece)))
+                await ws.send(dumps(end_frame(request_id)))
+            except ConnectionClosed:
+                pass  # the reader reports why
+            except Exception as exc:
+                # The pieces failed: cancel the stream; the reader raises this on `cancelled`.
+                failure.append(exc)
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(dumps(cancel_frame(request_id)))
+
         try:
             async with asyncio.timeout_at(deadline):
                 await self._turn.acquire()
@@ -100,6 +165,8 @@ class WsTransport:
             ws = await self._connection(deadline)
             await self._send(ws, frame)
             in_flight = True
+            if pieces is not None:
+                writer = asyncio.create_task(write(ws, pieces), name="ws-pieces")
             segment, seq = 0, 0
             while True:
                 message = await self._recv(ws, deadline)
@@ -117,6 +184,8 @@ class WsTransport:
                     raise event.error
                 elif isinstance(event, Cancelled):
                     in_flight = False
+                    if failure:
+                        raise failure[0]
                     raise ConnectionFailed("the server cancelled the stream")
                 if event is not None:
                     yield event
@@ -125,9 +194,12 @@ class WsTransport:
         except TimeoutError:  # the deadline, from _connection or _recv
             raise _timed_out(timeout) from None
         finally:
+            if writer is not None:
+                writer.cancel()
+                await asyncio.wait([writer])
             try:
                 if in_flight and self._ws is not None:
-                    await self._cancel(self._ws, request_id)
+                    await self._cancel(self._ws, request_id, interruption)
             finally:
                 self._turn.release()
 
@@ -215,7 +287,9 @@ class WsTransport:
             return ConnectionFailed("the connection was lost before the stream finished")
         return ConnectionFailed(f"the server closed the connection with {exc.rcvd}")
 
-    async def _cancel(self, ws: ClientConnection, request_id: str) -> None:
+    async def _cancel(
+        self, ws: ClientConnection, request_id: str, interruption: Interruption
+    ) -> None:
         """Cancel the stream in flight and read up to its end, or drop the connection.
 
         Whatever interrupts this (even a second cancel of the task), the connection is
@@ -224,12 +298,15 @@ class WsTransport:
         clean = False
         try:
             async with asyncio.timeout(CANCEL_WAIT_S):
-                await ws.send(dumps(cancel_frame(request_id)))
+                await ws.send(dumps(cancel_frame(request_id, interruption.played_ms)))
                 while True:
                     message = await ws.recv()
-                    if isinstance(message, str) and isinstance(
-                        parse_server_frame(message), Cancelled | ErrorFrame | model.StreamFinished
-                    ):
+                    if not isinstance(message, str):
+                        continue
+                    end = parse_server_frame(message)
+                    if isinstance(end, Cancelled):
+                        interruption.heard_text = end.heard_text
+                    if isinstance(end, Cancelled | ErrorFrame | model.StreamFinished):
                         clean = True
                         return
         except (TimeoutError, ConnectionClosed, VoxrelayError):

@@ -37,6 +37,7 @@ from voxrelay.service.providers.base import (
     SpeechEngine,
     SpokenDelta,
 )
+from voxrelay.service.words import WordMark
 
 from .openai_upstream import SAMPLE_RATE, tokenize, voice_pcm
 
@@ -230,6 +231,7 @@ class ToneSpeech:
     default_voice: str = "tone"
     max_speed: float = 4.0
     validates_voices: bool = True
+    reports_words: bool = False
     #: every segment asked for, in order.
     calls: list[str] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -258,7 +260,15 @@ class ToneSpeech:
                 self.closed.set()
 
     def synthesize(
-        self, text: str, *, voice: str, speed: float, instructions: str, timeout: float
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float,
+        instructions: str,
+        timeout: float,
+        caller: str | None = None,
+        marks: list[WordMark] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._speak(text, speed)
 
@@ -282,6 +292,7 @@ class EndlessSpeech:
     default_voice: str = "plain"
     max_speed: float = 4.0
     validates_voices: bool = False
+    reports_words: bool = False
     #: every segment asked for, in order.
     calls: list[str] = field(default_factory=list)
     pulled: int = 0
@@ -302,7 +313,15 @@ class EndlessSpeech:
             await asyncio.sleep(0)
 
     def synthesize(
-        self, text: str, *, voice: str, speed: float, instructions: str, timeout: float
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float,
+        instructions: str,
+        timeout: float,
+        caller: str | None = None,
+        marks: list[WordMark] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._speak(text)
 
@@ -329,6 +348,7 @@ class ToneSpeaker:
     default_voice: str = "tone"
     max_speed: float = 1.5
     validates_voices: bool = True
+    reports_words: bool = False
     calls: list[list[ChatMessage]] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     gate: asyncio.Event | None = None

@@ -3,7 +3,7 @@
 Lifecycle (after uvicorn's ``Server``): start-up → serve until SIGTERM/SIGINT →
 drain (readiness 503, health NOT_SERVING, no new work; streams in flight get
 ``VOXRELAY_DRAIN_S``) → abort what is left (WebSocket 1001, gRPC UNAVAILABLE, HTTP a
-cut-off body or an SSE ``error``) → close. SIGHUP re-reads the API keys. Signal
+cut-off body or an SSE ``error``) → close. SIGHUP re-reads the API keys and the lexicon. Signal
 handlers are restored afterwards.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -38,6 +39,9 @@ __all__ = ["App", "serve"]
 
 log = logging.getLogger("voxrelay")
 
+#: How often a worker copies its callback gauges into its metrics file.
+GAUGE_REFRESH_S = 2.0
+
 
 def _secrets(settings: Settings) -> list[str]:
     """Every secret in *settings*, so that no log line can carry one."""
@@ -46,7 +50,12 @@ def _secrets(settings: Settings) -> list[str]:
         for key in (settings.openai_api_key, settings.llm_api_key, settings.tts_api_key)
         if key is not None
     ]
-    for url in (settings.openai_base_url, settings.llm_base_url, settings.tts_base_url):
+    for url in (
+        settings.openai_base_url,
+        settings.llm_base_url,
+        settings.tts_base_url,
+        settings.redis_url,
+    ):
         password = urlsplit(url).password if url else None
         if password:
             values.append(password)
@@ -59,8 +68,11 @@ def _secrets(settings: Settings) -> list[str]:
 class App:
     """Own the core and its doors; start, drain and stop them together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: int | None = None) -> None:
+        """*worker*: this process is that worker of several (see :mod:`.workers`): its
+        listeners share their ports and the supervisor serves ``/metrics``."""
         self.settings = settings
+        self.worker = worker
         register_secrets(_secrets(settings))
         # One key store for every door; SIGHUP reloads it.
         self.keys = KeyStore(settings)
@@ -69,11 +81,12 @@ class App:
         for stage in self.synthesizer.engines.stages:
             metrics.init_upstream(stage.stage, stage.provider)
         relay = Relay(self.synthesizer)
-        self.grpc = GrpcDoor(settings, relay, self.keys)
+        self.grpc = GrpcDoor(settings, relay, self.keys, reuse_port=worker is not None)
         self.ws = WsDoor(settings, relay, self.keys, self.runtime)
         self.http = HttpDoor(settings, relay, self.keys) if settings.http_port is not None else None
         self.runtime.on_drain(self.grpc.begin_drain)
         self._metrics: tuple[WSGIServer, threading.Thread] | None = None
+        self._gauges: asyncio.Task[None] | None = None
         self.metrics_port = 0
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()
@@ -95,21 +108,29 @@ class App:
     async def start(self) -> None:
         """Open every listener and log what was chosen."""
         s = self.settings
-        server, thread = start_http_server(s.metrics_port, addr=s.host, registry=metrics.REGISTRY)
-        self._metrics = (server, thread)
-        self.metrics_port = server.server_port
+        if self.worker is None:
+            server, thread = start_http_server(
+                s.metrics_port, addr=s.host, registry=metrics.REGISTRY
+            )
+            self._metrics = (server, thread)
+            self.metrics_port = server.server_port
+        else:
+            self.metrics_port = s.metrics_port  # the supervisor's, for all workers
+            self._gauges = asyncio.create_task(self._refresh_gauges())
+        await self.runtime.admission.start()
         await self.grpc.start()
-        await self.ws.start()
+        await self.ws.start(reuse_port=self.worker is not None)
         if self.http is not None:
-            await self.http.start()
+            await self.http.start(reuse_port=self.worker is not None)
         scheme = "wss" if s.tls_cert else "ws"
         https = "https" if s.tls_cert else "http"
         openai_door = f"{https}://{s.host}:{self.http_port}/v1" if self.http is not None else "off"
         log.info(
-            "voxrelay %s serving",
+            "voxrelay %s serving" if self.worker is None else "voxrelay %s worker serving",
             __version__,
             extra={
-                "event": "startup",
+                "event": "startup" if self.worker is None else "worker_start",
+                "pid": os.getpid(),
                 "version": __version__,
                 "grpc": f"{s.host}:{self.grpc_port}",
                 "websocket": f"{scheme}://{s.host}:{self.ws_port}/v1/stream",
@@ -125,9 +146,22 @@ class App:
             },
         )
 
-    def reload_keys(self) -> None:
-        """Read the API keys again (what SIGHUP does); open connections stay open."""
+    async def _refresh_gauges(self) -> None:
+        """Copy what a worker's gauges read on demand into its metrics file, for the supervisor.
+
+        The supervisor's /metrics reads only the files, not this process's callbacks.
+        """
+        while True:
+            metrics.GRPC_CONNECTIONS.set(self.grpc.connections())
+            await asyncio.sleep(GAUGE_REFRESH_S)
+
+    def reload(self) -> None:
+        """Read the API keys and the lexicon again (what SIGHUP does).
+
+        Either one that cannot be read keeps what is in force.
+        """
         self.keys.reload()
+        self.synthesizer.speakable.reload()
 
     def request_stop(self) -> None:
         """Ask the process to drain and stop (what SIGTERM does)."""
@@ -178,6 +212,11 @@ class App:
         if self.http is not None:
             await self.http.stop()
         await self.synthesizer.aclose()
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+            self._gauges = None
         if self._metrics is not None:
             server, thread = self._metrics
             server.shutdown()
@@ -206,7 +245,7 @@ class App:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {sig: signal.getsignal(sig) for sig in signals}
-        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         started = False

@@ -34,6 +34,8 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     configure_logging(settings.log_level)
+    if (count := settings.worker_count()) > 1:
+        return _serve_workers(settings, count)
     raise_descriptor_limit(settings)
     from .app import App  # imported late: building providers is start-up work
 
@@ -50,6 +52,18 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
             return _fail(_port_in_use(settings, exc))
         return _fail(f"cannot start: {exc}")
     return 0
+
+
+def _serve_workers(settings: Any, count: int) -> int:
+    """Run *count* worker processes behind a supervisor (see :mod:`.workers`)."""
+    from .workers import SupervisorError, supervise
+
+    try:
+        return supervise(settings, count)
+    except SupervisorError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor's own handlers were in place
+        return EXIT_INTERRUPTED
 
 
 #: Young collections once this many more container objects live than at the last one
@@ -124,6 +138,7 @@ examples:
   voxrelay say --mode speak "Hello world." -o hello.mp3
   voxrelay say "Tell me a story" -o story.wav       # chat mode; the format follows the name
   voxrelay say --via ws --format opus "Hi" | ffplay -nodisp -autoexit -
+  my-llm-tool | voxrelay say --stream - -o reply.mp3   # speak a token stream as it comes
   voxrelay voices --language en
 
 Demo page: http://127.0.0.1:8765/ while the server runs.
@@ -207,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument(
         "--mode",
         choices=[m.value for m in Mode],
-        default="chat",
         help="chat: the LLM answers TEXT (default); speak: TEXT itself is spoken",
+    )
+    say.add_argument(
+        "--stream",
+        action="store_true",
+        help="speak stdin (TEXT '-') as it is typed or piped, sentence by sentence"
+        " (streamed input; speak mode); a typed line is spoken at Enter",
     )
     say.add_argument(
         "--via", choices=["grpc", "ws"], default="grpc", help="which door (default: grpc)"

@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 
 from voxrelay.service import model
 from voxrelay.service.errors import Internal, InvalidRequest, VoxrelayError, error_for_code
+from voxrelay.service.text_input import TextInput
 from voxrelay.v1 import synthesis_pb2 as pb
 
 from .errors import GRPC_STATUS
@@ -33,6 +34,8 @@ __all__ = [
     "request_message",
     "response_event",
     "status_error",
+    "stream_config",
+    "stream_config_message",
     "to_request",
     "to_response",
     "to_status",
@@ -94,6 +97,29 @@ def to_request(msg: pb.SynthesizeRequest, request_id: str) -> model.SynthesisReq
         request_id=msg.request_id or request_id,
         word_timestamps=msg.word_timestamps,
         normalization=NORMALIZATION[msg.normalization],
+    )
+
+
+def stream_config(
+    msg: pb.SynthesizeStreamConfig, request_id: str, text_input: TextInput
+) -> model.SynthesisRequest:
+    """Translate a ``SynthesizeStreamConfig`` into a speak-mode request fed by *text_input*."""
+    if msg.format not in FORMATS:
+        raise InvalidRequest(f"format {msg.format} is not a known AudioFormat")
+    if msg.normalization not in NORMALIZATION:
+        raise InvalidRequest(f"normalization {msg.normalization} is not a known TextNormalization")
+    return model.SynthesisRequest(
+        text="",
+        mode=model.Mode.SPEAK,
+        voice=msg.voice,
+        format=FORMATS[msg.format],
+        sample_rate_hz=msg.sample_rate_hz,
+        instructions=msg.instructions,
+        speed=msg.speed,
+        request_id=msg.request_id or request_id,
+        word_timestamps=msg.word_timestamps,
+        normalization=NORMALIZATION[msg.normalization],
+        input=text_input,
     )
 
 
@@ -177,6 +203,24 @@ def request_message(request: model.SynthesisRequest) -> pb.SynthesizeRequest:
         request_id=request.request_id,
         word_timestamps=request.word_timestamps,
         normalization=NORMALIZATION_ENUM[request.normalization],  # type: ignore[arg-type]
+    )
+
+
+def stream_config_message(request: model.SynthesisRequest) -> pb.SynthesizeStreamRequest:
+    """Build the first message of a ``SynthesizeStream`` call for a speak-mode request."""
+    return pb.SynthesizeStreamRequest(
+        config=pb.SynthesizeStreamConfig(
+            voice=request.voice,
+            format=pb.AUDIO_FORMAT_UNSPECIFIED
+            if request.format is None
+            else FORMAT_ENUM[request.format],
+            sample_rate_hz=request.sample_rate_hz,
+            speed=request.speed,
+            instructions=request.instructions,
+            request_id=request.request_id,
+            word_timestamps=request.word_timestamps,
+            normalization=NORMALIZATION_ENUM[request.normalization],  # type: ignore[arg-type]
+        )
     )
 
 

@@ -28,10 +28,11 @@ from voxrelay.service.auth import KeyStore, bearer_token
 from voxrelay.service.errors import InvalidRequest, VoxrelayError
 from voxrelay.service.relay import ClientGone, Relay
 from voxrelay.service.settings import Settings
+from voxrelay.service.text_input import TextInput
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
-from .grpc_codec import MODES, to_request, to_response, to_status
+from .grpc_codec import MODES, stream_config, to_request, to_response, to_status
 
 __all__ = ["GrpcDoor"]
 
@@ -126,6 +127,46 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
                 f"dropped: the client read nothing for {self.send_stall_s:g} s",
             )
 
+    async def SynthesizeStream(
+        self,
+        requests: AsyncIterator[pb.SynthesizeStreamRequest | _Undecodable],
+        context: grpc.aio.ServicerContext[pb.SynthesizeStreamRequest, pb.SynthesizeResponse],
+    ) -> None:
+        peer = _peer(context.peer())
+        metadata = {k: v for k, v in (context.invocation_metadata() or ())}
+        header_id = metadata.get("x-request-id", "")
+        request_id = (
+            header_id[:128] if isinstance(header_id, str) and header_id else uuid.uuid4().hex
+        )
+        remaining = context.time_remaining()
+        deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
+        messages = aiter(requests)
+        text_input = self.relay.text_input()
+        try:
+            caller = self.keys.authenticate(_token(metadata.items()))
+            config = await _first_config(messages, text_input.idle_s)
+            core_request = stream_config(config, request_id, text_input)
+        except VoxrelayError as exc:
+            self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=model.Mode.SPEAK)
+            await context.abort_with_status(to_status(exc))
+            return
+        run = self.relay.open("grpc", peer, core_request, caller=caller, deadline=deadline)
+        sink = _GrpcSink(context, peer=peer, stall_s=self.send_stall_s)
+        reader = asyncio.create_task(_read_input(messages, text_input), name="grpc-input")
+        try:
+            finished = await run.relay(sink)
+            await sink.write(to_response(finished))
+        except VoxrelayError as exc:
+            await context.abort_with_status(to_status(exc))
+        except ClientGone:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"dropped: the client read nothing for {self.send_stall_s:g} s",
+            )
+        finally:
+            reader.cancel()
+            await asyncio.wait([reader])
+
     async def ListVoices(
         self,
         request: pb.ListVoicesRequest,
@@ -135,6 +176,52 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         return pb.ListVoicesResponse(
             voices=[pb.Voice(name=v.name, language=v.language) for v in voices]
         )
+
+
+async def _first_config(
+    messages: AsyncIterator[pb.SynthesizeStreamRequest | _Undecodable], idle_s: float
+) -> pb.SynthesizeStreamConfig:
+    """Read a ``SynthesizeStream`` call's first message, which must be its ``config``."""
+    try:
+        async with asyncio.timeout(idle_s or None):
+            first = await anext(messages)
+    except StopAsyncIteration:
+        raise InvalidRequest("SynthesizeStream needs a config message first") from None
+    except TimeoutError:
+        raise InvalidRequest(
+            f"no config message within {idle_s:g} s (VOXRELAY_INPUT_IDLE_S)"
+        ) from None
+    if isinstance(first, _Undecodable):
+        raise _undecodable_error()
+    if first.WhichOneof("input") != "config":
+        raise InvalidRequest(
+            "SynthesizeStream needs a config message first, then text pieces and flushes"
+        )
+    return first.config
+
+
+async def _read_input(
+    messages: AsyncIterator[pb.SynthesizeStreamRequest | _Undecodable], text_input: TextInput
+) -> None:
+    """Put a call's text pieces and flushes into *text_input*; the half-close ends it."""
+    async for message in messages:
+        if isinstance(message, _Undecodable):
+            text_input.fail(_undecodable_error())
+            return
+        match message.WhichOneof("input"):
+            case "text":
+                text_input.append(message.text)
+            case "flush":
+                text_input.flush()
+            case "config":
+                text_input.fail(InvalidRequest("config comes once, as the first message"))
+                return
+            case _:
+                text_input.fail(
+                    InvalidRequest("a SynthesizeStreamRequest sets one of config, text or flush")
+                )
+                return
+    text_input.end()
 
 
 # Connections
@@ -278,7 +365,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
 
@@ -291,6 +378,11 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         codec: dict[str, Any] = dict(
             request_deserializer=decode, response_serializer=handler.response_serializer
         )
+        if handler.request_streaming:
+            # The method reads the messages itself and refuses an undecodable one.
+            if handler.stream_stream is None:
+                return handler
+            return grpc.stream_stream_rpc_method_handler(handler.stream_stream, **codec)
         method = handler.unary_stream if handler.response_streaming else handler.unary_unary
         assert method is not None
         if handler.response_streaming and inspect.isasyncgenfunction(method):
@@ -318,13 +410,17 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(unary, **codec)
 
 
-async def _refuse_undecodable(
-    request: _Undecodable, context: grpc.aio.ServicerContext[Any, Any]
-) -> None:
-    error = InvalidRequest(
+def _undecodable_error() -> InvalidRequest:
+    return InvalidRequest(
         "the request message is not valid protobuf; string fields must be valid UTF-8"
         " (no lone surrogates)"
     )
+
+
+async def _refuse_undecodable(
+    request: _Undecodable, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    error = _undecodable_error()
     metrics.ERRORS.labels("grpc", error.code).inc()
     await context.abort_with_status(to_status(error))
 
@@ -332,7 +428,10 @@ async def _refuse_undecodable(
 class GrpcDoor:
     """The grpc.aio server with the Synthesizer, health and (optionally) reflection."""
 
-    def __init__(self, settings: Settings, relay: Relay, keys: KeyStore) -> None:
+    def __init__(
+        self, settings: Settings, relay: Relay, keys: KeyStore, *, reuse_port: bool = False
+    ) -> None:
+        """*reuse_port*: share the port with other workers (SO_REUSEPORT); else own it."""
         self.settings = settings
         limit = settings.ws_max_message_bytes or -1
         known = _channelz_servers()
@@ -340,7 +439,7 @@ class GrpcDoor:
             interceptors=[AuthInterceptor(keys), DecodeInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(reuse_port)),
                 *_connection_options(settings),
             ],
         )

@@ -366,7 +366,7 @@ class HttpDoor:
         #: OpenAI voice names already reported as spoken in the default voice.
         self._mapped: set[str] = set()
 
-    async def start(self) -> None:
+    async def start(self, *, reuse_port: bool = False) -> None:
         """Bind ``host:http_port`` and start serving."""
         s = self.settings
         app = web.Application(client_max_size=self.body_limit, middlewares=[_openai_errors])
@@ -389,7 +389,10 @@ class HttpDoor:
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, s.host, s.http_port or 0, ssl_context=context)
+        # With workers, each binds the supervisor's port beside the others (SO_REUSEPORT).
+        site = web.TCPSite(
+            runner, s.host, s.http_port or 0, ssl_context=context, reuse_port=reuse_port or None
+        )
         await site.start()
         self.port = int(runner.addresses[0][1])
 

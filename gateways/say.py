@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import dataclasses
 import json
 import os
 import ssl
 import sys
+import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,10 +29,13 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from voxrelay.client import (
+    FLUSH,
     AudioChunk,
     AudioFormat,
     Client,
     ConnectionFailed,
+    Event,
+    Flush,
     SegmentStarted,
     StreamFinished,
     StreamStarted,
@@ -44,9 +50,11 @@ __all__ = [
     "FORMAT_BY_SUFFIX",
     "CliError",
     "ClientEnvironment",
+    "UsageError",
     "cmd_say",
     "cmd_voices",
     "fail",
+    "stdin_pieces",
 ]
 
 #: The format a file name asks for, when ``--format`` is not given.
@@ -75,6 +83,10 @@ _ANY_ADDRESS = {"", "0.0.0.0", "::", "[::]"}
 
 class CliError(Exception):
     """A failure to report as one ``voxrelay: …`` line (exit code 1)."""
+
+
+class UsageError(CliError):
+    """Flags that do not go together (exit code 2)."""
 
 
 def fail(message: str, code: int = 1) -> int:
@@ -259,22 +271,63 @@ def _figures(event: StreamFinished) -> dict[str, Any]:
     return figures
 
 
+#: Bytes read from stdin at once at most (a read returns what is there, not this much).
+STDIN_READ_BYTES = 4096
+
+
+async def stdin_pieces(*, flush_lines: bool) -> AsyncIterator[str | Flush]:
+    """Yield stdin's text as it arrives: typed (each line flushed) or piped (as written).
+
+    The reads run in a daemon thread: a read blocked on a terminal cannot be cancelled,
+    and must not keep the process alive once the stream is over.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    fd = sys.stdin.fileno()
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(fd, STDIN_READ_BYTES)
+            except OSError:
+                data = b""
+            loop.call_soon_threadsafe(queue.put_nowait, data)
+            if not data:
+                return
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while data := await queue.get():
+        text = decoder.decode(data)
+        if text:
+            yield text
+            if flush_lines and text.endswith("\n"):
+                yield FLUSH  # a line typed is spoken when Enter is pressed
+    if rest := decoder.decode(b"", final=True):
+        yield rest
+
+
+def _events(args: argparse.Namespace, client: Client) -> AsyncIterator[Event]:
+    options: dict[str, Any] = dict(
+        voice=args.voice or "",
+        format=args.format,
+        sample_rate_hz=args.sample_rate,
+        speed=args.speed,
+        instructions=args.instructions or "",
+        request_id=args.request_id,
+    )
+    if args.stream:
+        return client.synthesize_stream(stdin_pieces(flush_lines=sys.stdin.isatty()), **options)
+    return client.synthesize(args.text, mode=args.mode or "chat", **options)
+
+
 async def _say(args: argparse.Namespace, sink: AudioSink) -> dict[str, Any]:
     """Run the request; return what to report: the stream's figures and this client's times."""
     result: dict[str, Any] = {"request_id": args.request_id}
     started = time.perf_counter()
     first_audio: float | None = None
     async with _client(args, args.via) as client:
-        events = client.synthesize(
-            args.text,
-            mode=args.mode,
-            voice=args.voice or "",
-            format=args.format,
-            sample_rate_hz=args.sample_rate,
-            speed=args.speed,
-            instructions=args.instructions or "",
-            request_id=args.request_id,
-        )
+        events = _events(args, client)
         try:
             async for event in events:
                 if isinstance(event, AudioChunk):
@@ -303,6 +356,12 @@ async def _say(args: argparse.Namespace, sink: AudioSink) -> dict[str, Any]:
 
 
 def _read_text(args: argparse.Namespace) -> None:
+    if args.stream:
+        if args.text != "-":
+            raise UsageError("--stream speaks stdin as it comes: give TEXT as '-'")
+        if args.mode == "chat":
+            raise UsageError("--stream speaks the text as written: it takes no --mode chat")
+        return
     if args.text == "-":
         args.text = sys.stdin.read()
 
@@ -336,6 +395,9 @@ def cmd_say(args: argparse.Namespace, rest: list[str]) -> int:
         args.request_id = uuid.uuid4().hex
         result = asyncio.run(_say(args, sink))
         sink.finish()
+    except UsageError as exc:
+        sink.close()
+        return fail(str(exc), 2)
     except CliError as exc:
         sink.close()
         return fail(f"{exc}{sink.partial_note()}")

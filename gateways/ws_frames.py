@@ -25,20 +25,26 @@ from voxrelay.service.errors import Internal, InvalidRequest, VoxrelayError, err
 from .errors import WS_CLOSE
 
 __all__ = [
+    "AppendFrame",
     "AuthFrame",
     "BadFrame",
     "CancelFrame",
     "Cancelled",
     "ClientFrame",
+    "EndFrame",
     "ErrorFrame",
+    "FlushFrame",
     "ResetFrame",
     "ServerFrame",
     "SynthesizeFrame",
+    "append_frame",
     "cancel_frame",
     "close_error",
     "dumps",
+    "end_frame",
     "error_frame",
     "event_frame",
+    "flush_frame",
     "handshake_error",
     "parse_frame",
     "parse_server_frame",
@@ -64,6 +70,31 @@ class SynthesizeFrame:
     id: str
     request: model.SynthesisRequest
     stream: bool = True
+    #: ``"input":"stream"``: the text comes in ``append`` frames (``request.text`` is
+    #: the first piece, possibly empty) until ``end``.
+    streamed_input: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppendFrame:
+    """``append``: the next piece of streamed input *id*."""
+
+    id: str | None
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlushFrame:
+    """``flush``: speak what streamed input *id* has buffered, now."""
+
+    id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndFrame:
+    """``end``: streamed input *id* has no more text."""
+
+    id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +121,10 @@ class AuthFrame:
     token: str
 
 
-ClientFrame = SynthesizeFrame | CancelFrame | ResetFrame | AuthFrame
+ClientFrame = (
+    SynthesizeFrame | CancelFrame | ResetFrame | AuthFrame | AppendFrame | FlushFrame | EndFrame
+)
+InputFrame = AppendFrame | FlushFrame | EndFrame
 
 
 class BadFrame(InvalidRequest):
@@ -144,13 +178,25 @@ def parse_frame(message: Data) -> ClientFrame:
         return CancelFrame(request_id, played)
     if kind == "reset":
         return ResetFrame()
+    if kind == "append":
+        text = data.get("text")
+        if not isinstance(text, str):
+            raise BadFrame('append needs "text": the next piece of the text', request_id)
+        return AppendFrame(request_id, text)
+    if kind == "flush":
+        return FlushFrame(request_id)
+    if kind == "end":
+        return EndFrame(request_id)
     if kind == "auth":
         token = data.get("token")
         if not isinstance(token, str):
             raise BadFrame('auth needs a "token" string', request_id)
         return AuthFrame(token)
     shown = json.dumps(kind)[:40]
-    raise BadFrame(f"unknown frame type {shown}: use synthesize, cancel, reset or auth", request_id)
+    raise BadFrame(
+        f"unknown frame type {shown}: use synthesize, append, flush, end, cancel, reset or auth",
+        request_id,
+    )
 
 
 def _unencodable(value: Any) -> bool:
@@ -189,13 +235,24 @@ def _synthesize_frame(data: Mapping[str, Any], request_id: str) -> SynthesizeFra
             raise bad(f"{name} must be {what}")
         return value
 
+    input_name = optional("input", (str,), '"text" or "stream"')
+    if input_name is not None and input_name not in ("text", "stream"):
+        raise bad('input must be "text" (the default) or "stream"')
+    streamed = input_name == "stream"
     text = data.get("text")
+    if streamed and text is None:
+        text = ""
     if not isinstance(text, str):
         raise bad('synthesize needs "text": the words to answer or speak')
     mode_name = optional("mode", (str,), '"chat" or "speak"')
-    mode = _MODES.get(mode_name.lower()) if mode_name is not None else model.Mode.CHAT
+    default_mode = model.Mode.SPEAK if streamed else model.Mode.CHAT
+    mode = _MODES.get(mode_name.lower()) if mode_name is not None else default_mode
     if mode is None:
         raise bad('mode must be "chat" or "speak"')
+    if streamed and mode is not model.Mode.SPEAK:
+        raise bad('"input":"stream" is spoken as written: it takes "mode":"speak", not chat')
+    if streamed and "history" in data:
+        raise bad('"input":"stream" takes no history: it is spoken as written')
     format_name = optional("format", (str,), "a format name")
     fmt = _FORMATS.get(format_name.lower()) if format_name is not None else None
     if format_name is not None and fmt is None:
@@ -227,6 +284,7 @@ def _synthesize_frame(data: Mapping[str, Any], request_id: str) -> SynthesizeFra
             normalization=None if normalization is None else _NORMALIZATION[normalization],
         ),
         stream=True if stream is None else stream,
+        streamed_input=streamed,
     )
 
 
@@ -295,10 +353,13 @@ def dumps(frame: Mapping[str, Any]) -> str:
 # Client side: requests out, server frames in
 
 
-def synthesize_frame(request: model.SynthesisRequest, *, request_id: str) -> dict[str, Any]:
+def synthesize_frame(
+    request: model.SynthesisRequest, *, request_id: str, streamed_input: bool = False
+) -> dict[str, Any]:
     """Build the ``synthesize`` frame for a core request (what :func:`parse_frame` reads).
 
-    Defaults (empty strings, zeros) are left out, as the server fills them in.
+    Defaults (empty strings, zeros) are left out, as the server fills them in. With
+    *streamed_input*, the text follows in ``append`` frames.
     """
     if request.history:
         raise InvalidRequest(
@@ -319,12 +380,32 @@ def synthesize_frame(request: model.SynthesisRequest, *, request_id: str) -> dic
         "speed": request.speed,
     }
     frame.update((name, value) for name, value in optional.items() if value)
+    if streamed_input:
+        frame["input"] = "stream"
     return frame
 
 
-def cancel_frame(request_id: str) -> dict[str, Any]:
-    """Build the ``cancel`` frame that stops stream *request_id*."""
-    return {"type": "cancel", "id": request_id}
+def append_frame(request_id: str, text: str) -> dict[str, Any]:
+    """Build the ``append`` frame that adds *text* to streamed input *request_id*."""
+    return {"type": "append", "id": request_id, "text": text}
+
+
+def flush_frame(request_id: str) -> dict[str, Any]:
+    """Build the ``flush`` frame of streamed input *request_id*."""
+    return {"type": "flush", "id": request_id}
+
+
+def end_frame(request_id: str) -> dict[str, Any]:
+    """Build the ``end`` frame of streamed input *request_id*."""
+    return {"type": "end", "id": request_id}
+
+
+def cancel_frame(request_id: str, played_ms: int | None = None) -> dict[str, Any]:
+    """Build the ``cancel`` frame that stops stream *request_id* (at *played_ms*, if known)."""
+    frame: dict[str, Any] = {"type": "cancel", "id": request_id}
+    if played_ms is not None:
+        frame["played_ms"] = played_ms
+    return frame
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,8 +83,8 @@ class WsDoor:
         self._sessions: set[Session] = set()
         self._admitted: dict[ServerConnection, Admitted] = {}
 
-    async def start(self) -> None:
-        """Bind ``host:ws_port`` and start serving."""
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Bind ``host:ws_port`` and start serving; *reuse_port* shares it with other workers."""
         s = self.settings
         context: ssl.SSLContext | None = None
         if s.tls_cert and s.tls_key:
@@ -106,6 +106,7 @@ class WsDoor:
             max_size=s.ws_max_message_bytes or None,
             write_limit=WRITE_LIMIT,
             ssl=context,
+            reuse_port=reuse_port,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 

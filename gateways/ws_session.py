@@ -25,15 +25,20 @@ from websockets.typing import Data
 from voxrelay.service import metrics, model
 from voxrelay.service.auth import KeyStore, client_key
 from voxrelay.service.conversation import Conversation
-from voxrelay.service.errors import Busy, Internal, Unauthorized, VoxrelayError
+from voxrelay.service.errors import Busy, Internal, InvalidRequest, Unauthorized, VoxrelayError
 from voxrelay.service.relay import ClientGone, Relay, RelayedStream
 from voxrelay.service.settings import Settings
+from voxrelay.service.text_input import TextInput
 
 from .errors import WS_CLOSE
 from .ws_frames import (
+    AppendFrame,
     AuthFrame,
     BadFrame,
     CancelFrame,
+    EndFrame,
+    FlushFrame,
+    InputFrame,
     ResetFrame,
     SynthesizeFrame,
     error_frame,
@@ -57,6 +62,8 @@ class _Flight:
     id: str
     run: RelayedStream
     task: asyncio.Task[None] | None = None
+    #: where its ``append``, ``flush`` and ``end`` go, for a streamed input.
+    input: TextInput | None = None
 
 
 def peer_address(connection: ServerConnection) -> tuple[str, int | None]:
@@ -224,6 +231,8 @@ class Session:
                 await self._start(frame)
             case CancelFrame():
                 await self._cancel(frame.id, frame.played_ms)
+            case AppendFrame() | FlushFrame() | EndFrame():
+                await self._input(frame)
             case ResetFrame():
                 self.conversation.reset()
             case AuthFrame():
@@ -243,6 +252,10 @@ class Session:
         chat = request.mode is model.Mode.CHAT
         history = self.conversation.history() if chat else ()
         request = dataclasses.replace(request, request_id=request_id, history=history)
+        text_input: TextInput | None = None
+        if frame.streamed_input:
+            text_input = self.relay.text_input()
+            request = dataclasses.replace(request, text="", input=text_input)
         try:
             self.relay.check_open()  # a draining process refuses first
             if self.flight is not None:
@@ -259,8 +272,10 @@ class Session:
         # stream in the task's own context, not in this reader's.
         context = contextvars.copy_context()
         run = context.run(self.relay.open, "ws", self.peer, request, caller=self.caller)
-        flight = _Flight(request_id, run)
+        flight = _Flight(request_id, run, input=text_input)
         self.flight = flight
+        if text_input is not None:
+            text_input.append(frame.request.text)  # an optional first piece
         task = asyncio.create_task(
             self._run(flight, frame.stream), name=f"ws-stream-{request_id}", context=context
         )
@@ -292,6 +307,30 @@ class Session:
                 # The next turn's LLM call learns where its last reply was interrupted.
                 self.conversation.remember(request.text, heard, epoch=epoch)
         await self._send_json(cancelled)
+
+    async def _input(self, frame: InputFrame) -> None:
+        """Hand an ``append``, ``flush`` or ``end`` to the streamed input it names."""
+        flight = self.flight
+        text_input = None
+        if flight is not None and frame.id in (None, flight.id):
+            text_input = flight.input
+        if text_input is None or text_input.closed:
+            kind = type(frame).__name__.removesuffix("Frame").lower()
+            named = f"{frame.id!r}" if frame.id is not None else "this connection"
+            error = InvalidRequest(
+                f"{kind}: no streamed input of {named} is taking text (send synthesize with"
+                ' "input":"stream" first; after end, start a new one)'
+            )
+            metrics.ERRORS.labels("ws", error.code).inc()
+            await self._send_json(error_frame(frame.id, error))
+            return
+        match frame:
+            case AppendFrame():
+                text_input.append(frame.text)
+            case FlushFrame():
+                text_input.flush()
+            case EndFrame():
+                text_input.end()
 
     def _release(self, flight: _Flight) -> None:
         """Free the connection's stream slot; from now on a cancel does not apply."""

@@ -106,7 +106,8 @@ class SentenceChunker:
     """Cut streamed text into speakable segments, without I/O.
 
     Pass each text delta to :meth:`feed`, which returns the segments it completes, and
-    call :meth:`flush` at the end of the text for the rest. Segments are stripped,
+    call :meth:`flush` at the end of the text for the rest (:meth:`cut` forces a cut
+    without ending the text). Segments are stripped,
     never empty, and together hold every word of the text exactly once, in order.
 
     A segment ends at a sentence end once it has *min_chars* characters (shorter
@@ -175,12 +176,23 @@ class SentenceChunker:
 
     def flush(self) -> list[str]:
         """End the text: return the segments still held, and get ready for a new text."""
+        segments = self.cut()
+        self._reset()
+        return segments
+
+    def cut(self) -> list[str]:
+        """Cut here without ending the text: return the segments still held.
+
+        What follows starts a new segment, even mid-word ("$3." cut, then "50"), and the
+        text goes on: offsets, the first segment's rules and abbreviations carry over.
+        """
         end = self._n if self._space_start is None else self._space_start
         self._cuts.append(_Cut(end, _Kind.PARAGRAPH, end))
         self._final = True
-        segments = self._drain()
-        self._reset()
-        return segments
+        try:
+            return self._drain()
+        finally:
+            self._final = False
 
     # Scanner
 

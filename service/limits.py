@@ -1,8 +1,9 @@
 """voxrelay's own limits on its callers: request and character rates, concurrent streams.
 
-Sans-I/O token buckets behind a small interface (:class:`AdmissionControl`, one
-method); :class:`Admission` is the in-process implementation. A shared backend for
-several replicas (``VOXRELAY_REDIS_URL``) can implement the same interface later.
+Sans-I/O token buckets behind a small async interface (:class:`AdmissionControl`);
+:class:`Admission` is the in-process implementation and
+:class:`~voxrelay.service.limits_redis.RedisAdmission` the shared one for several
+processes and replicas (``VOXRELAY_REDIS_URL``); :func:`make_admission` picks one.
 A refused request consumes nothing; every refusal carries the wait that would help.
 :class:`ConnectionLimits` counts a door's open connections, in total and per address.
 """
@@ -18,7 +19,14 @@ from typing import Protocol
 from .errors import Busy, RateLimited, TooLarge
 from .settings import Settings
 
-__all__ = ["Admission", "AdmissionControl", "ConnectionLimits", "Lease", "TokenBucket"]
+__all__ = [
+    "Admission",
+    "AdmissionControl",
+    "ConnectionLimits",
+    "Lease",
+    "TokenBucket",
+    "make_admission",
+]
 
 #: Forget the buckets of callers that have been quiet this long (they are full again).
 IDLE_FORGET_S = 120.0
@@ -84,11 +92,36 @@ class Lease:
 
 
 class AdmissionControl(Protocol):
-    """Grant streams to callers within their limits."""
+    """Grant streams to callers within their limits.
 
-    def admit(self, key: str | None, chars: int) -> Lease:
+    ``start`` before the first ``admit`` (it may check a backend), ``aclose`` at the end.
+    """
+
+    async def start(self) -> None:
+        """Get ready to admit (connect to a backend, start its upkeep)."""
+        ...
+
+    async def admit(self, key: str | None, chars: int) -> Lease:
         """Grant a stream to *key* for *chars* input characters, or raise a typed refusal."""
         ...
+
+    async def charge(self, key: str | None, chars: int) -> None:
+        """Take *chars* more input characters from *key*'s budget, or raise a refusal."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop the upkeep and give back what this process holds (idempotent)."""
+        ...
+
+
+def make_admission(settings: Settings) -> AdmissionControl:
+    """Return the admission control the settings ask for: shared in Redis, or in-process."""
+    if not settings.redis_url:
+        return Admission.from_settings(settings)
+    # Imported here: limits_redis builds on this module.
+    from .limits_redis import RedisAdmission
+
+    return RedisAdmission.from_settings(settings)
 
 
 class Admission:
@@ -132,10 +165,17 @@ class Admission:
         caller.last_seen = now
         return caller
 
-    def admit(self, key: str | None, chars: int) -> Lease:
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def admit(self, key: str | None, chars: int) -> Lease:
         """Grant a stream to *key* for *chars* input characters, or raise a typed refusal.
 
-        ``key`` None means an anonymous internal caller: no per-key limits apply.
+        ``key`` None means an anonymous internal caller: no per-key limits apply. The
+        decision is all in memory: nothing here awaits.
         """
         if key is None:
             return Lease()
@@ -178,6 +218,32 @@ class Admission:
             caller.last_seen = self._clock()
 
         return Lease(release)
+
+    async def charge(self, key: str | None, chars: int) -> None:
+        """Take *chars* more input characters from *key*'s budget, or raise a refusal.
+
+        A streamed input pays for each piece as it arrives; a refused piece costs nothing.
+        The decision is all in memory: nothing here awaits.
+        """
+        if key is None or chars <= 0:
+            return
+        now = self._clock()
+        bucket = self._caller(key, now).chars
+        if bucket is None:
+            return
+        if chars > bucket.capacity:
+            raise TooLarge(
+                f"a piece of {chars} characters exceeds this caller's budget of"
+                f" {self.chars_per_min} per minute"
+            )
+        wait = bucket.wait_for(chars, now)
+        if wait > 0:
+            raise RateLimited(
+                f"rate limit of {self.chars_per_min} characters per minute reached:"
+                f" retry in {wait:.1f} s",
+                retry_after_s=wait,
+            )
+        bucket.take(chars, now)
 
     def _prune(self, now: float) -> None:
         """Forget quiet callers with full buckets and no streams (bounded memory)."""

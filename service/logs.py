@@ -98,7 +98,14 @@ def _escape_unsafe(match: re.Match[str]) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """Format a record as one JSON line with its ``extra`` fields."""
+    """Format a record as one JSON line with its ``extra`` fields.
+
+    *worker* (a worker process's index, when voxrelay runs several) is a field of every line.
+    """
+
+    def __init__(self, *, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -108,6 +115,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            line["worker"] = self.worker
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 line[key] = value
@@ -120,11 +129,16 @@ class JsonFormatter(logging.Formatter):
         return _UNSAFE.sub(_escape_unsafe, text)
 
 
-def configure_logging(level: str = "info", *, secrets: Iterable[str | None] = ()) -> None:
-    """Send every log record to stderr as JSON lines, at *level* and above."""
+def configure_logging(
+    level: str = "info", *, secrets: Iterable[str | None] = (), worker: int | None = None
+) -> None:
+    """Send every log record to stderr as JSON lines, at *level* and above.
+
+    *worker*: this process is the worker with that index; every line says so.
+    """
     register_secrets(secrets)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(worker=worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -42,6 +42,8 @@ __all__ = [
     "FORMATS",
     "GRPC_CONNECTIONS",
     "LATENCY_BUCKETS",
+    "LIMITS_BACKEND_ERRORS",
+    "LIMITS_BACKEND_UP",
     "MODES",
     "OUTCOMES",
     "PROTOCOLS",
@@ -89,6 +91,10 @@ def closed(value: str, allowed: Iterable[str], fallback: str) -> str:
     return value if value in allowed else fallback
 
 
+# Under workers (PROMETHEUS_MULTIPROC_DIR set by the supervisor) every value lives in a
+# file the supervisor's /metrics reads: counters and histograms are summed over every worker
+# that ever ran, and each gauge names how its workers' values combine (``multiprocess_mode``;
+# the ``live`` modes forget a worker once it has exited). One process ignores the modes.
 REGISTRY = CollectorRegistry(auto_describe=True)
 REGISTRY.register(PROCESS_COLLECTOR)
 REGISTRY.register(PLATFORM_COLLECTOR)
@@ -106,11 +112,23 @@ REQUESTS = Counter(
     registry=REGISTRY,
 )
 ACTIVE_STREAMS = Gauge(
-    "voxrelay_active_streams", "Streams in flight.", ["protocol"], registry=REGISTRY
+    "voxrelay_active_streams",
+    "Streams in flight.",
+    ["protocol"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
-WS_CONNECTIONS = Gauge("voxrelay_ws_connections", "Open WebSocket connections.", registry=REGISTRY)
+WS_CONNECTIONS = Gauge(
+    "voxrelay_ws_connections",
+    "Open WebSocket connections.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 GRPC_CONNECTIONS = Gauge(
-    "voxrelay_grpc_connections", "Open gRPC connections (-1: unknown).", registry=REGISTRY
+    "voxrelay_grpc_connections",
+    "Open gRPC connections (-1: unknown).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 TIME_TO_FIRST_AUDIO = Histogram(
     "voxrelay_time_to_first_audio_seconds",
@@ -168,10 +186,28 @@ UPSTREAM_FAILURES = Counter(
 )
 BREAKER_OPEN = Gauge(
     "voxrelay_breaker_open",
-    "1 while an upstream's circuit breaker is open.",
+    "1 while an upstream's circuit breaker is open (in any worker).",
     ["stage", "provider"],
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
+# Shared limits (service.limits_redis)
+
+#: ``livemin`` under prometheus-client's multiprocess mode: 1 only when every living
+#: worker has the shared limits in force (a dead worker's last value does not count).
+LIMITS_BACKEND_UP = Gauge(
+    "voxrelay_limits_backend_up",
+    "1 when the shared limits (Redis) are in force or not configured; 0 while Redis is away.",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
+LIMITS_BACKEND_UP.set(1)
+LIMITS_BACKEND_ERRORS = Counter(
+    "voxrelay_limits_backend_errors",
+    "Redis round trips of the shared limits that failed or timed out.",
+    registry=REGISTRY,
+)
+
 UPSTREAM_TOKENS = Counter(
     "voxrelay_upstream_tokens",
     "Tokens the chat upstream reported, by kind (prompt, completion): what it costs.",

@@ -8,6 +8,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .text_input import TextInput
 
 __all__ = [
     "AudioChunk",
@@ -82,6 +86,8 @@ class SynthesisRequest:
     word_timestamps: bool = False
     #: make the text speakable first; None is the server's default.
     normalization: bool | None = None
+    #: streamed input (speak mode): the text comes from here, after ``text`` if any.
+    input: TextInput | None = None
 
 
 @dataclass(frozen=True, slots=True)

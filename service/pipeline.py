@@ -12,14 +12,15 @@ Either ends in the stream's one :class:`~.output.StreamOutput` and returns the r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import metrics
 from .alignment import TranscriptAligner
 from .chunker import SentenceChunker
 from .engines import Engines
+from .errors import VoxrelayError
 from .model import Mode, StreamFinished, StreamStarted
 from .output import PcmFeed, StreamOutput
 from .planner import Plan
@@ -28,7 +29,8 @@ from .settings import Settings
 from .silence import SilenceTrimmer
 from .speakable import SpeakableText
 from .spoken import Spoken
-from .words import SpeechSpan, estimate_in
+from .text_input import FLUSH, Flush
+from .words import SpeechSpan, WordMark, estimate_in, from_marks
 
 __all__ = ["ChainedPipeline", "Segment", "SegmentLocator", "SpeakingPipeline", "StreamContext"]
 
@@ -54,6 +56,14 @@ class StreamContext:
     caller: str | None
     #: the process's normalization and lexicon.
     speakable: SpeakableText
+    #: charge a streamed input's piece (its length) to the caller's budget, or refuse it.
+    charge: Callable[[int], Awaitable[None]] | None = None
+
+
+def _fresh(marks: list[WordMark]) -> list[WordMark]:
+    """Empty *marks* for a new attempt at a call (a retry starts the segment over)."""
+    marks.clear()
+    return marks
 
 
 def _call_timeout(timeout_s: float) -> float:
@@ -64,6 +74,13 @@ def _trimmer(settings: Settings, sample_rate: int) -> SilenceTrimmer | None:
     if not settings.trim_silence:
         return None
     return SilenceTrimmer(sample_rate, pause_ms=settings.segment_pause_ms)
+
+
+def _shifted(marks: list[WordMark], cut_ms: int) -> list[WordMark]:
+    """*marks* on the clock of the audio as sent, whose first *cut_ms* were cut away."""
+    if not cut_ms:
+        return marks
+    return [replace(m, time_ms=max(0, m.time_ms - cut_ms)) for m in marks]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +125,13 @@ class ChainedPipeline:
         self.out = out
         self.reply_parts: list[str] = []
         self._segments: asyncio.Queue[Segment | None] = asyncio.Queue()
-        self._spoken: asyncio.Queue[tuple[Segment, PcmFeed] | None] = asyncio.Queue()
+        self._spoken: asyncio.Queue[tuple[Segment, PcmFeed, list[WordMark]] | None] = (
+            asyncio.Queue()
+        )
         self._lookahead = asyncio.Semaphore(ctx.settings.lookahead_segments)
+        #: why a streamed input stopped the text early; the audio in flight then ends
+        #: between two chunks, so that what was sent is one whole file once flushed.
+        self._refusal: VoxrelayError | None = None
 
     async def run(self, started: StreamStarted) -> str:
         """Produce the stream; *started* goes out once the first upstream call is under way."""
@@ -133,19 +155,35 @@ class ChainedPipeline:
             for text in segments:
                 self._segments.put_nowait(Segment(text, shape(text), locator.locate(text)))
 
-        async with aclosing(self._text()) as pieces:
-            async for piece in pieces:
-                self.reply_parts.append(piece)
-                locator.feed(piece)
-                put(chunker.feed(piece))
+        try:
+            async with aclosing(self._text()) as pieces:
+                async for piece in pieces:
+                    if piece is FLUSH:
+                        put(chunker.cut())
+                        continue
+                    self.reply_parts.append(piece)
+                    locator.feed(piece)
+                    put(chunker.feed(piece))
+        except VoxrelayError as exc:
+            if plan.input is None:
+                raise
+            self._refusal = exc
+            self._segments.put_nowait(None)
+            return
         put(chunker.flush())
         self._segments.put_nowait(None)
 
-    async def _text(self) -> AsyncIterator[str]:
-        """Yield the text to speak: the caller's own (speak mode) or the LLM's reply."""
+    async def _text(self) -> AsyncIterator[str | Flush]:
+        """Yield the text to speak: the caller's own (speak mode, whole or streamed in)
+        or the LLM's reply."""
         plan = self.ctx.plan
         if plan.mode is Mode.SPEAK:
-            yield plan.text
+            if plan.text:
+                yield plan.text
+            if plan.input is not None:
+                async with aclosing(plan.input.pieces(self.ctx.charge)) as pieces:
+                    async for piece in pieces:
+                        yield piece
             return
         engines, settings, finished = self.ctx.engines, self.ctx.settings, self.out.finished
         chat, stage = engines.chat, engines.llm_stage
@@ -175,12 +213,14 @@ class ChainedPipeline:
         while (segment := await self._segments.get()) is not None:
             await self._lookahead.acquire()
             feed = PcmFeed()
-            tg.create_task(self._speak(segment.spoken.text, feed))
-            self._spoken.put_nowait((segment, feed))
+            marks: list[WordMark] = []
+            tg.create_task(self._speak(segment.spoken.text, feed, marks))
+            self._spoken.put_nowait((segment, feed, marks))
         self._spoken.put_nowait(None)
 
-    async def _speak(self, text: str, feed: PcmFeed) -> None:
-        """Speak one segment into *feed* (nothing, when nothing of it is to be said)."""
+    async def _speak(self, text: str, feed: PcmFeed, marks: list[WordMark]) -> None:
+        """Speak one segment into *feed* (nothing, when nothing of it is to be said);
+        an engine that reports its words puts them in *marks*."""
         if not text.strip():
             feed.end()
             return
@@ -201,6 +241,8 @@ class ChainedPipeline:
                 speed=ctx.plan.speed,
                 instructions=ctx.plan.instructions,
                 timeout=_call_timeout(ctx.settings.tts_timeout_s),
+                caller=ctx.caller,
+                marks=_fresh(marks),
             ),
             deadline=ctx.deadline,
             on_first=first_byte,
@@ -224,8 +266,10 @@ class ChainedPipeline:
         out = self.out
         rate = self.ctx.engines.speech.sample_rate
         trim = _trimmer(self.ctx.settings, rate)
+        speech = self.ctx.engines.speech
         while (item := await self._spoken.get()) is not None:
-            segment, feed = item
+            self._check_refusal()
+            segment, feed, marks = item
             spoken = segment.spoken
             start_ms = out.audio_ms
             await out.segment(
@@ -236,25 +280,45 @@ class ChainedPipeline:
             # Words are placed in the audio as sent: the span sees the trimmed PCM.
             span = SpeechSpan(rate)
             while (pcm := await feed.take(hold_s=out.hold_s())) is not None:
+                self._check_refusal()
                 if trim is not None and not (pcm := trim.feed(pcm)):
                     continue
                 await out.audio(pcm)
                 span.feed(pcm)
-            if trim is not None and (tail := trim.end()):
-                await out.audio(tail)
-                span.feed(tail)
+            cut_ms = 0
+            if trim is not None:
+                cut_ms = trim.cut_ms
+                if tail := trim.end():
+                    await out.audio(tail)
+                    span.feed(tail)
             self._lookahead.release()
-            first, last = span.bounds()
-            timings = estimate_in(
-                segment.text,
-                spoken,
-                first,
-                last,
-                span.audio_ms,
-                offset_ms=start_ms,
-                text_offset=segment.offset,
-            )
-            await out.words(timings, estimated=True)
+            if speech.reports_words:
+                timings = from_marks(
+                    segment.text,
+                    spoken,
+                    _shifted(marks, cut_ms),
+                    offset_ms=start_ms,
+                    audio_ms=span.audio_ms,
+                    text_offset=segment.offset,
+                )
+            else:
+                first, last = span.bounds()
+                timings = estimate_in(
+                    segment.text,
+                    spoken,
+                    first,
+                    last,
+                    span.audio_ms,
+                    offset_ms=start_ms,
+                    text_offset=segment.offset,
+                )
+            await out.words(timings, estimated=not speech.reports_words)
+        self._check_refusal()
+
+    def _check_refusal(self) -> None:
+        if self._refusal is not None:
+            self.out.capped = True  # what was sent ends as one whole file
+            raise self._refusal
 
 
 class SpeakingPipeline:

@@ -11,12 +11,16 @@ import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .audio import output_rate
 from .engines import Engines
 from .errors import InvalidRequest, TooLarge
 from .model import AudioFormat, ChatMessage, Mode, SynthesisRequest
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .text_input import TextInput
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -66,6 +70,8 @@ class Plan:
     language: str = "en"
     #: send each segment's words after its audio.
     word_timestamps: bool = False
+    #: streamed input: the rest of the text, charged piece by piece as it arrives.
+    input: TextInput | None = None
 
 
 def check_text(text: str, what: str) -> None:
@@ -97,7 +103,9 @@ class RequestPlanner:
         """Validate *request* and resolve its defaults, or raise a typed error."""
         limit = self.settings.max_input_chars
         text = request.text
-        if not text.strip():
+        if request.input is not None:
+            self._check_streamed(request)
+        elif not text.strip():
             raise InvalidRequest("text is empty: send the words to speak or answer")
         if len(text) > limit:
             raise TooLarge(
@@ -142,7 +150,16 @@ class RequestPlanner:
             ),
             language=language,
             word_timestamps=request.word_timestamps,
+            input=request.input,
         )
+
+    def _check_streamed(self, request: SynthesisRequest) -> None:
+        if request.mode is not Mode.SPEAK:
+            raise InvalidRequest(
+                "streamed input is spoken as written: it takes speak mode, not chat"
+            )
+        if request.history:
+            raise InvalidRequest("streamed input takes no history: it is spoken as written")
 
     def _check_history(self, history: Sequence[ChatMessage]) -> None:
         if len(history) > MAX_HISTORY:

@@ -37,6 +37,7 @@ from .model import (
 )
 from .synthesizer import SynthesisStream, Synthesizer
 from .telemetry import StreamRecord, WireProtocol
+from .text_input import TextInput
 from .words import heard_text
 
 __all__ = ["AudioClock", "ClientGone", "EventSink", "RefusalLog", "Relay", "RelayedStream"]
@@ -268,6 +269,11 @@ class Relay:
     def check_open(self) -> None:
         """Raise the refusal a new stream would get now (draining, or at capacity)."""
         self.synthesizer.runtime.check_open()
+
+    def text_input(self) -> TextInput:
+        """Make the input of a streamed-input request, with the settings' cap and idle end."""
+        settings = self.synthesizer.settings
+        return TextInput(max_chars=settings.max_stream_input_chars, idle_s=settings.input_idle_s)
 
     def open(
         self,

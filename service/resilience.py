@@ -289,6 +289,17 @@ def _retry_wait(
     return wait
 
 
+async def _admitted(
+    admitted: Callable[[], Awaitable[None]], stage: Stage, deadline: float | None
+) -> None:
+    """Wait for a stream's turn; past the caller's *deadline*, it is the caller's timeout."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await admitted()
+    except TimeoutError:
+        raise UpstreamTimeout(f"{stage.label} was busy until the request's deadline") from None
+
+
 async def guarded_stream(
     stage: Stage,
     call: Callable[[], AsyncGenerator[T, None]],
@@ -299,7 +310,9 @@ async def guarded_stream(
     """Yield the items of ``call()``, within the stage's budgets.
 
     The wait for the first item — retries included — and every later gap are each
-    capped by ``stage.timeout_s`` and by *deadline* (a ``loop.time()``). Retryable
+    capped by ``stage.timeout_s`` and by *deadline* (a ``loop.time()``); a
+    :class:`~.providers.base.QueuedStream`'s wait for its turn is not counted, being no
+    upstream's time, and only *deadline* bounds it. Retryable
     failures are tried again with jittered backoff (or the upstream's ``Retry-After``)
     only before the first item and only if the wait fits the budget. While the breaker's
     trial call is in flight, a call waits for its verdict within the same budget. The
@@ -318,6 +331,18 @@ async def guarded_stream(
         got_first = False
         try:
             async with aclosing(call()) as upstream:
+                # A QueuedStream, duck-typed: a runtime Protocol check is slow, and this
+                # runs for every call.
+                admitted: Callable[[], Awaitable[None]] | None = getattr(upstream, "admitted", None)
+                if admitted is not None:
+                    await _admitted(admitted, stage, deadline)
+                    # The turn waited for is the caller's time, not the upstream's.
+                    queued = loop.time() - call_started
+                    call_started += queued
+                    if limit is not None:
+                        limit += queued
+                        if deadline is not None:
+                            limit = min(limit, deadline)
                 try:
                     async with asyncio.timeout_at(limit):
                         first = await anext(upstream)

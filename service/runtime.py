@@ -60,7 +60,7 @@ class Runtime:
         None for an anonymous internal caller, to whom only the global caps apply).
         """
         self.check_open()
-        grant = self.admission.admit(caller, chars)
+        grant = await self.admission.admit(caller, chars)
         try:
             self.check_open()  # others may have started while the admission answered
         except VoxrelayError:
@@ -76,6 +76,10 @@ class Runtime:
                 self._idle.set()
 
         return Lease(release)
+
+    async def charge(self, caller: str | None, chars: int) -> None:
+        """Charge *chars* more input characters to *caller* (a streamed input's piece)."""
+        await self.admission.charge(caller, chars)
 
     def on_drain(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Await *callback* when the drain begins (a door reports that it is not serving)."""

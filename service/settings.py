@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -126,6 +127,8 @@ class Settings(BaseSettings):
     """Prometheus /metrics port (0 = pick)"""
     http_port: int | None = Field(8080, ge=0, le=65535)
     """OpenAI-compatible speech API port (0 = pick, off = no such door)"""
+    workers: int = Field(1, ge=0, le=256)
+    """worker processes sharing the ports (0 = one per core)"""
 
     # Providers
     llm: ChatProviderName | None = None
@@ -161,6 +164,9 @@ class Settings(BaseSettings):
     """default voice; unset: alloy (openai, realtime), en-us (espeak)"""
     format: AudioFormat = AudioFormat.MP3
     """default audio format: pcm, wav, mp3, opus, flac, aac, mulaw or alaw"""
+
+    espeak_workers: int = Field(0, ge=0, le=256)
+    """espeak worker processes (0 = one per core)"""
 
     # Pipeline
     lookahead_segments: int = Field(2, ge=1, le=16)
@@ -202,6 +208,10 @@ class Settings(BaseSettings):
     """longest instructions accepted (0 = off)"""
     max_stream_audio_s: float = Field(600, ge=0)
     """seconds of audio one stream may make (0 = off)"""
+    max_stream_input_chars: int = Field(100_000, ge=0)
+    """characters one streamed input may carry in all (0 = off)"""
+    input_idle_s: float = Field(20, ge=0)
+    """a streamed input with no text or flush this long ends as if the caller ended it (0 = off)"""
     rate_limit_per_min: int = Field(60, ge=0)
     """requests per minute per caller (0 = off)"""
     chars_per_min: int = Field(20000, ge=0)
@@ -246,8 +256,12 @@ class Settings(BaseSettings):
     """PEM private key of the certificate"""
     grpc_reflection: bool = False
     """gRPC server reflection (for development)"""
+
+    # More than one process
     redis_url: str | None = None
-    """(planned) shared rate limits across replicas"""
+    """redis://[user:password@]host:port/db (or rediss://, unix://): limits shared by replicas"""
+    redis_failure: Literal["open", "closed"] = "open"
+    """when Redis cannot be reached: open (per-process limits) or closed (refuse)"""
 
     @field_validator(
         "api_keys", "allowed_origins", "public_hosts", "trusted_proxies", mode="before"
@@ -310,6 +324,35 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            return None
+        # The URL may hold a password: the message names the fault, never the URL.
+        parsed = urlsplit(value.strip())
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("it must start with redis://, rediss:// or unix://")
+        try:
+            parsed.port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            raise ValueError("its port is not a number from 0 to 65535") from None
+        if parsed.scheme == "unix":
+            if not parsed.path:
+                raise ValueError("a unix:// URL needs a socket path")
+            return value.strip()
+        if not parsed.hostname:
+            raise ValueError("it names no host")
+        db = parsed.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError("its path must be a database number")
+        return value.strip()
+
+    @field_validator("redis_failure", mode="before")
+    @classmethod
+    def _lower_policy(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
@@ -319,20 +362,7 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("VOXRELAY_TLS_CERT and VOXRELAY_TLS_KEY must be set together")
-        if self.api_keys_file is not None:
-            # A key file that cannot be read must not leave the service open.
-            try:
-                file_keys = read_list_file(self.api_keys_file)
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or type(exc).__name__
-                raise ValueError(
-                    f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} cannot be read: {reason}"
-                ) from None
-            if not file_keys and not self.api_keys:
-                raise ValueError(
-                    f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} holds no keys"
-                    " (unset it to run open)"
-                )
+        self.check_key_file()
         if self.lexicon_file is not None:
             from .lexicon import Lexicon, LexiconError  # a lexicon is read only when set
 
@@ -400,6 +430,37 @@ class Settings(BaseSettings):
             keys += read_list_file(self.api_keys_file)
         return keys
 
+    def check_key_file(self) -> None:
+        """Raise ValueError unless the API key file, when set, can be read and holds a key.
+
+        A key file that cannot be read must not leave the service open: checked when the
+        settings are built, and again by each worker process as it starts.
+        """
+        if self.api_keys_file is None:
+            return
+        try:
+            file_keys = read_list_file(self.api_keys_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ValueError(
+                f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} cannot be read: {reason}"
+            ) from None
+        if not file_keys and not self.api_keys:
+            raise ValueError(
+                f"VOXRELAY_API_KEYS_FILE {str(self.api_keys_file)!r} holds no keys"
+                " (unset it to run open)"
+            )
+
+    def worker_count(self) -> int:
+        """How many worker processes to run: ``workers``, or one per usable core for 0."""
+        if self.workers:
+            return self.workers
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+
     def describe_choice(self) -> dict[str, str]:
         """Say which providers were chosen and why (for the start-up log)."""
         key = "an API key is set" if self.has_openai_key else "no API key is set"
@@ -409,6 +470,10 @@ class Settings(BaseSettings):
             "tts": self.speech_provider,
             "tts_reason": "VOXRELAY_TTS" if self.tts else key,
         }
+
+
+#: Settings whose value may carry a password: a bad one is named, never echoed.
+SECRET_BEARING = frozenset({"VOXRELAY_REDIS_URL"})
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
@@ -438,7 +503,9 @@ def load_settings(cli_args: list[str] | None = None, **overrides: Any) -> Settin
         if err["type"] == "value_error" and not err["loc"]:
             raise ConfigError(message) from None
         value = err.get("input")
-        shown = "" if "key" in _env_name(err["loc"]).lower() else f" (got {value!r})"
-        raise ConfigError(f"invalid {_env_name(err['loc'])}: {message}{shown}") from None
+        name = _env_name(err["loc"])
+        secret = "key" in name.lower() or name in SECRET_BEARING
+        shown = "" if secret else f" (got {value!r})"
+        raise ConfigError(f"invalid {name}: {message}{shown}") from None
     except Exception as exc:  # the CLI source raises argparse/SettingsError on bad flags
         raise ConfigError(str(exc).splitlines()[0]) from None

@@ -25,7 +25,7 @@ from typing import Any
 from .audio import StreamEncoder, format_info
 from .engines import Engines
 from .errors import Internal, VoxrelayError
-from .limits import Admission
+from .limits import make_admission
 from .model import AudioFormat, Event, Mode, StreamFinished, StreamStarted, SynthesisRequest, Voice
 from .output import EncoderRunner, EventQueue, StreamEnd, StreamOutput
 from .pipeline import ChainedPipeline, SpeakingPipeline, StreamContext
@@ -52,7 +52,7 @@ class Synthesizer:
         self.settings = settings
         self.engines = Engines(settings, chat, speech)
         self.planner = RequestPlanner(settings, self.engines)
-        self.runtime = Runtime(settings, Admission.from_settings(settings))
+        self.runtime = Runtime(settings, make_admission(settings))
         self.speakable = SpeakableText(settings.lexicon_file)
         # Encoding is CPU work: it runs here, never on the event loop.
         self._encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="encode")
@@ -77,8 +77,9 @@ class Synthesizer:
         return await self.engines.voices(language)
 
     async def aclose(self) -> None:
-        """Release providers and the encoder threads."""
+        """Release providers, the admission's connections and the encoder threads."""
         await self.engines.aclose()
+        await self.runtime.admission.aclose()
         self._encoders.shutdown(wait=True, cancel_futures=True)
 
     def _output(
@@ -235,8 +236,13 @@ class SynthesisStream:
         out, encoder = core._output(plan, self._queue, since)
         self._output = out
         started = core._started(plan, encoder)
+        caller = self._caller
+
+        async def charge(chars: int) -> None:
+            await core.runtime.charge(caller, chars)
+
         ctx = StreamContext(
-            plan, core.settings, core.engines, self._deadline, self._caller, core.speakable
+            plan, core.settings, core.engines, self._deadline, caller, core.speakable, charge
         )
         speaking = plan.mode is Mode.CHAT and core.engines.speaking is not None
         pipeline = SpeakingPipeline(ctx, out) if speaking else ChainedPipeline(ctx, out)

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..model import ChatMessage, Voice
+from ..words import WordMark
 
 __all__ = [
     "MAX_TOKEN_COUNT",
     "ChatDelta",
     "ChatProvider",
+    "QueuedStream",
     "SpeakingModel",
     "SpeechEngine",
     "SpokenDelta",
@@ -105,23 +107,52 @@ class SpeechEngine(Protocol):
     max_speed: float
     #: whether :meth:`voices` is the whole list (else unknown names go to the upstream).
     validates_voices: bool
+    #: whether it reports where each word starts (see :meth:`synthesize`'s *marks*).
+    reports_words: bool
 
     async def voices(self) -> list[Voice]:
         """List the voices this engine offers."""
         ...
 
     def synthesize(
-        self, text: str, *, voice: str, speed: float, instructions: str, timeout: float
+        self,
+        text: str,
+        *,
+        voice: str,
+        speed: float,
+        instructions: str,
+        timeout: float,
+        caller: str | None = None,
+        marks: list[WordMark] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Yield PCM (s16le mono at :attr:`sample_rate`) for *text* as it is produced.
 
         Chunks may have any length, including odd byte counts. The iterator must stop
-        its upstream work when closed early or cancelled.
+        its upstream work when closed early or cancelled. *caller* (an API key id or a
+        client address; None for an anonymous internal caller) is whom an engine that
+        queues jobs takes turns between; others ignore it. Such an engine's iterator is
+        a :class:`QueuedStream`. An engine that :attr:`reports_words` appends its word
+        events to *marks*, each before the audio it starts in; others leave it alone.
         """
         ...
 
     async def aclose(self) -> None:
         """Release the engine."""
+        ...
+
+
+@runtime_checkable
+class QueuedStream(Protocol):
+    """An upstream stream that first waits its turn for a local resource.
+
+    An embedded engine's worker is such a resource: the wait for one says nothing of the
+    engine's health. The core awaits :meth:`admitted` (bounded by the caller's own
+    deadline only) before it starts the stream's first-byte clock, so that time counts
+    toward no upstream timeout and is never an upstream failure.
+    """
+
+    async def admitted(self) -> None:
+        """Return once the stream holds its resource; the first item follows."""
         ...
 
 

@@ -16,6 +16,7 @@ import httpx2
 
 from ..errors import UpstreamError
 from ..model import Voice
+from ..words import WordMark
 from .openai_upstream import build_client, call_timeout, upstream_errors
 
 __all__ = ["OPENAI_VOICES", "OpenAISpeech"]
@@ -38,6 +39,7 @@ class OpenAISpeech:
     max_speed = 4.0
     #: compatible servers have voices of their own, so unknown names go to the upstream.
     validates_voices = False
+    reports_words = False
 
     def __init__(
         self,
@@ -74,8 +76,10 @@ class OpenAISpeech:
         speed: float,
         instructions: str,
         timeout: float,  # noqa: ASYNC109 - the SDK's per-call network timeout
+        caller: str | None = None,
+        marks: list[WordMark] | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """Yield PCM for *text* as the upstream sends it.
+        """Yield PCM for *text* as the upstream sends it (*caller* plays no part).
 
         ``speed`` 0 or 1.0 and empty ``instructions`` are left out of the request, so
         servers that know neither still answer.

@@ -60,7 +60,11 @@ def make_speech(settings: Settings) -> SpeechEngine:
     if settings.speech_provider == "espeak":
         from .espeak import EspeakEngine
 
-        return EspeakEngine(default_voice=settings.voice or "en-us")
+        return EspeakEngine(
+            default_voice=settings.voice or "en-us",
+            workers=settings.espeak_workers or None,
+            prestart=True,
+        )
     from .openai_speech import OpenAISpeech
 
     api_key, base_url = settings.tts_credentials

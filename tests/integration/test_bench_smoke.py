@@ -51,6 +51,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     kinds = {(run["kind"], run["streams"]) for run in doc["runs"]}
     assert {("limit", 1), ("naive", 1), ("grpc", 1), ("ws", 1)} <= kinds
     assert {("speech_limit", 1), ("http", 1), ("http", 5), ("speech_limit", 5)} <= kinds
+    assert ("stream_in", 1) in kinds
     assert {("grpc", 5), ("ws", 5), ("limit", 5)} <= kinds
     for run in doc["runs"]:
         assert set(run) >= RUN_KEYS, run["kind"]
@@ -85,6 +86,11 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     early = doc["early_release"]
     assert {"limit", "limit_sentence", "grpc", "gain_ms", "beats_whole_sentence"} <= set(early)
     assert early["grpc"]["p50"] is not None and early["limit_sentence"]["p50"] is not None
+    streamed = doc["streamed_input"]
+    assert {"ttfa_ms", "chat_ttfa_ms", "limit_ttfa_ms", "p50_vs_chat_ms", "within_target"} <= set(
+        streamed
+    )
+    assert streamed["ttfa_ms"]["p50"] is not None and streamed["errors"] == 0
     assert {t["name"] for t in doc["targets"]} >= {
         "TTFA overhead p50, 1 stream, pcm (grpc)",
         "TTFA overhead p50, 1 stream, pcm (http)",

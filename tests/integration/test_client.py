@@ -235,3 +235,25 @@ def test_targets() -> None:
             Client(target, **options)
     with pytest.raises(InvalidRequest, match="mode must be one of chat, speak"):
         Client("127.0.0.1:1").synthesize("Hi.", mode="sing")
+
+
+@pytest.mark.parametrize("via", VIAS)
+async def test_an_interrupted_stream_says_what_was_heard(app_factory: AppFactory, via: Via) -> None:
+    app = await app_factory()
+    text = "One two three four five. " * 20
+    async with client_of(app, via) as client:
+        events = client.synthesize(text, mode="speak", format="pcm", word_timestamps=True)
+        segments: list[SegmentStarted] = []
+        async for event in events:
+            if isinstance(event, SegmentStarted):
+                segments.append(event)
+                if len(segments) == 2:  # the first segment's audio and words are in
+                    break
+        heard = await events.interrupt(played_ms=10_000_000)
+        assert heard.startswith(segments[0].text) and text.startswith(heard)
+        assert len(heard) < len(text)
+        # The connection (or channel) serves the next call.
+        assert isinstance(
+            (await collect(client.synthesize("Hi.", mode="speak")))[-1], StreamFinished
+        )
+    await eventually(lambda: app.runtime.active_streams == 0)

@@ -36,8 +36,7 @@ os.environ.setdefault("SE_OFFLINE", "true")
 pytestmark = [
     pytest.mark.skipif(
         not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason="headless browser test needs /usr/bin/chromium and /usr/bin/chromedriver "
-        "(apt-get install chromium chromium-driver; CI installs them)",
+        reason="needs /usr/bin/chromium and /usr/bin/chromedriver: `make test-deps` installs them",
     ),
     pytest.mark.timeout(180),
 ]
@@ -412,3 +411,33 @@ def framing_site(target: str) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_type_to_speak_speaks_each_sentence_while_typing(browser: Any, base_url: str) -> None:
+    open_page(browser, base_url, text="", mode="type", fmt="pcm")
+    area = browser.find_element(By.ID, "text")
+    area.send_keys("Hello there, this is typed. A")
+    # The first sentence is spoken while the second is still being typed.
+    wait(browser, 30).until(lambda d: d.execute_script("return window.voxrelay.segments.length"))
+    state = browser.execute_script(STATE)
+    assert [s["text"] for s in state["segments"]] == ["Hello there, this is typed."]
+    assert state["state"] == "streaming" and browser.find_element(By.ID, "speak").text == "End"
+    area.send_keys("nd this is more, with no full stop")
+    area.send_keys(Keys.CONTROL, Keys.ENTER)  # ends the text: the rest is spoken
+    state = wait_done(browser)
+    assert [s["text"] for s in state["segments"]] == [
+        "Hello there, this is typed.",
+        "And this is more, with no full stop",
+    ]
+    assert state["finished"]["reply_text"] == (
+        "Hello there, this is typed. And this is more, with no full stop"
+    )
+    assert state["bytesReceived"] == state["finished"]["audio_bytes"] > 0
+    # Typing again starts a new stream; Speak with the text as it stands speaks it whole.
+    area.send_keys(" Again.")
+    wait(browser, 30).until(
+        lambda d: d.execute_script("return window.voxrelay.state") in ("streaming", "finished")
+    )
+    click(browser, "speak")
+    state = wait_done(browser)
+    assert [s["text"] for s in state["segments"]] == ["Again."]

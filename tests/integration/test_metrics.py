@@ -35,7 +35,7 @@ WAIT = 30.0
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
-    reason="promtool is not installed (apt-get install --no-install-recommends prometheus)",
+    reason="needs promtool: `make test-deps` installs it (Debian package prometheus)",
 )
 
 #: SPEC's metrics and the type each is exposed as.
@@ -48,6 +48,7 @@ SPEC_METRICS = {
     "voxrelay_upstream_first_byte_seconds": "histogram",
     "voxrelay_audio_bytes_total": "counter",
     "voxrelay_errors_total": "counter",
+    "voxrelay_limits_backend_up": "gauge",
 }
 SPEC_LABELS = {
     "voxrelay_requests_total": {"protocol", "mode", "outcome"},
@@ -58,6 +59,7 @@ SPEC_LABELS = {
     "voxrelay_upstream_first_byte_seconds_count": {"stage", "provider"},
     "voxrelay_audio_bytes_total": {"protocol", "format"},
     "voxrelay_errors_total": {"protocol", "code"},
+    "voxrelay_limits_backend_up": set(),
 }
 #: Every label value the exposition may carry for voxrelay's own metrics.
 CLOSED_SETS = {
@@ -454,3 +456,4 @@ async def test_series_worth_seeing_exist_before_any_traffic(app: App) -> None:
         assert has("voxrelay_breaker_open", stage=stage, provider=provider)
     assert has("voxrelay_upstream_tokens_total", provider="openai", kind="prompt")
     assert has("voxrelay_upstream_characters_total", provider="espeak")
+    assert has("voxrelay_limits_backend_up")  # 1: Redis is not used here

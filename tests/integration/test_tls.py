@@ -34,7 +34,7 @@ KEY = "tls-test-key"
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key."""
     if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI (the cryptography package is not installed)")
+        pytest.skip("needs the openssl CLI: `make test-deps` installs it")
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(

@@ -616,7 +616,7 @@ async def test_client_and_app_drain(app_factory: AppFactory) -> None:
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, made with the openssl CLI."""
     if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI")
+        pytest.skip("needs the openssl CLI: `make test-deps` installs it")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",

@@ -197,7 +197,9 @@ def test_a_very_short_stream_is_still_valid(fmt: AudioFormat) -> None:
     assert decode(before + tail, fmt, rate).rms > 1000
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg CLI is not installed")
+@pytest.mark.skipif(
+    shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI: `make test-deps` installs it"
+)
 @pytest.mark.parametrize("fmt", list(AudioFormat))
 def test_ffmpeg_cli_decodes_the_stream_without_complaint(fmt: AudioFormat, tmp_path: Path) -> None:
     rate = output_rate(fmt, 22050, 0)

@@ -412,3 +412,53 @@ def test_any_text(
 
     # No segment runs over the limit, not even one long word.
     assert all(len(s) <= max_chars for s in segments)
+
+
+def test_cut_speaks_what_is_buffered_and_the_text_goes_on() -> None:
+    chunker = SentenceChunker()
+    assert chunker.feed("The price is $3.") == []
+    assert chunker.cut() == ["The price is $3."]
+    assert chunker.feed("50 today. Then") == []
+    assert chunker.cut() == ["50 today. Then"]  # short sentences join, as ever
+    assert chunker.cut() == []  # nothing buffered: nothing to say
+    assert chunker.feed("  more words") == []
+    assert chunker.flush() == ["more words"]
+
+
+def _chunk_with_cuts(parts: list[list[str]]) -> list[str]:
+    """Feed each part's pieces, cutting after every part but the last; then flush."""
+    chunker = SentenceChunker()
+    segments: list[str] = []
+    for n, pieces in enumerate(parts):
+        for piece in pieces:
+            segments += chunker.feed(piece)
+        if n < len(parts) - 1:
+            segments += chunker.cut()
+    return segments + chunker.flush()
+
+
+@settings(max_examples=200)
+@given(
+    text=texts,
+    rng=st.randoms(use_true_random=False),
+    flushes=st.lists(st.integers(0, 200), max_size=4),
+)
+def test_cuts_give_the_same_segments_however_the_pieces_fall(
+    text: str, rng: random.Random, flushes: list[int]
+) -> None:
+    bounds = sorted({min(f, len(text)) for f in flushes})
+    parts = [text[i:j] for i, j in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    segments = _chunk_with_cuts([[part] for part in parts])
+
+    def pieces_of(part: str) -> list[str]:
+        out, i = [], 0
+        while i < len(part):
+            size = rng.randint(1, 7)
+            out.append(part[i : i + size])
+            i += size
+        return out
+
+    assert _chunk_with_cuts([pieces_of(part) for part in parts]) == segments
+    # A cut adds cut points only: every character but whitespace is there once, in order.
+    assert "".join("".join(segments).split()) == "".join(text.split())
+    assert all(s and s == s.strip() for s in segments)

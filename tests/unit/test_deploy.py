@@ -25,7 +25,7 @@ ALERT_TESTS = DEPLOY / "alerts_test.yml"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
-    reason="promtool is not installed (apt-get install --no-install-recommends prometheus)",
+    reason="needs promtool: `make test-deps` installs it (Debian package prometheus)",
 )
 METRIC_NAME = re.compile(r"\b(?:voxrelay|process|python)_[a-z_]+[a-z]\b")
 #: Grafana's variables, replaced by values that make a valid PromQL expression.
@@ -90,6 +90,7 @@ def test_every_alert_has_a_unit_test() -> None:
         "VoxrelayCircuitBreakerOpen",
         "VoxrelayTokenBudgetExceeded",
         "VoxrelayCharacterBudgetExceeded",
+        "VoxrelayLimitsBackendDown",
     }
     assert tested == alerts
 

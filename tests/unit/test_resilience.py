@@ -498,6 +498,54 @@ async def test_the_callers_deadline_is_not_held_against_the_upstream() -> None:
     assert stage.breaker.is_open
 
 
+# An upstream that first waits its turn (an embedded engine's worker)
+
+
+class QueuedUpstream(Upstream):
+    """An upstream call that is a QueuedStream: it holds nothing until :attr:`turn` is set."""
+
+    def __init__(self, *steps: Any) -> None:
+        super().__init__(*steps)
+        self.turn = asyncio.Event()
+
+    async def admitted(self) -> None:
+        await self.turn.wait()
+
+
+async def test_a_wait_for_a_turn_is_not_the_upstreams_time() -> None:
+    stage = make_stage(timeout_s=0.05, retries=0, failures=1)
+    upstream = QueuedUpstream(b"a", b"b")
+    script = Script(upstream)
+    stream = guarded_stream(stage, script)
+    first = asyncio.create_task(anext(stream))
+    done, _ = await asyncio.wait({first}, timeout=0.3)  # six budgets in the queue
+    assert not done
+    upstream.turn.set()
+    assert await first == b"a"
+    assert await drain(stream) == [b"b"]
+    assert script.all_closed()
+    assert not stage.breaker.is_open
+
+
+async def test_a_turn_past_the_callers_deadline_is_not_held_against_the_upstream() -> None:
+    stage = make_stage(timeout_s=5.0, retries=0, failures=1)
+    loop = asyncio.get_running_loop()
+    script = Script(QueuedUpstream(b"a"))
+    with pytest.raises(UpstreamTimeout, match="busy"):
+        await drain(guarded_stream(stage, script, deadline=loop.time() + 0.05))
+    assert script.all_closed()
+    assert not stage.breaker.is_open
+
+
+async def test_the_first_item_budget_starts_with_the_turn() -> None:
+    stage = make_stage(timeout_s=0.05, retries=0, failures=1)
+    upstream = QueuedUpstream(10.0, b"late")
+    upstream.turn.set()
+    with pytest.raises(UpstreamTimeout, match="sent nothing"):
+        await drain(guarded_stream(stage, Script(upstream)))
+    assert stage.breaker.is_open
+
+
 # The upstream iterator is closed on every path
 
 

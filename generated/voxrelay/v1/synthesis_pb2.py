@@ -24,43 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvoxrelay/v1/synthesis.proto\x12\x0bvoxrelay.v1\"\xc7\x02\n\x11SynthesizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x04mode\x18\x02 \x01(\x0e\x32\x11.voxrelay.v1.Mode\x12\r\n\x05voice\x18\x03 \x01(\t\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.voxrelay.v1.AudioFormat\x12\x16\n\x0esample_rate_hz\x18\x05 \x01(\r\x12\x14\n\x0cinstructions\x18\x06 \x01(\t\x12)\n\x07history\x18\x07 \x03(\x0b\x32\x18.voxrelay.v1.ChatMessage\x12\r\n\x05speed\x18\x08 \x01(\x02\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x17\n\x0fword_timestamps\x18\n \x01(\x08\x12\x35\n\rnormalization\x18\x0b \x01(\x0e\x32\x1e.voxrelay.v1.TextNormalization\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xff\x01\n\x12SynthesizeResponse\x12-\n\x07started\x18\x01 \x01(\x0b\x32\x1a.voxrelay.v1.StreamStartedH\x00\x12+\n\x07segment\x18\x02 \x01(\x0b\x32\x18.voxrelay.v1.TextSegmentH\x00\x12(\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x17.voxrelay.v1.AudioChunkH\x00\x12/\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x1b.voxrelay.v1.StreamFinishedH\x00\x12)\n\x05words\x18\x05 \x01(\x0b\x32\x18.voxrelay.v1.WordTimingsH\x00\x42\x07\n\x05\x65vent\"\xc2\x01\n\rStreamStarted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.voxrelay.v1.AudioFormat\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\x12\r\n\x05voice\x18\x06 \x01(\t\x12\x11\n\tllm_model\x18\x07 \x01(\t\x12\x11\n\ttts_model\x18\x08 \x01(\t\"L\n\x0bTextSegment\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\r\x12\x0e\n\x06spoken\x18\x04 \x01(\t\"_\n\x0bWordTimings\x12\x15\n\rsegment_index\x18\x01 \x01(\r\x12&\n\x05words\x18\x02 \x03(\x0b\x32\x17.voxrelay.v1.WordTiming\x12\x11\n\testimated\x18\x03 \x01(\x08\"Q\n\nWordTiming\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08start_ms\x18\x02 \x01(\r\x12\x0e\n\x06\x65nd_ms\x18\x03 \x01(\r\x12\x13\n\x0btext_offset\x18\x04 \x01(\r\">\n\nAudioChunk\x12\x15\n\rsegment_index\x18\x01 \x01(\r\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf8\x01\n\x0eStreamFinished\x12\x12\n\nreply_text\x18\x01 \x01(\t\x12\x10\n\x08segments\x18\x02 \x01(\r\x12\x13\n\x0b\x61udio_bytes\x18\x03 \x01(\x04\x12\x10\n\x08\x61udio_ms\x18\x04 \x01(\r\x12\x1e\n\x16time_to_first_audio_ms\x18\x05 \x01(\r\x12\x10\n\x08total_ms\x18\x06 \x01(\r\x12\x1a\n\x12llm_first_token_ms\x18\x07 \x01(\r\x12\x19\n\x11tts_first_byte_ms\x18\x08 \x01(\r\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\"%\n\x11ListVoicesRequest\x12\x10\n\x08language\x18\x01 \x01(\t\"8\n\x12ListVoicesResponse\x12\"\n\x06voices\x18\x01 \x03(\x0b\x32\x12.voxrelay.v1.Voice\"\'\n\x05Voice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t*;\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_CHAT\x10\x01\x12\x0e\n\nMODE_SPEAK\x10\x02*\xe0\x01\n\x0b\x41udioFormat\x12\x1c\n\x18\x41UDIO_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UDIO_FORMAT_PCM\x10\x01\x12\x14\n\x10\x41UDIO_FORMAT_WAV\x10\x02\x12\x14\n\x10\x41UDIO_FORMAT_MP3\x10\x03\x12\x15\n\x11\x41UDIO_FORMAT_OPUS\x10\x04\x12\x15\n\x11\x41UDIO_FORMAT_FLAC\x10\x05\x12\x14\n\x10\x41UDIO_FORMAT_AAC\x10\x06\x12\x16\n\x12\x41UDIO_FORMAT_MULAW\x10\x07\x12\x15\n\x11\x41UDIO_FORMAT_ALAW\x10\x08*n\n\x11TextNormalization\x12\"\n\x1eTEXT_NORMALIZATION_UNSPECIFIED\x10\x00\x12\x1a\n\x16TEXT_NORMALIZATION_OFF\x10\x01\x12\x19\n\x15TEXT_NORMALIZATION_ON\x10\x02\x32\xad\x01\n\x0bSynthesizer\x12O\n\nSynthesize\x12\x1e.voxrelay.v1.SynthesizeRequest\x1a\x1f.voxrelay.v1.SynthesizeResponse0\x01\x12M\n\nListVoices\x12\x1e.voxrelay.v1.ListVoicesRequest\x1a\x1f.voxrelay.v1.ListVoicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvoxrelay/v1/synthesis.proto\x12\x0bvoxrelay.v1\"\xc7\x02\n\x11SynthesizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x04mode\x18\x02 \x01(\x0e\x32\x11.voxrelay.v1.Mode\x12\r\n\x05voice\x18\x03 \x01(\t\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.voxrelay.v1.AudioFormat\x12\x16\n\x0esample_rate_hz\x18\x05 \x01(\r\x12\x14\n\x0cinstructions\x18\x06 \x01(\t\x12)\n\x07history\x18\x07 \x03(\x0b\x32\x18.voxrelay.v1.ChatMessage\x12\r\n\x05speed\x18\x08 \x01(\x02\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x17\n\x0fword_timestamps\x18\n \x01(\x08\x12\x35\n\rnormalization\x18\x0b \x01(\x0e\x32\x1e.voxrelay.v1.TextNormalization\"\x8e\x01\n\x17SynthesizeStreamRequest\x12\x35\n\x06\x63onfig\x18\x01 \x01(\x0b\x32#.voxrelay.v1.SynthesizeStreamConfigH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12#\n\x05\x66lush\x18\x03 \x01(\x0b\x32\x12.voxrelay.v1.FlushH\x00\x42\x07\n\x05input\"\xf2\x01\n\x16SynthesizeStreamConfig\x12\r\n\x05voice\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.voxrelay.v1.AudioFormat\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\r\x12\r\n\x05speed\x18\x04 \x01(\x02\x12\x14\n\x0cinstructions\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x17\n\x0fword_timestamps\x18\x07 \x01(\x08\x12\x35\n\rnormalization\x18\x08 \x01(\x0e\x32\x1e.voxrelay.v1.TextNormalization\"\x07\n\x05\x46lush\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xff\x01\n\x12SynthesizeResponse\x12-\n\x07started\x18\x01 \x01(\x0b\x32\x1a.voxrelay.v1.StreamStartedH\x00\x12+\n\x07segment\x18\x02 \x01(\x0b\x32\x18.voxrelay.v1.TextSegmentH\x00\x12(\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x17.voxrelay.v1.AudioChunkH\x00\x12/\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x1b.voxrelay.v1.StreamFinishedH\x00\x12)\n\x05words\x18\x05 \x01(\x0b\x32\x18.voxrelay.v1.WordTimingsH\x00\x42\x07\n\x05\x65vent\"\xc2\x01\n\rStreamStarted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.voxrelay.v1.AudioFormat\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\x12\r\n\x05voice\x18\x06 \x01(\t\x12\x11\n\tllm_model\x18\x07 \x01(\t\x12\x11\n\ttts_model\x18\x08 \x01(\t\"L\n\x0bTextSegment\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\r\x12\x0e\n\x06spoken\x18\x04 \x01(\t\"_\n\x0bWordTimings\x12\x15\n\rsegment_index\x18\x01 \x01(\r\x12&\n\x05words\x18\x02 \x03(\x0b\x32\x17.voxrelay.v1.WordTiming\x12\x11\n\testimated\x18\x03 \x01(\x08\"Q\n\nWordTiming\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08start_ms\x18\x02 \x01(\r\x12\x0e\n\x06\x65nd_ms\x18\x03 \x01(\r\x12\x13\n\x0btext_offset\x18\x04 \x01(\r\">\n\nAudioChunk\x12\x15\n\rsegment_index\x18\x01 \x01(\r\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf8\x01\n\x0eStreamFinished\x12\x12\n\nreply_text\x18\x01 \x01(\t\x12\x10\n\x08segments\x18\x02 \x01(\r\x12\x13\n\x0b\x61udio_bytes\x18\x03 \x01(\x04\x12\x10\n\x08\x61udio_ms\x18\x04 \x01(\r\x12\x1e\n\x16time_to_first_audio_ms\x18\x05 \x01(\r\x12\x10\n\x08total_ms\x18\x06 \x01(\r\x12\x1a\n\x12llm_first_token_ms\x18\x07 \x01(\r\x12\x19\n\x11tts_first_byte_ms\x18\x08 \x01(\r\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\"%\n\x11ListVoicesRequest\x12\x10\n\x08language\x18\x01 \x01(\t\"8\n\x12ListVoicesResponse\x12\"\n\x06voices\x18\x01 \x03(\x0b\x32\x12.voxrelay.v1.Voice\"\'\n\x05Voice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t*;\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_CHAT\x10\x01\x12\x0e\n\nMODE_SPEAK\x10\x02*\xe0\x01\n\x0b\x41udioFormat\x12\x1c\n\x18\x41UDIO_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UDIO_FORMAT_PCM\x10\x01\x12\x14\n\x10\x41UDIO_FORMAT_WAV\x10\x02\x12\x14\n\x10\x41UDIO_FORMAT_MP3\x10\x03\x12\x15\n\x11\x41UDIO_FORMAT_OPUS\x10\x04\x12\x15\n\x11\x41UDIO_FORMAT_FLAC\x10\x05\x12\x14\n\x10\x41UDIO_FORMAT_AAC\x10\x06\x12\x16\n\x12\x41UDIO_FORMAT_MULAW\x10\x07\x12\x15\n\x11\x41UDIO_FORMAT_ALAW\x10\x08*n\n\x11TextNormalization\x12\"\n\x1eTEXT_NORMALIZATION_UNSPECIFIED\x10\x00\x12\x1a\n\x16TEXT_NORMALIZATION_OFF\x10\x01\x12\x19\n\x15TEXT_NORMALIZATION_ON\x10\x02\x32\x8c\x02\n\x0bSynthesizer\x12O\n\nSynthesize\x12\x1e.voxrelay.v1.SynthesizeRequest\x1a\x1f.voxrelay.v1.SynthesizeResponse0\x01\x12]\n\x10SynthesizeStream\x12$.voxrelay.v1.SynthesizeStreamRequest\x1a\x1f.voxrelay.v1.SynthesizeResponse(\x01\x30\x01\x12M\n\nListVoices\x12\x1e.voxrelay.v1.ListVoicesRequest\x1a\x1f.voxrelay.v1.ListVoicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxrelay.v1.synthesis_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1586
-  _globals['_MODE']._serialized_end=1645
-  _globals['_AUDIOFORMAT']._serialized_start=1648
-  _globals['_AUDIOFORMAT']._serialized_end=1872
-  _globals['_TEXTNORMALIZATION']._serialized_start=1874
-  _globals['_TEXTNORMALIZATION']._serialized_end=1984
+  _globals['_MODE']._serialized_start=1985
+  _globals['_MODE']._serialized_end=2044
+  _globals['_AUDIOFORMAT']._serialized_start=2047
+  _globals['_AUDIOFORMAT']._serialized_end=2271
+  _globals['_TEXTNORMALIZATION']._serialized_start=2273
+  _globals['_TEXTNORMALIZATION']._serialized_end=2383
   _globals['_SYNTHESIZEREQUEST']._serialized_start=45
   _globals['_SYNTHESIZEREQUEST']._serialized_end=372
-  _globals['_CHATMESSAGE']._serialized_start=374
-  _globals['_CHATMESSAGE']._serialized_end=418
-  _globals['_SYNTHESIZERESPONSE']._serialized_start=421
-  _globals['_SYNTHESIZERESPONSE']._serialized_end=676
-  _globals['_STREAMSTARTED']._serialized_start=679
-  _globals['_STREAMSTARTED']._serialized_end=873
-  _globals['_TEXTSEGMENT']._serialized_start=875
-  _globals['_TEXTSEGMENT']._serialized_end=951
-  _globals['_WORDTIMINGS']._serialized_start=953
-  _globals['_WORDTIMINGS']._serialized_end=1048
-  _globals['_WORDTIMING']._serialized_start=1050
-  _globals['_WORDTIMING']._serialized_end=1131
-  _globals['_AUDIOCHUNK']._serialized_start=1133
-  _globals['_AUDIOCHUNK']._serialized_end=1195
-  _globals['_STREAMFINISHED']._serialized_start=1198
-  _globals['_STREAMFINISHED']._serialized_end=1446
-  _globals['_LISTVOICESREQUEST']._serialized_start=1448
-  _globals['_LISTVOICESREQUEST']._serialized_end=1485
-  _globals['_LISTVOICESRESPONSE']._serialized_start=1487
-  _globals['_LISTVOICESRESPONSE']._serialized_end=1543
-  _globals['_VOICE']._serialized_start=1545
-  _globals['_VOICE']._serialized_end=1584
-  _globals['_SYNTHESIZER']._serialized_start=1987
-  _globals['_SYNTHESIZER']._serialized_end=2160
+  _globals['_SYNTHESIZESTREAMREQUEST']._serialized_start=375
+  _globals['_SYNTHESIZESTREAMREQUEST']._serialized_end=517
+  _globals['_SYNTHESIZESTREAMCONFIG']._serialized_start=520
+  _globals['_SYNTHESIZESTREAMCONFIG']._serialized_end=762
+  _globals['_FLUSH']._serialized_start=764
+  _globals['_FLUSH']._serialized_end=771
+  _globals['_CHATMESSAGE']._serialized_start=773
+  _globals['_CHATMESSAGE']._serialized_end=817
+  _globals['_SYNTHESIZERESPONSE']._serialized_start=820
+  _globals['_SYNTHESIZERESPONSE']._serialized_end=1075
+  _globals['_STREAMSTARTED']._serialized_start=1078
+  _globals['_STREAMSTARTED']._serialized_end=1272
+  _globals['_TEXTSEGMENT']._serialized_start=1274
+  _globals['_TEXTSEGMENT']._serialized_end=1350
+  _globals['_WORDTIMINGS']._serialized_start=1352
+  _globals['_WORDTIMINGS']._serialized_end=1447
+  _globals['_WORDTIMING']._serialized_start=1449
+  _globals['_WORDTIMING']._serialized_end=1530
+  _globals['_AUDIOCHUNK']._serialized_start=1532
+  _globals['_AUDIOCHUNK']._serialized_end=1594
+  _globals['_STREAMFINISHED']._serialized_start=1597
+  _globals['_STREAMFINISHED']._serialized_end=1845
+  _globals['_LISTVOICESREQUEST']._serialized_start=1847
+  _globals['_LISTVOICESREQUEST']._serialized_end=1884
+  _globals['_LISTVOICESRESPONSE']._serialized_start=1886
+  _globals['_LISTVOICESRESPONSE']._serialized_end=1942
+  _globals['_VOICE']._serialized_start=1944
+  _globals['_VOICE']._serialized_end=1983
+  _globals['_SYNTHESIZER']._serialized_start=2386
+  _globals['_SYNTHESIZER']._serialized_end=2654
 # @@protoc_insertion_point(module_scope)

@@ -171,6 +171,103 @@ class SynthesizeRequest(_message.Message):
 Global___SynthesizeRequest: _TypeAlias = SynthesizeRequest  # noqa: Y015
 
 @_typing.final
+class SynthesizeStreamRequest(_message.Message):
+    """SynthesizeStreamRequest is one message of a streamed input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    FLUSH_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The next piece of the text, of any size (it may end mid-word)."""
+    @_builtins.property
+    def config(self) -> Global___SynthesizeStreamConfig:
+        """The stream's options: the first message, and only that one."""
+
+    @_builtins.property
+    def flush(self) -> Global___Flush:
+        """Speak what is buffered now, even mid-sentence."""
+
+    def __init__(
+        self,
+        *,
+        config: Global___SynthesizeStreamConfig | None = ...,
+        text: _builtins.str = ...,
+        flush: Global___Flush | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "flush", b"flush", "input", b"input", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "flush", b"flush", "input", b"input", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["config", "text", "flush"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___SynthesizeStreamRequest: _TypeAlias = SynthesizeStreamRequest  # noqa: Y015
+
+@_typing.final
+class SynthesizeStreamConfig(_message.Message):
+    """SynthesizeStreamConfig holds the options of a streamed input (speak mode)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOICE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _builtins.int
+    SPEED_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WORD_TIMESTAMPS_FIELD_NUMBER: _builtins.int
+    NORMALIZATION_FIELD_NUMBER: _builtins.int
+    voice: _builtins.str
+    format: Global___AudioFormat.ValueType
+    sample_rate_hz: _builtins.int
+    """0 means the engine's native rate."""
+    speed: _builtins.float
+    """0 means 1.0."""
+    instructions: _builtins.str
+    request_id: _builtins.str
+    word_timestamps: _builtins.bool
+    normalization: Global___TextNormalization.ValueType
+    def __init__(
+        self,
+        *,
+        voice: _builtins.str = ...,
+        format: Global___AudioFormat.ValueType = ...,
+        sample_rate_hz: _builtins.int = ...,
+        speed: _builtins.float = ...,
+        instructions: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        word_timestamps: _builtins.bool = ...,
+        normalization: Global___TextNormalization.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "instructions", b"instructions", "normalization", b"normalization", "request_id", b"request_id", "sample_rate_hz", b"sample_rate_hz", "speed", b"speed", "voice", b"voice", "word_timestamps", b"word_timestamps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SynthesizeStreamConfig: _TypeAlias = SynthesizeStreamConfig  # noqa: Y015
+
+@_typing.final
+class Flush(_message.Message):
+    """Flush asks for what is buffered to be spoken now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Flush: _TypeAlias = Flush  # noqa: Y015
+
+@_typing.final
 class ChatMessage(_message.Message):
     """ChatMessage is one prior turn of the conversation."""
 

@@ -40,6 +40,11 @@ class SynthesizerStub:
                 request_serializer=voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeRequest.SerializeToString,
                 response_deserializer=voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeResponse.FromString,
                 _registered_method=True)
+        self.SynthesizeStream = channel.stream_stream(
+                '/voxrelay.v1.Synthesizer/SynthesizeStream',
+                request_serializer=voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeStreamRequest.SerializeToString,
+                response_deserializer=voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeResponse.FromString,
+                _registered_method=True)
         self.ListVoices = channel.unary_unary(
                 '/voxrelay.v1.Synthesizer/ListVoices',
                 request_serializer=voxrelay_dot_v1_dot_synthesis__pb2.ListVoicesRequest.SerializeToString,
@@ -53,6 +58,18 @@ class SynthesizerServicer:
 
     def Synthesize(self, request, context):
         """Synthesize streams the spoken reply (chat mode) or the spoken text (speak mode).
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SynthesizeStream(self, request_iterator, context):
+        """SynthesizeStream speaks text while the caller is still writing it (speak mode):
+        `config` first, then `text` pieces and `flush` markers; the client half-closes
+        when it has no more text. The responses are those of Synthesize.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,6 +88,11 @@ def add_SynthesizerServicer_to_server(servicer, server):
             'Synthesize': grpc.unary_stream_rpc_method_handler(
                     servicer.Synthesize,
                     request_deserializer=voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeRequest.FromString,
+                    response_serializer=voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeResponse.SerializeToString,
+            ),
+            'SynthesizeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SynthesizeStream,
+                    request_deserializer=voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeStreamRequest.FromString,
                     response_serializer=voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeResponse.SerializeToString,
             ),
             'ListVoices': grpc.unary_unary_rpc_method_handler(
@@ -106,6 +128,33 @@ class Synthesizer:
             target,
             '/voxrelay.v1.Synthesizer/Synthesize',
             voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeRequest.SerializeToString,
+            voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SynthesizeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/voxrelay.v1.Synthesizer/SynthesizeStream',
+            voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeStreamRequest.SerializeToString,
             voxrelay_dot_v1_dot_synthesis__pb2.SynthesizeResponse.FromString,
             options,
             channel_credentials,

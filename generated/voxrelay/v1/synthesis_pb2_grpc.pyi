@@ -34,7 +34,16 @@ class SynthesizerStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SynthesizerAsyncStub: ...
     Synthesize: _grpc.UnaryStreamMultiCallable[_synthesis_pb2.SynthesizeRequest, _synthesis_pb2.SynthesizeResponse]
-    """Synthesize streams the spoken reply (chat mode) or the spoken text (speak mode)."""
+    """Synthesize streams the spoken reply (chat mode) or the spoken text (speak mode).
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SynthesizeStream: _grpc.StreamStreamMultiCallable[_synthesis_pb2.SynthesizeStreamRequest, _synthesis_pb2.SynthesizeResponse]
+    """SynthesizeStream speaks text while the caller is still writing it (speak mode):
+    `config` first, then `text` pieces and `flush` markers; the client half-closes
+    when it has no more text. The responses are those of Synthesize.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     ListVoices: _grpc.UnaryUnaryMultiCallable[_synthesis_pb2.ListVoicesRequest, _synthesis_pb2.ListVoicesResponse]
     """ListVoices lists the voices of the configured speech engine."""
 
@@ -44,7 +53,16 @@ class SynthesizerAsyncStub(SynthesizerStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Synthesize: _aio.UnaryStreamMultiCallable[_synthesis_pb2.SynthesizeRequest, _synthesis_pb2.SynthesizeResponse]  # type: ignore[assignment]
-    """Synthesize streams the spoken reply (chat mode) or the spoken text (speak mode)."""
+    """Synthesize streams the spoken reply (chat mode) or the spoken text (speak mode).
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SynthesizeStream: _aio.StreamStreamMultiCallable[_synthesis_pb2.SynthesizeStreamRequest, _synthesis_pb2.SynthesizeResponse]  # type: ignore[assignment]
+    """SynthesizeStream speaks text while the caller is still writing it (speak mode):
+    `config` first, then `text` pieces and `flush` markers; the client half-closes
+    when it has no more text. The responses are those of Synthesize.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     ListVoices: _aio.UnaryUnaryMultiCallable[_synthesis_pb2.ListVoicesRequest, _synthesis_pb2.ListVoicesResponse]  # type: ignore[assignment]
     """ListVoices lists the voices of the configured speech engine."""
 
@@ -57,7 +75,22 @@ class SynthesizerServicer(metaclass=_abc_1.ABCMeta):
         request: _synthesis_pb2.SynthesizeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_synthesis_pb2.SynthesizeResponse], _abc.AsyncIterator[_synthesis_pb2.SynthesizeResponse]]:
-        """Synthesize streams the spoken reply (chat mode) or the spoken text (speak mode)."""
+        """Synthesize streams the spoken reply (chat mode) or the spoken text (speak mode).
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def SynthesizeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_synthesis_pb2.SynthesizeStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_synthesis_pb2.SynthesizeResponse], _abc.AsyncIterator[_synthesis_pb2.SynthesizeResponse]]:
+        """SynthesizeStream speaks text while the caller is still writing it (speak mode):
+        `config` first, then `text` pieces and `flush` markers; the client half-closes
+        when it has no more text. The responses are those of Synthesize.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
 
     @_abc_1.abstractmethod
     def ListVoices(
