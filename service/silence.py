@@ -58,6 +58,7 @@ class SilenceTrimmer:
     ) -> None:
         if sample_rate <= 0:
             raise ValueError(f"sample rate must be positive: {sample_rate}")
+        self._rate = sample_rate
         self._window = max(1, sample_rate * WINDOW_MS // 1000) * 2
         self._pause = sample_rate * pause_ms // 1000 * 2
         self._lead = sample_rate * lead_ms // 1000 * 2
@@ -66,6 +67,7 @@ class SilenceTrimmer:
         self._leading = True
         self._silence_sent = 0  # bytes of the current silence already sent
         self._held = bytearray()  # the current silence beyond the pause, or the lead-in
+        self._cut = 0  # bytes cut from the front of the segment
 
     def begin(self) -> None:
         """Start a segment: its silence up to its first sound is cut to the lead-in."""
@@ -73,6 +75,13 @@ class SilenceTrimmer:
         self._leading = True
         self._silence_sent = 0
         self._held.clear()
+        self._cut = 0
+
+    @property
+    def cut_ms(self) -> int:
+        """How much of the segment's front was cut, in ms: its engine's times less this
+        are times in the audio as sent. Read it before :meth:`end`."""
+        return self._cut // 2 * 1000 // self._rate
 
     def feed(self, pcm: bytes) -> bytes:
         """Take the segment's next PCM; return what can be sent now."""
@@ -103,6 +112,7 @@ class SilenceTrimmer:
             if self._leading:
                 held += window
                 if len(held) > self._lead:
+                    self._cut += len(held) - self._lead
                     del held[: len(held) - self._lead]
                 return
             room = max(0, self._pause - self._silence_sent)
