@@ -25,7 +25,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +72,9 @@ MAX_TOKENS = 512
 PCM_BYTES_PER_S = 24_000 * 2
 #: voxrelay speaks up to this many segments ahead (VOXRELAY_LOOKAHEAD_SEGMENTS' default).
 LOOKAHEAD = 2
+#: A 10 ms window whose RMS is above -45 dBFS is audible: the first one is the first sound.
+AUDIBLE_WINDOW_S = 0.010
+AUDIBLE_RMS = 32768 * 10 ** (-45 / 20)
 #: streams per gRPC channel (one HTTP/2 connection each), as a client's pool would have.
 STREAMS_PER_CHANNEL = 100
 REQUEST_TIMEOUT_S = 120.0
@@ -92,6 +97,8 @@ class Sample:
 
     started: float = 0.0  # time.perf_counter() when the request was sent
     ttfa: float | None = None
+    #: when a listener playing the pcm from its first byte hears the first sound
+    audible: float | None = None
     total: float | None = None
     audio_s: float = 0.0
     stall_s: float = 0.0
@@ -104,15 +111,20 @@ class Playback:
 
     A chunk that arrives after the audio before it has finished playing makes the
     player wait: that wait is a stall. Only byte-counted formats (pcm) are tracked.
+    :meth:`listen` also finds when the first audible window plays (``audible``).
     """
 
-    __slots__ = ("audio_s", "bytes_per_s", "first", "stall_s")
+    __slots__ = ("_carry", "_scanned", "audible", "audio_s", "bytes_per_s", "first", "stall_s")
 
     def __init__(self, bytes_per_s: int = PCM_BYTES_PER_S) -> None:
         self.bytes_per_s = bytes_per_s
         self.first: float | None = None
         self.audio_s = 0.0
         self.stall_s = 0.0
+        #: the perf_counter() time the first audible window starts playing
+        self.audible: float | None = None
+        self._carry = b""
+        self._scanned = 0  # bytes before _carry
 
     def arrive(self, at: float, nbytes: int) -> None:
         if self.first is None:
@@ -122,6 +134,24 @@ class Playback:
             if at > due:
                 self.stall_s += at - due
         self.audio_s += nbytes / self.bytes_per_s
+
+    def listen(self, data: bytes) -> None:
+        """Look for the first sound in *data*, the chunk :meth:`arrive` was just told of."""
+        if self.audible is not None or self.first is None:
+            return
+        window = round(self.bytes_per_s * AUDIBLE_WINDOW_S) // 2 * 2
+        data = self._carry + data
+        at = 0
+        while at + window <= len(data):
+            samples = array("h", data[at : at + window])
+            if math.sqrt(sum(x * x for x in samples) / len(samples)) > AUDIBLE_RMS:
+                # Every byte of this chunk plays after the stalls so far.
+                position = (self._scanned + at) / self.bytes_per_s
+                self.audible = self.first + self.stall_s + position
+                return
+            at += window
+        self._scanned += at
+        self._carry = data[at:]
 
 
 def _error(exc: BaseException) -> str:
@@ -202,6 +232,8 @@ class LimitClient:
 
     async def _speak(self, text: str, *, first: bool, sample: Sample, probe: bool) -> int:
         nbytes = 0
+        # The limit plays the first segment's bytes as they come, silence and all.
+        playback = Playback() if first and not probe else None
         response = await _speech_response(self.client, text)
         try:
             async for chunk in response.aiter_bytes():
@@ -212,6 +244,11 @@ class LimitClient:
                     if probe:
                         break
                 nbytes += len(chunk)
+                if playback is not None and playback.audible is None:
+                    playback.arrive(time.perf_counter(), len(chunk))
+                    playback.listen(chunk)
+                    if playback.audible is not None:
+                        sample.audible = playback.audible - sample.started
         finally:
             await response.aclose()
         return nbytes
@@ -359,6 +396,7 @@ class GrpcClient:
                     audio_bytes += nbytes
                     if playback is not None:
                         playback.arrive(at, nbytes)
+                        playback.listen(response.audio.data)
                 elif response.HasField("finished"):
                     sample.total = time.perf_counter() - sample.started
                     sample.audio_s = response.finished.audio_ms / 1000
@@ -366,6 +404,8 @@ class GrpcClient:
             sample.error = _error(exc)
         if playback is not None:
             sample.stall_s = playback.stall_s
+            if playback.audible is not None:
+                sample.audible = playback.audible - sample.started
         if not probe and sample.error is None and sample.total is None:
             sample.error = "no_finished"
 
@@ -509,6 +549,7 @@ class WsClient:
                             continue
                     if playback is not None:
                         playback.arrive(at, len(message))
+                        playback.listen(message)
                     continue
                 frame = json.loads(message)
                 kind = frame.get("type")
@@ -530,6 +571,8 @@ class WsClient:
             healthy = False
         if playback is not None:
             sample.stall_s = playback.stall_s
+            if playback.audible is not None:
+                sample.audible = playback.audible - sample.started
         if healthy:
             self.idle.append(ws)
         else:
@@ -619,6 +662,7 @@ class HttpClient:
                     nbytes += len(chunk)
                     if playback is not None:
                         playback.arrive(at, len(chunk))
+                        playback.listen(chunk)
             finally:
                 await response.aclose()
             if not probe:
@@ -628,3 +672,5 @@ class HttpClient:
             sample.error = _error(exc)
         if playback is not None:
             sample.stall_s = playback.stall_s
+            if playback.audible is not None:
+                sample.audible = playback.audible - sample.started

@@ -242,6 +242,7 @@ async def fake_process(
     tts_rtf: float,
     reply: str | None,
     module: str = "fakes.openai_upstream",
+    leading_silence_ms: int = 0,
 ) -> ChildProcess:
     """Start the fake OpenAI upstream (its CLI keeps no history) on a free port.
 
@@ -262,6 +263,8 @@ async def fake_process(
         str(tts_first_byte_ms),
         "--tts-rtf",
         str(tts_rtf),
+        "--leading-silence-ms",
+        str(leading_silence_ms),
     ]
     if reply is not None:
         argv += ["--reply", reply]

@@ -90,6 +90,8 @@ def run_row(
         "errors": len(samples) - len(ok),
         "error_kinds": dict(_errors(samples)),
         "ttfa_ms": percentiles(ttfa),
+        # whole replies in pcm only: when a listener playing from the first byte hears sound
+        "audible_ms": percentiles([s.audible for s in full if s.audible is not None]),
         "total_ms": percentiles([s.total for s in full if s.total is not None]),
         "audio_s": round(sum(s.audio_s for s in full), 2),
         "stall_ms": percentiles(stalls) if voxrelay_side else None,
@@ -372,16 +374,20 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Fake upstream: first token {lm['ttft_ms']:g} ms, {lm['token_ms']:g} ms per token, "
         f"TTS first byte {lm['tts_first_byte_ms']:g} ms, speech {1 / lm['tts_rtf']:g}x real "
-        f"time; a {lm['reply_segments']}-segment reply of {lm['reply_tokens']} tokens. "
+        f"time, each response starting with {lm.get('leading_silence_ms', 0):g} ms of "
+        f"silence; a {lm['reply_segments']}-segment reply of {lm['reply_tokens']} tokens. "
         f"First segment: {lm['first_segment_tokens']} tokens + 1 look-ahead token → "
         f"model limit {lm['model_limit_ms']:g} ms, naive {lm['model_naive_ms']:g} ms.",
         "",
         "## Runs (time to first audio and total time, client side, ms)",
         "",
-        "| config | streams | beside | req | err | TTFA p50 | p95 | p99 | total p50 | p99 "
-        "| stalled | vox CPU % | vox CPU ms/audio s | vox RSS MiB | gen CPU % | fake CPU % "
-        "| gen lag p99 | other CPU % |",
-        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "*audible*: when a listener playing the pcm from its first byte hears the first "
+        "10 ms window above -45 dBFS (whole replies; the limit plays the engine's bytes).",
+        "",
+        "| config | streams | beside | req | err | TTFA p50 | p95 | p99 | audible p50 "
+        "| total p50 | p99 | stalled | vox CPU % | vox CPU ms/audio s | vox RSS MiB | gen CPU % "
+        "| fake CPU % | gen lag p99 | other CPU % |",
+        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in doc["runs"]:
         vox = r["voxrelay"] or {}
@@ -390,6 +396,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {r['kind']}{'' if r['format'] == 'pcm' else ' ' + r['format']} | {r['streams']} "
             f"| {r['load']} | {r['requests']} | {r['errors']} | {_ms(r['ttfa_ms']['p50'])} "
             f"| {_ms(r['ttfa_ms']['p95'])} | {_ms(r['ttfa_ms']['p99'])} "
+            f"| {_ms(r.get('audible_ms', {}).get('p50'))} "
             f"| {_ms(r['total_ms']['p50'])} | {_ms(r['total_ms']['p99'])} "
             f"| {_num(r['stalled_streams'])} | {_num(vox.get('cpu_pct'))} "
             f"| {_num(vox.get('cpu_ms_per_audio_s'))} | {_num(vox.get('rss_mib_max'))} "

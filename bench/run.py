@@ -113,6 +113,8 @@ class Config:
     token_ms: float = 20.0
     tts_first_byte_ms: float = 150.0
     tts_rtf: float = 0.2
+    #: silence in front of each of the fake's speech responses (docs/performance.md)
+    leading_silence_ms: int = 150
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> Config:
@@ -157,6 +159,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--token-ms", type=float)
     p.add_argument("--tts-first-byte-ms", type=float)
     p.add_argument("--tts-rtf", type=float)
+    p.add_argument("--leading-silence-ms", type=int)
     a = p.parse_args(argv)
     overrides: dict[str, Any] = {}
     if a.levels:
@@ -176,6 +179,7 @@ def parse(argv: list[str] | None) -> Config:
         ("token_ms", "token_ms"),
         ("tts_first_byte_ms", "tts_first_byte_ms"),
         ("tts_rtf", "tts_rtf"),
+        ("leading_silence_ms", "leading_silence_ms"),
     ):
         if getattr(a, name) is not None:
             overrides[key] = getattr(a, name)
@@ -201,6 +205,7 @@ def latency_model(cfg: Config) -> dict[str, Any]:
         "token_ms": cfg.token_ms,
         "tts_first_byte_ms": cfg.tts_first_byte_ms,
         "tts_rtf": cfg.tts_rtf,
+        "leading_silence_ms": cfg.leading_silence_ms,
         "reply_tokens": len(tokens),
         "reply_segments": count,
         "first_segment_tokens": first_segment_tokens,
@@ -366,6 +371,7 @@ class Bench:
             tts_first_byte_ms=cfg.tts_first_byte_ms,
             tts_rtf=cfg.tts_rtf,
             reply=reply,
+            leading_silence_ms=cfg.leading_silence_ms,
         )
 
     async def early_release(self) -> dict[str, Any]:

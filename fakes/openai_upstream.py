@@ -500,6 +500,7 @@ class FakeOpenAI(FakeServer):
         host: str = "127.0.0.1",
         port: int = 0,
         keep_history: bool = True,
+        leading_silence_ms: int = 0,
     ) -> None:
         super().__init__(
             latency=latency,
@@ -509,6 +510,9 @@ class FakeOpenAI(FakeServer):
             port=port,
             keep_history=keep_history,
         )
+        #: digital silence in front of every speech response, as engines send before
+        #: their first sound (docs/performance.md says where figures come from).
+        self.leading_silence_ms = leading_silence_ms
         self.chat_faults = FaultQueue()
         self.speech_faults = FaultQueue()
         #: usage figures reported instead of the counted ones (a faulty upstream's).
@@ -808,7 +812,7 @@ class FakeOpenAI(FakeServer):
         headers["content-type"] = "audio/pcm"
         speed = float(body.get("speed") or 1.0)
         samples = round(pcm_duration_s(body["input"], speed) * SAMPLE_RATE)
-        pcm = voice_pcm(samples)
+        pcm = bytes(SAMPLE_RATE * self.leading_silence_ms // 1000 * 2) + voice_pcm(samples)
         step = SAMPLE_RATE * CHUNK_MS // 1000 * 2
         if not await self._send(conn, record, _head(200, headers)):
             return False
@@ -903,7 +907,11 @@ def serve_from_command_line(
     parser.add_argument("--tts-rtf", type=float, default=0.2, help="speech real-time factor")
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="the reply text")
     parser.add_argument("--api-key", default=None, help="refuse other bearer tokens with 401")
+    parser.add_argument(
+        "--leading-silence-ms", type=int, default=0, help="silence before each speech response"
+    )
     args = parser.parse_args(argv)
+    extra = {"leading_silence_ms": args.leading_silence_ms} if args.leading_silence_ms else {}
     latency = Latency(
         ttft_s=args.ttft_ms / 1000,
         token_s=args.token_ms / 1000,
@@ -917,6 +925,7 @@ def serve_from_command_line(
         host=args.host,
         port=args.port,
         keep_history=False,
+        **extra,
     )
     # uvloop, as voxrelay runs: the fake shares a core with the benchmark's load generator.
     with (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import metrics
 from .alignment import TranscriptAligner
@@ -27,6 +27,7 @@ from .output import PcmFeed, StreamOutput
 from .planner import Plan
 from .resilience import guarded_stream
 from .settings import Settings
+from .silence import SilenceTrimmer
 from .speakable import SpeakableText
 from .spoken import Spoken
 from .text_input import FLUSH, Flush
@@ -73,6 +74,19 @@ def _fresh(marks: list[WordMark]) -> list[WordMark]:
 
 def _call_timeout(timeout_s: float) -> float:
     return timeout_s or UNBOUNDED_CALL_S
+
+
+def _trimmer(settings: Settings, sample_rate: int) -> SilenceTrimmer | None:
+    if not settings.trim_silence:
+        return None
+    return SilenceTrimmer(sample_rate, pause_ms=settings.segment_pause_ms)
+
+
+def _shifted(marks: list[WordMark], cut_ms: int) -> list[WordMark]:
+    """*marks* on the clock of the audio as sent, whose first *cut_ms* were cut away."""
+    if not cut_ms:
+        return marks
+    return [replace(m, time_ms=max(0, m.time_ms - cut_ms)) for m in marks]
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +315,7 @@ class ChainedPipeline:
         """Send the segments in order, each with its audio as it comes, then its words."""
         out = self.out
         rate = self.ctx.engines.speech.sample_rate
+        trim = _trimmer(self.ctx.settings, rate)
         speech = self.ctx.engines.speech
         while (item := await self._spoken.get()) is not None:
             self._check_refusal()
@@ -312,17 +327,26 @@ class ChainedPipeline:
                 spoken=spoken.text if spoken.changed else "",
                 text_offset=segment.offset,
             )
+            # Words are placed in the audio as sent: the span sees the trimmed PCM.
             span = SpeechSpan(rate)
             while (pcm := await feed.take(hold_s=out.hold_s())) is not None:
                 self._check_refusal()
+                if trim is not None and not (pcm := trim.feed(pcm)):
+                    continue
                 await out.audio(pcm)
                 span.feed(pcm)
+            cut_ms = 0
+            if trim is not None:
+                cut_ms = trim.cut_ms
+                if tail := trim.end():
+                    await out.audio(tail)
+                    span.feed(tail)
             self._lookahead.release()
             if speech.reports_words:
                 timings = from_marks(
                     segment.text,
                     spoken,
-                    marks,
+                    _shifted(marks, cut_ms),
                     offset_ms=start_ms,
                     audio_ms=span.audio_ms,
                     text_offset=segment.offset,
@@ -363,6 +387,9 @@ class SpeakingPipeline:
         self._locator = SegmentLocator()
         self._current: tuple[str, int, int] | None = None
         self._span: SpeechSpan | None = None
+        # One model speaks the whole reply, so its pauses are its own: only the reply's
+        # leading silence is cut (the trimmer sees the reply as one segment).
+        self._trim = _trimmer(ctx.settings, self.rate)
 
     async def run(self, started: StreamStarted) -> str:
         """Produce the stream and return the reply's transcript."""
@@ -401,6 +428,8 @@ class SpeakingPipeline:
                     await self._send(aligner.audio(delta.pcm))
                 count_usage(finished, speaking.name, delta.prompt_tokens, delta.completion_tokens)
         await self._send(aligner.end())
+        if self._trim is not None:
+            await self._send_audio(self._trim.end())
         await self._close_segment()
         return "".join(transcript)
 
@@ -409,15 +438,19 @@ class SpeakingPipeline:
         out = self.out
         for item in items:
             if isinstance(item, bytes):
-                await out.audio(item)
-                if self._span is not None:
-                    self._span.feed(item)
+                await self._send_audio(item if self._trim is None else self._trim.feed(item))
                 continue
             await self._close_segment()
             offset = self._locator.locate(item)
             self._current = (item, out.audio_ms, offset)
             self._span = SpeechSpan(self.rate)
             await out.segment(item, text_offset=offset)
+
+    async def _send_audio(self, pcm: bytes) -> None:
+        if pcm:
+            await self.out.audio(pcm)
+            if self._span is not None:
+                self._span.feed(pcm)
 
     async def _close_segment(self) -> None:
         """Send the words of the segment whose audio is complete, fitted into it."""

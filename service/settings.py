@@ -171,6 +171,10 @@ class Settings(BaseSettings):
     # Pipeline
     lookahead_segments: int = Field(2, ge=1, le=16)
     """segments synthesised at once (the one playing + look-ahead)"""
+    trim_silence: bool = True
+    """cut the engines' silence: each segment starts at its sound and ends in one pause"""
+    segment_pause_ms: int = Field(250, ge=0, le=5000)
+    """the pause that ends each segment when trim_silence is on"""
     memory_turns: int = Field(8, ge=0)
     """turns a WebSocket connection remembers in chat mode"""
     normalize: bool = True

@@ -34,6 +34,9 @@ def make_settings(**overrides: Any) -> Settings:
         cache_mb=0,
         llm="echo",
         tts="espeak",
+        # Tests that count an engine's bytes see them untouched; the trimming's own tests
+        # (tests/unit/test_silence.py) turn it on.
+        trim_silence=False,
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -23,7 +23,7 @@ from tests.waiting import eventually
 
 RUN_KEYS = {
     "kind", "streams", "format", "load", "requests", "probes", "errors", "error_kinds",
-    "ttfa_ms", "total_ms", "audio_s", "stall_ms", "stalled_streams", "voxrelay",
+    "ttfa_ms", "audible_ms", "total_ms", "audio_s", "stall_ms", "stalled_streams", "voxrelay",
     "fake_cpu_pct", "generator_cpu_pct", "generator_loop_lag_p99_ms", "generator_core_busy_pct",
     "generator_saturated", "other_cpu_pct", "window_s",
 }  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import math
@@ -17,6 +18,7 @@ import av
 import av.logging
 import pytest
 
+from voxrelay.service import audio
 from voxrelay.service.audio import StreamEncoder, format_info, output_rate
 from voxrelay.service.errors import InvalidRequest
 from voxrelay.service.model import AudioFormat
@@ -356,3 +358,42 @@ def test_default_rates() -> None:
         AudioFormat.MULAW: 8000,
         AudioFormat.ALAW: 8000,
     }
+
+
+# Settings made for speech
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        (AudioFormat.OPUS, {"application": "lowdelay", "compression_level": "5"}),
+        (AudioFormat.MP3, {"compression_level": "7", "reservoir": "0"}),
+    ],
+)
+@pytest.mark.parametrize("input_rate", INPUT_RATES)
+def test_speech_settings_are_used_decode_and_keep_duration(
+    fmt: AudioFormat, options: dict[str, str], input_rate: int
+) -> None:
+    encoder = StreamEncoder(fmt, input_rate=input_rate, output_rate=output_rate(fmt, input_rate, 0))
+    before, tail = encode_all(encoder, voice(input_rate))
+    assert audio._ENCODINGS[fmt].codec_options == options
+
+    decoded = decode(before + tail, fmt, encoder.sample_rate)
+
+    assert_duration(decoded, fmt, SECONDS)
+    assert decoded.rms > 1000
+
+
+def test_a_codec_option_reaches_the_codec() -> None:
+    """An option libopus refuses fails the stream: the options are not ignored."""
+    saved = audio._ENCODINGS[AudioFormat.OPUS]
+    audio._ENCODINGS[AudioFormat.OPUS] = dataclasses.replace(
+        saved, codec_options={"application": "no-such-application"}
+    )
+    try:
+        encoder = StreamEncoder(AudioFormat.OPUS, input_rate=24000, output_rate=48000)
+        with pytest.raises((av.FFmpegError, ValueError)):
+            encoder.encode(voice(24000))
+        encoder.close()
+    finally:
+        audio._ENCODINGS[AudioFormat.OPUS] = saved

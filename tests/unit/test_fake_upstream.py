@@ -171,6 +171,19 @@ async def test_speech_length_follows_the_text(fake: FakeOpenAI, client: openai.A
     assert len(chunks) - 1 == math.ceil(len(pcm) / per_chunk)
 
 
+async def test_speech_can_start_with_silence() -> None:
+    async with FakeOpenAI(latency=Latency.zero(), leading_silence_ms=150) as server:
+        sdk = openai.AsyncOpenAI(api_key="sk-unit-test-key", base_url=server.base_url)
+        try:
+            pcm = b"".join(await speak(sdk, "Hello there."))
+        finally:
+            await sdk.close()
+    silence = SAMPLE_RATE * 150 // 1000 * 2
+    assert pcm[:silence] == bytes(silence)
+    assert len(pcm) == silence + expected_pcm_bytes("Hello there.")
+    assert max(array("h", pcm[silence : silence + 480])) > 184
+
+
 async def test_speech_is_the_same_every_time(client: openai.AsyncOpenAI) -> None:
     assert await speak(client, "Same.") == await speak(client, "Same.")
 
