@@ -24,7 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from voxrelay.service import metrics, model
-from voxrelay.service.auth import KeyStore, bearer_token
+from voxrelay.service.auth import KeyStore, bearer_token, client_key
 from voxrelay.service.errors import InvalidRequest, VoxrelayError
 from voxrelay.service.relay import ClientGone, Relay
 from voxrelay.service.settings import Settings
@@ -113,7 +113,12 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=mode)
             await context.abort_with_status(to_status(exc))
             return
-        run = self.relay.open("grpc", peer, core_request, caller=caller, deadline=deadline)
+        # Open, gRPC callers are only counted in the global caps, but they still take
+        # turns at shared resources by address.
+        share = caller or client_key(_host(peer))
+        run = self.relay.open(
+            "grpc", peer, core_request, caller=caller, deadline=deadline, share=share
+        )
         sink = _GrpcSink(context, peer=peer, stall_s=self.send_stall_s)
         try:
             finished = await run.relay(sink)
@@ -150,7 +155,12 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=model.Mode.SPEAK)
             await context.abort_with_status(to_status(exc))
             return
-        run = self.relay.open("grpc", peer, core_request, caller=caller, deadline=deadline)
+        # Open, gRPC callers are only counted in the global caps, but they still take
+        # turns at shared resources by address.
+        share = caller or client_key(_host(peer))
+        run = self.relay.open(
+            "grpc", peer, core_request, caller=caller, deadline=deadline, share=share
+        )
         sink = _GrpcSink(context, peer=peer, stall_s=self.send_stall_s)
         reader = asyncio.create_task(_read_input(messages, text_input), name="grpc-input")
         try:
@@ -257,6 +267,14 @@ def _channelz_servers() -> set[int]:
     """The ids of this process's gRPC servers in channelz (grpc's own introspection)."""
     page = json.loads(cygrpc.channelz_get_servers(0))
     return {int(server["ref"]["serverId"]) for server in page.get("server", [])}
+
+
+def _host(peer: str) -> str:
+    """The address part of a peer named as :func:`_peer` names it."""
+    host, sep, port = peer.rpartition(":")
+    if not sep or not port.isdigit():
+        return peer
+    return host.strip("[]")
 
 
 def _peer(peer: str) -> str:

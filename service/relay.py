@@ -149,6 +149,7 @@ class RelayedStream:
         caller: str | None,
         deadline: float | None,
         refusals: RefusalLog,
+        share: str | None = None,
     ) -> None:
         self.record = record
         self._refusals = refusals
@@ -162,7 +163,7 @@ class RelayedStream:
         #: (``client``, ``disconnect``); else the deadline or the client, by the clock.
         self.cancel_reason: str | None = None
         self._stream: SynthesisStream = synthesizer.stream(
-            request, deadline=deadline, caller=caller
+            request, deadline=deadline, caller=caller, share=share
         )
 
     @property
@@ -283,10 +284,13 @@ class Relay:
         *,
         caller: str | None = None,
         deadline: float | None = None,
+        share: str | None = None,
     ) -> RelayedStream:
         """Start accounting for *request* from *peer*; run it with :meth:`RelayedStream.relay`.
 
-        *caller* is whom per-caller limits apply to; *deadline* a ``loop.time()``.
+        *caller* is whom per-caller limits apply to; *deadline* a ``loop.time()``;
+        *share* whom shared resources take turns between when that is not *caller*
+        (an open gRPC door's client address).
         """
         record = StreamRecord(protocol, peer, request, log_text=self.log_text)
         return RelayedStream(
@@ -296,6 +300,7 @@ class Relay:
             caller=caller,
             deadline=deadline,
             refusals=self.refusals,
+            share=share,
         )
 
     def refuse(

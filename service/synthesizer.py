@@ -66,14 +66,16 @@ class Synthesizer:
         *,
         deadline: float | None = None,
         caller: str | None = None,
+        share: str | None = None,
     ) -> SynthesisStream:
         """Open a stream for *request*.
 
         *deadline* is a ``loop.time()`` the caller gives up at; *caller* identifies whom
         the per-caller limits apply to (an API key id or a client address; None for an
-        anonymous internal caller, to whom only the global caps apply).
+        anonymous internal caller, to whom only the global caps apply); *share* is whom
+        a shared resource (the embedded engine's queue) takes turns between, *caller* if None.
         """
-        return SynthesisStream(self, request, deadline, caller)
+        return SynthesisStream(self, request, deadline, caller, share)
 
     async def voices(self, language: str = "") -> list[Voice]:
         """List the speech engine's voices, optionally only those of *language*."""
@@ -132,8 +134,10 @@ class SynthesisStream:
         request: SynthesisRequest,
         deadline: float | None,
         caller: str | None = None,
+        share: str | None = None,
     ) -> None:
         self._core = core
+        self._share = share
         self._request = request
         self._deadline = deadline
         self._caller = caller
@@ -251,7 +255,7 @@ class SynthesisStream:
             core.settings,
             core.engines,
             self._deadline,
-            caller,
+            self._share or caller,
             core.speakable,
             phrases=core.phrases,
             charge=charge,

@@ -7,11 +7,12 @@ the wait, it is no ``upstream_timeout`` and never opens the speech stage's break
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from tests.conftest import AppFactory
 from voxrelay.client import AudioChunk, Client, StreamFinished
 
-BIG = "Every caller waits its turn, and none of them opens the breaker. " * 120
+BIG = "Every caller waits its turn, and none of them opens the breaker. " * 600
 WAIT = 30.0
 
 
@@ -21,6 +22,11 @@ async def say(client: Client, text: str) -> tuple[StreamFinished, bytes]:
     finished = events[-1]
     assert isinstance(finished, StreamFinished)
     return finished, b"".join(e.data for e in events if isinstance(e, AudioChunk))
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    async for _ in chunks:
+        pass
 
 
 async def test_waiting_for_a_worker_never_opens_the_breaker(app_factory: AppFactory) -> None:
@@ -39,6 +45,9 @@ async def test_waiting_for_a_worker_never_opens_the_breaker(app_factory: AppFact
             for _ in range(2)
         ]
         await anext(hogs[0])
+        # Read the first hog as it is made, so it keeps its worker for its whole long text
+        # (a job nobody reads would be let run to its end and give the worker up sooner).
+        reading = asyncio.create_task(_drain(hogs[0]))
         queued_hog = asyncio.create_task(anext(hogs[1]))
 
         request = asyncio.create_task(say(client, "Hello there, in turn."))
@@ -47,6 +56,7 @@ async def test_waiting_for_a_worker_never_opens_the_breaker(app_factory: AppFact
         assert not done
         assert not breaker.is_open
 
+        reading.cancel()
         queued_hog.cancel()
         for hog in hogs:
             await hog.aclose()
