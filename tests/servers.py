@@ -165,7 +165,7 @@ def workers_process(count: int = 2, *args: str, **env_overrides: str) -> ServerP
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
-    env.update(VOXRELAY_CACHE_MB="0")  # as make_settings does
+    env.update(VOXRELAY_HTTP_PORT="0", VOXRELAY_CACHE_MB="0")  # as make_settings does
     env.update(env_overrides)
     argv = [sys.executable, "-m", "voxrelay.gateways.cli", "serve", "--workers", str(count)]
     return ServerProcess([*argv, *args], env)

@@ -113,6 +113,7 @@ async def served(image: str) -> AsyncIterator[tuple[ServerProcess, Path, dict[st
         argv = in_image(
             root, config, [*config["Entrypoint"], *config["Cmd"]],
             VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0",
+            VOXRELAY_HTTP_PORT="0",
         )  # fmt: skip
         async with ServerProcess(argv, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}) as server:
             yield server, root, config

@@ -88,6 +88,7 @@ async def test_the_wheel_serves_and_says(tmp_path: Path) -> None:
     voxrelay = await asyncio.to_thread(install_the_wheel, tmp_path) / "voxrelay"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     served = dict(env, VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0",
+                  VOXRELAY_HTTP_PORT="0",
                   VOXRELAY_API_KEYS=KEY)  # fmt: skip
     async with ServerProcess([str(voxrelay), "serve"], served, cwd=tmp_path) as server:
         grpc_port = server.grpc_target.rsplit(":", 1)[1]

@@ -185,6 +185,7 @@ async def test_sigterms_up_to_the_exit_change_nothing() -> None:
 async def run_failing(*args: str, **env_overrides: str) -> tuple[int, list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
+    env.update(VOXRELAY_HTTP_PORT="0")
     env.update(env_overrides)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -56,6 +56,7 @@ def test_no_so_reuseport_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
 def test_serve_without_so_reuseport_stops_with_one_line() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXRELAY_", "OPENAI_"))}
     env.update(VOXRELAY_GRPC_PORT="0", VOXRELAY_WS_PORT="0", VOXRELAY_METRICS_PORT="0")
+    env.update(VOXRELAY_HTTP_PORT="0")
     script = (
         "import socket; del socket.SO_REUSEPORT\n"
         "from voxrelay.gateways.cli import main\n"
