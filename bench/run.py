@@ -113,8 +113,10 @@ class Config:
     token_ms: float = 20.0
     tts_first_byte_ms: float = 150.0
     tts_rtf: float = 0.2
-    #: silence in front of each of the fake's speech responses (docs/performance.md)
-    leading_silence_ms: int = 150
+    #: silence in front of each of the fake's speech responses (docs/performance.md): 0,
+    #: so that first-byte figures compare like with like; ``--leading-silence-ms 150``
+    #: models an OpenAI-compatible engine and shows the audible gain of trimming it
+    leading_silence_ms: int = 0
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> Config:
