@@ -70,10 +70,9 @@ _ENCODINGS: dict[AudioFormat, _Encoding] = {
         "s16p",
         rates=_MPEG_RATES,
         bit_rate=64000,
-        # LAME quality 7 for speech: half the CPU of its default (3), the same bitrate and
-        # no worse a spectral distance. Without the bit reservoir a frame never waits for
-        # bits saved in later ones: 44 ms less audio held before the first byte, at the
-        # same spectral distance (docs/performance.md).
+        # LAME quality 7 for speech: less CPU than its default (3) at the same bitrate and
+        # spectral distance. Without the bit reservoir a frame never waits for bits saved
+        # in later ones, so less audio is held before the first byte (docs/performance.md).
         codec_options={"compression_level": "7", "reservoir": "0"},
         # The Xing/LAME frame is filled in by seeking back at the end, which a stream
         # cannot do; an ID3 tag is noise in front of a stream.
