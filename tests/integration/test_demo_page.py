@@ -447,6 +447,7 @@ def test_the_word_being_heard_is_highlighted(browser: Any, base_url: str) -> Non
     open_page(browser, base_url, text=" ".join(SENTENCES), mode="speak", fmt="pcm")
     click(browser, "speak")
     wait_done(browser)
+    wait(browser, 30).until(lambda d: d.execute_script("return window.voxrelay.wordNow !== null"))
     # While it plays, the highlighted word is the last one begun at the playback position.
     seen: list[dict[str, Any]] = []
     for _ in range(20):
