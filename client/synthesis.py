@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from voxrelay.service import model
-from voxrelay.service.words import heard_text
+from voxrelay.service.words import heard_in
 
 __all__ = ["Interruption", "Synthesis"]
 
@@ -60,7 +60,4 @@ class Synthesis(AsyncIterator[model.Event]):
         await self.aclose()
         if self._interruption.heard_text is not None:
             return self._interruption.heard_text
-        text = ""
-        for segment in self._segments:
-            text += " " * max(0, segment.text_offset - len(text)) + segment.text
-        return heard_text(text, self._words, played_ms)
+        return heard_in(self._segments, self._words, played_ms)

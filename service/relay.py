@@ -38,7 +38,7 @@ from .model import (
 from .synthesizer import SynthesisStream, Synthesizer
 from .telemetry import StreamRecord, WireProtocol
 from .text_input import TextInput
-from .words import heard_text
+from .words import heard_in
 
 __all__ = ["AudioClock", "ClientGone", "EventSink", "RefusalLog", "Relay", "RelayedStream"]
 
@@ -228,10 +228,7 @@ class RelayedStream:
 
     def heard_text(self, played_ms: int) -> str:
         """Return the text the listener heard by *played_ms* of this stream's audio."""
-        text = ""
-        for segment in self._segments:
-            text += " " * max(0, segment.text_offset - len(text)) + segment.text
-        return heard_text(text, self.words, played_ms)
+        return heard_in(self._segments, self.words, played_ms)
 
     def end_cancelled(self, reason: str) -> None:
         """Record the stream as cancelled (a no-op once it has ended otherwise).

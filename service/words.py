@@ -27,7 +27,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .model import WordTiming
+from .model import SegmentStarted, WordTiming
 from .spoken import Spoken
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "estimate",
     "estimate_in",
     "from_marks",
+    "heard_in",
     "heard_text",
     "speech_bounds",
     "weight",
@@ -402,6 +403,20 @@ def _share(
         span_end = at + (end - start) * share / total
         spans[i] = (at, span_end)
         at = span_end
+
+
+def heard_in(
+    segments: Sequence[SegmentStarted], timings: Sequence[WordTiming], played_ms: int
+) -> str:
+    """Return what was heard by *played_ms* of a stream whose *segments* were sent.
+
+    The segments are slices of the reply at their ``text_offset``; what lies between
+    them is whitespace, so the reply so far is rebuilt from them.
+    """
+    text = ""
+    for segment in segments:
+        text += " " * max(0, segment.text_offset - len(text)) + segment.text
+    return heard_text(text, timings, played_ms)
 
 
 def heard_text(reply_text: str, timings: Sequence[WordTiming], played_ms: int) -> str:
