@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import json
 import math
+import struct
 import time
 from array import array
 from collections.abc import Callable
@@ -70,6 +71,8 @@ VOICE = "alloy"
 MAX_TOKENS = 512
 #: s16le mono at 24 kHz, what OpenAI's speech API (and the fake) send for ``pcm``.
 PCM_BYTES_PER_S = 24_000 * 2
+#: voxrelay's mp3 is constant-rate, 64 kbit/s (service/audio.py)
+MP3_BYTES_PER_S = 64_000 // 8
 #: voxrelay speaks up to this many segments ahead (VOXRELAY_LOOKAHEAD_SEGMENTS' default).
 LOOKAHEAD = 2
 #: A 10 ms window whose RMS is above -45 dBFS is audible: the first one is the first sound.
@@ -127,13 +130,17 @@ class Playback:
         self._scanned = 0  # bytes before _carry
 
     def arrive(self, at: float, nbytes: int) -> None:
+        self.arrive_until(at, self.audio_s + nbytes / self.bytes_per_s)
+
+    def arrive_until(self, at: float, audio_s: float) -> None:
+        """Audio up to *audio_s* seconds of the stream has arrived at *at*."""
         if self.first is None:
             self.first = at
         else:
             due = self.first + self.stall_s + self.audio_s
             if at > due:
                 self.stall_s += at - due
-        self.audio_s += nbytes / self.bytes_per_s
+        self.audio_s = max(self.audio_s, audio_s)
 
     def listen(self, data: bytes) -> None:
         """Look for the first sound in *data*, the chunk :meth:`arrive` was just told of."""
@@ -152,6 +159,89 @@ class Playback:
             at += window
         self._scanned += at
         self._carry = data[at:]
+
+
+class OggClock:
+    """How much audio the Ogg pages received so far end at (their granule positions).
+
+    Opus is variable-rate, so its bytes do not tell its duration; each page's header
+    does. Only whole pages count; a page split across messages counts once it is whole.
+    """
+
+    __slots__ = ("_carry", "audio_s", "rate")
+
+    HEADER = struct.Struct("<4sBBqIIIB")
+
+    def __init__(self, rate: int = 48_000) -> None:
+        self.rate = rate
+        self.audio_s = 0.0
+        self._carry = b""
+
+    def feed(self, data: bytes) -> float:
+        """Take the next bytes of the stream; return the audio seconds its whole pages end at."""
+        data = self._carry + data
+        at = 0
+        size = self.HEADER.size
+        while at + size <= len(data):
+            magic, _, _, granule, _, _, _, segments = self.HEADER.unpack_from(data, at)
+            if magic != b"OggS":
+                raise ValueError("not an Ogg page")
+            body = at + size + segments
+            if body > len(data):
+                break
+            end = body + sum(data[at + size : body])
+            if end > len(data):
+                break
+            if granule > 0:
+                self.audio_s = max(self.audio_s, granule / self.rate)
+            at = end
+        self._carry = data[at:]
+        return self.audio_s
+
+
+class Listener:
+    """Playback of one stream in any format the bench asks for: stalls, and for pcm the first sound.
+
+    pcm and the constant-bitrate mp3 are timed by their bytes; opus by its Ogg pages.
+    Other formats are not tracked (no stall figures).
+    """
+
+    __slots__ = ("_ogg", "_pcm", "playback")
+
+    def __init__(self, fmt: str) -> None:
+        self._ogg = OggClock() if fmt == "opus" else None
+        rate = {"pcm": PCM_BYTES_PER_S, "mp3": MP3_BYTES_PER_S, "opus": 1}.get(fmt)
+        self.playback = Playback(rate) if rate is not None else None
+        self._pcm = fmt == "pcm"
+
+    def arrive(self, at: float, data: bytes) -> bool:
+        """Take a message of the stream; return whether its audio has begun.
+
+        An Ogg stream begins with header pages (no audio): its audio begins with the
+        first page whose granule position is past zero.
+        """
+        playback = self.playback
+        if self._ogg is not None:
+            audio_s = self._ogg.feed(data)
+            if audio_s <= 0:
+                return False
+            if playback is not None:
+                playback.arrive_until(at, audio_s)
+            return True
+        if playback is not None:
+            playback.arrive(at, len(data))
+            if self._pcm:
+                playback.listen(data)
+        return bool(data)
+
+    def settle(self, sample: Sample) -> None:
+        """Copy the stall and the first sound into *sample*."""
+        playback = self.playback
+        if playback is None:
+            return
+        sample.stall_s = playback.stall_s
+        if playback.audible is not None:
+            sample.audible = playback.audible - sample.started
 
 
 def _error(exc: BaseException) -> str:
@@ -356,10 +446,28 @@ class GrpcClient:
     kind = "grpc"
 
     def __init__(
-        self, target: str, streams: int, *, text: str = PROMPT, mode: str = "chat"
+        self,
+        target: str,
+        streams: int,
+        *,
+        text: str = PROMPT,
+        mode: str = "chat",
+        words: bool | None = None,
+        api_key: str | None = None,
+        kind: str | None = None,
     ) -> None:
+        """*words*: True asks for normalization and word timestamps, False for neither,
+        None leaves both to the server's defaults. *api_key* goes in every call's metadata."""
         self.text = text
         self.mode = pb.MODE_SPEAK if mode == "speak" else pb.MODE_CHAT
+        self.kind = kind or type(self).kind
+        self.options: dict[str, Any] = {}
+        if words is not None:
+            self.options = {
+                "word_timestamps": words,
+                "normalization": (pb.TEXT_NORMALIZATION_ON if words else pb.TEXT_NORMALIZATION_OFF),
+            }
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         count = max(1, -(-streams // STREAMS_PER_CHANNEL))
         # A local subchannel pool gives each channel its own HTTP/2 connection.
         options = [("grpc.use_local_subchannel_pool", 1)]
@@ -375,37 +483,35 @@ class GrpcClient:
         stub = self.stubs[next(self._next) % len(self.stubs)]
         probe = sample.probe
         sample.started = time.perf_counter()
-        playback = Playback() if fmt == "pcm" else None
-        audio_bytes = 0
+        listener = Listener(fmt)
         call = stub.Synthesize(
             pb.SynthesizeRequest(
-                text=self.text, mode=self.mode, voice=VOICE, format=_GRPC_FORMATS[fmt]
+                text=self.text,
+                mode=self.mode,
+                voice=VOICE,
+                format=_GRPC_FORMATS[fmt],
+                **self.options,
             ),
             timeout=REQUEST_TIMEOUT_S,
+            metadata=self.metadata,
         )
         try:
             async for response in call:
                 if response.HasField("audio"):
                     at = time.perf_counter()
-                    nbytes = len(response.audio.data)
+                    if not listener.arrive(at, response.audio.data):
+                        continue
                     if sample.ttfa is None:
                         sample.ttfa = at - sample.started
                         if probe:
                             call.cancel()
                             break
-                    audio_bytes += nbytes
-                    if playback is not None:
-                        playback.arrive(at, nbytes)
-                        playback.listen(response.audio.data)
                 elif response.HasField("finished"):
                     sample.total = time.perf_counter() - sample.started
                     sample.audio_s = response.finished.audio_ms / 1000
         except Exception as exc:
             sample.error = _error(exc)
-        if playback is not None:
-            sample.stall_s = playback.stall_s
-            if playback.audible is not None:
-                sample.audible = playback.audible - sample.started
+        listener.settle(sample)
         if not probe and sample.error is None and sample.total is None:
             sample.error = "no_finished"
 
@@ -519,7 +625,7 @@ class WsClient:
         ws = self.idle.pop() if self.idle else await self._connect()
         probe = sample.probe
         sample.started = time.perf_counter()
-        playback = Playback() if fmt == "pcm" else None
+        listener = Listener(fmt)
         request_id = f"b{next(self._ids)}"
         healthy = True
         try:
@@ -541,15 +647,13 @@ class WsClient:
                     if cancelled:
                         continue
                     at = time.perf_counter()
+                    if not listener.arrive(at, message):
+                        continue
                     if sample.ttfa is None:
                         sample.ttfa = at - sample.started
                         if probe:
                             cancelled = True
                             await ws.send(json.dumps({"type": "cancel", "id": request_id}))
-                            continue
-                    if playback is not None:
-                        playback.arrive(at, len(message))
-                        playback.listen(message)
                     continue
                 frame = json.loads(message)
                 kind = frame.get("type")
@@ -569,10 +673,7 @@ class WsClient:
         except Exception as exc:
             sample.error = _error(exc)
             healthy = False
-        if playback is not None:
-            sample.stall_s = playback.stall_s
-            if playback.audible is not None:
-                sample.audible = playback.audible - sample.started
+        listener.settle(sample)
         if healthy:
             self.idle.append(ws)
         else:
@@ -639,7 +740,7 @@ class HttpClient:
 
     async def request(self, sample: Sample, *, fmt: str = "pcm") -> None:
         probe = sample.probe
-        playback = Playback() if fmt == "pcm" else None
+        listener = Listener(fmt)
         nbytes = 0
         sample.started = time.perf_counter()
         try:
@@ -655,14 +756,13 @@ class HttpClient:
                     if not chunk:
                         continue
                     at = time.perf_counter()
+                    nbytes += len(chunk)
+                    if not listener.arrive(at, chunk):
+                        continue
                     if sample.ttfa is None:
                         sample.ttfa = at - sample.started
                         if probe:
                             break  # closing the response disconnects: voxrelay cancels
-                    nbytes += len(chunk)
-                    if playback is not None:
-                        playback.arrive(at, len(chunk))
-                        playback.listen(chunk)
             finally:
                 await response.aclose()
             if not probe:
@@ -670,7 +770,4 @@ class HttpClient:
                 sample.audio_s = nbytes / PCM_BYTES_PER_S
         except Exception as exc:
             sample.error = _error(exc)
-        if playback is not None:
-            sample.stall_s = playback.stall_s
-            if playback.audible is not None:
-                sample.audible = playback.audible - sample.started
+        listener.settle(sample)

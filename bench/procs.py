@@ -103,6 +103,29 @@ class CpuClock:
         return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+class TreeCpuClock(CpuClock):
+    """A process's CPU time and that of its live descendants (a supervisor and its workers).
+
+    A descendant's time counts while it lives: the workers of a run outlive its phases.
+    """
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+    def seconds(self) -> float:
+        total, pending = 0.0, [self.pid]
+        while pending:
+            pid = pending.pop()
+            total += CpuClock(pid).seconds()
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+                    pending += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+        return total
+
+
 def cores_busy() -> dict[str, float]:
     """Return each core's busy time so far, in seconds (from /proc/stat)."""
     busy = {}
@@ -137,6 +160,8 @@ class ChildProcess:
     info: dict[str, Any] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
+    #: its CPU is its own and its descendants' (``serve --workers N``)
+    tree: bool = False
 
     @property
     def pid(self) -> int:
@@ -144,7 +169,7 @@ class ChildProcess:
 
     @property
     def cpu(self) -> CpuClock:
-        return CpuClock(self.pid)
+        return TreeCpuClock(self.pid) if self.tree else CpuClock(self.pid)
 
     def rss(self) -> int:
         return rss_bytes(self.pid)
@@ -326,7 +351,11 @@ async def _ready(ws_port: int, proc: asyncio.subprocess.Process, timeout: float)
 
 
 async def voxrelay_process(
-    pinning: Pinning, upstream: str, *, extra_env: Mapping[str, str] | None = None
+    pinning: Pinning,
+    upstream: str,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    tree: bool = False,
 ) -> ChildProcess:
     """Start ``voxrelay serve`` on free ports against *upstream*, with the bench limits.
 
@@ -370,7 +399,7 @@ async def voxrelay_process(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    child = ChildProcess("voxrelay", proc)
+    child = ChildProcess("voxrelay", proc, tree=tree)
 
     async def read() -> None:
         assert proc.stderr is not None

@@ -27,12 +27,13 @@ __all__ = [
     "write",
 ]
 
-SCHEMA = "voxrelay-bench/1"
+SCHEMA = "voxrelay-bench/2"
 #: The top-level keys of the JSON report, always present (null when not measured).
 JSON_KEYS = (
     "schema", "quick", "started_at", "elapsed_s", "machine", "config", "latency_model", "levels",
     "runs", "comparisons", "capacity", "formats", "encoders", "espeak", "idle",
-    "early_release", "cache", "streamed_input", "profile", "targets", "notes",
+    "early_release", "cache", "streamed_input", "words", "limits", "workers", "profile",
+    "targets", "notes",
 )  # fmt: skip
 #: A stream whose player waited longer than this, in all, did not keep up with real time.
 STALL_LIMIT_MS = 50.0
@@ -45,12 +46,15 @@ TARGETS = {
     "overhead_p50_ms_1_stream": 2.0,
     "overhead_p99_ms_1_stream": 10.0,
     "capacity_margin_p99_ms": 25.0,
-    "capacity_streams_per_core": 200,
+    #: per format: pcm, and the compressed formats browsers and apps ask for
+    "capacity_streams_per_core": {"pcm": 500, "opus": 300, "mp3": 300},
     "pipelining_factor": 1.05,
     "idle_kib_per_connection": 64.0,
     "espeak_rtf": 0.1,
     "cached_first_audio_ms": 5.0,
     "streamed_input_p50_ms": 5.0,
+    #: normalization and word timestamps, in % of voxrelay's CPU per audio second without
+    "words_cpu_pct": 5.0,
 }
 MIB = 1024 * 1024
 _TICKS_MS = (300, 400, 500, 600, 800, 1000, 1200, 1500, 2000, 3000, 5000, 10000, 20000)
@@ -184,9 +188,13 @@ def compare(
 def capacity(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
     """Return, per protocol, the most streams at which every level up to it passed."""
     out: dict[str, Any] = {}
-    for protocol in VOXRELAY_KINDS:
+    measured = sorted(
+        {(c["protocol"], c["format"]) for c in comparisons if c["streams"] > 1},
+        key=lambda pf: (VOXRELAY_KINDS.index(pf[0]), pf[1] != "pcm", pf[1]),
+    )
+    for protocol, fmt in measured:
         rows = sorted(
-            (c for c in comparisons if c["protocol"] == protocol and c["format"] == "pcm"),
+            (c for c in comparisons if c["protocol"] == protocol and c["format"] == fmt),
             key=lambda c: c["streams"],
         )
         best = 0
@@ -200,7 +208,10 @@ def capacity(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
             else:
                 first_failure = c["streams"]
                 break
-        out[protocol] = {
+        out[protocol if fmt == "pcm" else f"{protocol} {fmt}"] = {
+            "protocol": protocol,
+            "format": fmt,
+            "lowest_level": rows[0]["streams"] if rows else None,
             "streams_per_core": best,
             "first_failing_level": first_failure,
             "levels_with_saturated_generator": invalid,
@@ -282,16 +293,39 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             f"{c['ratio_vs_naive']} vs {c['limit_ratio_vs_naive']}",
             c["pipelining_ok"],
         )
-    for protocol, cap in (doc.get("capacity") or {}).items():
-        note = ""
+        b50 = (c.get("overhead_beyond_floor_ms") or {}).get("p50")
+        if b50 is not None:
+            add(
+                f"TTFA overhead beyond the door's floor p50, 1 stream, pcm ({protocol})",
+                f"<= {TARGETS['overhead_p50_ms_1_stream']:g} ms",
+                b50,
+                b50 <= TARGETS["overhead_p50_ms_1_stream"],
+            )
+    for name, cap in (doc.get("capacity") or {}).items():
+        goal = TARGETS["capacity_streams_per_core"].get(cap.get("format", "pcm"))
+        if goal is None:
+            continue
+        notes = []
         if cap["levels_with_saturated_generator"]:
-            note = f"generator saturated at {cap['levels_with_saturated_generator']}"
+            notes.append(f"generator saturated at {cap['levels_with_saturated_generator']}")
+        if cap["first_failing_level"] is None:
+            notes.append("the highest level measured")
         add(
-            f"capacity, streams per core within 25 ms of the limit ({protocol})",
-            f">= {TARGETS['capacity_streams_per_core']}",
+            f"capacity, streams per core within 25 ms of the limit ({name})",
+            f">= {goal}",
             cap["streams_per_core"],
-            cap["streams_per_core"] >= TARGETS["capacity_streams_per_core"],
-            note,
+            cap["streams_per_core"] >= goal,
+            "; ".join(notes),
+        )
+    words = doc.get("words")
+    if words and words.get("cost_pct") is not None:
+        add(
+            f"normalization + word timestamps: CPU per audio second at {words['streams']}"
+            " streams, added",
+            f"< {TARGETS['words_cpu_pct']:g} %",
+            words["cost_pct"],
+            words["cost_pct"] < TARGETS["words_cpu_pct"],
+            f"{words['cpu_ms_per_audio_s_off']} → {words['cpu_ms_per_audio_s_on']} ms",
         )
     idle = doc.get("idle")
     if idle:
@@ -407,15 +441,16 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "## voxrelay against the limit and the naive pipeline (same load)",
         "",
-        "| protocol | streams | overhead p50 | p95 | p99 | the door's floor p50 | p99 "
+        "| protocol | format | streams | overhead p50 | p95 | p99 | the door's floor p50 | p99 "
         "| voxrelay/naive | limit/naive | pipelining ok | within 25 ms, no errors, no stalls "
         "| valid |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|---|",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|---|",
     ]
     for c in doc["comparisons"]:
         o, f = c["overhead_ms"], c["floor_ttfa_ms"] or {}
         lines.append(
-            f"| {c['protocol']} | {c['streams']} | {_ms(o['p50'])} | {_ms(o['p95'])} "
+            f"| {c['protocol']} | {c['format']} | {c['streams']} | {_ms(o['p50'])} "
+            f"| {_ms(o['p95'])} "
             f"| {_ms(o['p99'])} | {_ms(f.get('p50'))} | {_ms(f.get('p99'))} "
             f"| {_num(c['ratio_vs_naive'])} | {_num(c['limit_ratio_vs_naive'])} "
             f"| {_ok(c['pipelining_ok'])} | {_ok(c['capacity_ok'])} | {_ok(c['valid'])} |"
@@ -527,6 +562,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"cache hits {_num(cache['cache_hits_during'])}, "
             f"misses {_num(cache['cache_misses_during'])}; errors {cache['errors']}.",
         ]
+    lines += _variants_markdown(doc)
     if doc["profile"]:
         p = doc["profile"]
         lines += ["", f"## Profile: voxrelay, {p['protocol']} at {p['streams']} streams", ""]
@@ -629,3 +665,72 @@ def write(doc: dict[str, Any], out: Path) -> dict[str, Path]:
     if not plot(doc, paths["plot"]):
         del paths["plot"]
     return paths
+
+
+def _variants_markdown(doc: dict[str, Any]) -> list[str]:
+    """The side-by-side settings (bench.variants): words, Redis limits, workers."""
+    lines: list[str] = []
+    words = doc.get("words")
+    if words:
+        off, on = words["ttfa_1_stream_off_ms"], words["ttfa_1_stream_on_ms"]
+        lines += [
+            "",
+            "## Normalization and word timestamps, off against on",
+            "",
+            "| | TTFA p50, 1 stream | p99 | CPU ms per audio s at "
+            f"{words['streams']} streams (each round) |",
+            "|---|--:|--:|---|",
+            f"| off | {_ms(off['p50'])} | {_ms(off['p99'])} "
+            f"| {', '.join(_num(x) for x in words['cpu_ms_per_audio_s_off'])} |",
+            f"| on | {_ms(on['p50'])} | {_ms(on['p99'])} "
+            f"| {', '.join(_num(x) for x in words['cpu_ms_per_audio_s_on'])} |",
+            "",
+            f"Added: {_num(words['ttfa_added_p50_ms'])} ms of first audio at p50, "
+            f"{_num(words['cost_pct'])} % of CPU per audio second (mean of the rounds; the "
+            "two settings' windows alternate).",
+        ]
+    limits = doc.get("limits")
+    if limits:
+        lines += [
+            "",
+            "## Per-key limits in memory against limits in Redis",
+            "",
+            f"| limits | TTFA p50, 1 stream | p99 | TTFA p50 at {limits['streams']} streams "
+            "| p99 | limit beside it p50 / p99 | errors |",
+            "|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for name in ("memory", "redis"):
+            one, load = limits[f"ttfa_1_stream_{name}_ms"], limits[f"load_{name}"]
+            lines.append(
+                f"| {name} | {_ms(one['p50'])} | {_ms(one['p99'])} "
+                f"| {_ms(load['ttfa_ms']['p50'])} | {_ms(load['ttfa_ms']['p99'])} "
+                f"| {_ms(load['limit_ttfa_ms']['p50'])} / {_ms(load['limit_ttfa_ms']['p99'])} "
+                f"| {load['errors']} |"
+            )
+        lines += [
+            "",
+            f"Redis added {_num(limits['added_1_stream_p50_ms'])} ms at p50 at one stream and "
+            f"{_num(limits['added_at_load_p50_ms'])} ms at {limits['streams']} streams: one "
+            "script round trip before the first audio, one release after the stream.",
+        ]
+    workers = doc.get("workers")
+    if workers:
+        lines += [
+            "",
+            "## One worker against two (gRPC, pcm, not pinned)",
+            "",
+            f"{workers['note']}.",
+            "",
+            "| workers | streams | TTFA p50 | p99 | overhead p99 | within 25 ms, no errors, "
+            "no stalls | voxrelay CPU % | generator core busy % |",
+            "|--:|--:|--:|--:|--:|---|--:|--:|",
+        ]
+        for n in (1, 2):
+            for r in workers[f"workers_{n}"]["rows"]:
+                lines.append(
+                    f"| {n} | {r['streams']} | {_ms(r['ttfa_ms']['p50'])} "
+                    f"| {_ms(r['ttfa_ms']['p99'])} | {_ms(r['overhead_ms']['p99'])} "
+                    f"| {_ok(r['capacity_ok'])} | {_num(r['voxrelay_cpu_pct'])} "
+                    f"| {_num(r['generator_core_busy_pct'])} |"
+                )
+    return lines

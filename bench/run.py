@@ -39,7 +39,7 @@ import uvloop
 from fakes.openai_upstream import DEFAULT_REPLY, tokenize
 from voxrelay.service.chunker import SentenceChunker
 
-from . import children, report
+from . import children, report, variants
 from .cached import cached_reply
 from .clients import (
     GrpcClient,
@@ -92,7 +92,10 @@ class Config:
     """What to run; ``--quick`` shrinks every count and duration."""
 
     quick: bool = False
-    levels: list[int] = field(default_factory=lambda: [1, 50, 100, 150, 200, 300])
+    levels: list[int] = field(default_factory=lambda: [1, 100, 200, 300, 400, 500])
+    #: compressed formats measured at load over gRPC, at the levels of ``format_levels``
+    load_formats: list[str] = field(default_factory=lambda: ["opus", "mp3"])
+    format_levels: list[int] = field(default_factory=lambda: [200, 300, 400])
     #: seconds over which a level's streams start; None: one request cycle (reply + playback)
     ramp_s: float | None = None
     #: 30 s: about 450 replies at 200 streams, so that one slow reply does not set the p99
@@ -107,6 +110,13 @@ class Config:
     idle_connections: int = 1000
     idle_streaming: int = 200
     profile_streams: int = 200
+    #: the side-by-side scenarios (bench.variants): probes at one stream, streams at load
+    variant_probes: int = 50
+    variant_streams: int = 200
+    #: alternating off/on windows of the words scenario
+    words_rounds: int = 2
+    worker_levels: list[int] = field(default_factory=lambda: [300, 500])
+    variants: bool = True
     out: Path = RESULTS
     pin: bool = True
     ttft_ms: float = 200.0
@@ -133,6 +143,11 @@ class Config:
             naive_probers=1,
             idle_connections=0,
             profile_streams=0,
+            format_levels=[5],
+            variant_probes=3,
+            variant_streams=5,
+            words_rounds=1,
+            worker_levels=[5],
         )
         values.update(overrides)
         return cls(**values)
@@ -155,6 +170,15 @@ def parse(argv: list[str] | None) -> Config:
         metavar="STREAMS",
         help="py-spy voxrelay during the gRPC level of STREAMS (0: off)",
     )
+    p.add_argument(
+        "--load-formats", help="compressed formats measured at load (comma list; '' for none)"
+    )
+    p.add_argument("--format-levels", help="the levels at which --load-formats are measured")
+    p.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="skip the side-by-side settings (words, Redis limits, workers)",
+    )
     p.add_argument("--out", type=Path, help=f"where to write the results (default {RESULTS})")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--ttft-ms", type=float)
@@ -168,6 +192,12 @@ def parse(argv: list[str] | None) -> Config:
         overrides["levels"] = sorted({int(x) for x in a.levels.split(",") if x.strip()} | {1})
     if a.formats is not None:
         overrides["formats"] = [x.strip() for x in a.formats.split(",") if x.strip()]
+    if a.load_formats is not None:
+        overrides["load_formats"] = [x.strip() for x in a.load_formats.split(",") if x.strip()]
+    if a.format_levels:
+        overrides["format_levels"] = [int(x) for x in a.format_levels.split(",") if x.strip()]
+    if a.no_variants:
+        overrides["variants"] = False
     for name, key in (
         ("window", "window_s"),
         ("ramp", "ramp_s"),
@@ -430,6 +460,38 @@ class Bench:
         finally:
             await fake.stop()
 
+    async def variants(self) -> dict[str, Any]:
+        """The side-by-side settings (:mod:`bench.variants`), each against a fresh fake."""
+        cfg = self.cfg
+        out: dict[str, Any] = {}
+        fake = await self._fake()
+        try:
+            common = dict(ramp_s=self.ramp_s, window_s=cfg.window_s, say=_say, row=self._row)
+            out["words"] = await variants.words_cost(
+                self.pinning,
+                fake,
+                probes=cfg.variant_probes,
+                streams=cfg.variant_streams,
+                rounds=cfg.words_rounds,
+                **common,
+            )
+            out["limits"] = await variants.limits_cost(
+                self.pinning,
+                fake,
+                probes=cfg.variant_probes,
+                streams=cfg.variant_streams,
+                limit_probers=cfg.limit_probers,
+                **common,
+            )
+            if out["limits"] is None:
+                self.notes.append("redis-server is not installed: no Redis limits figures")
+            out["workers"] = await variants.workers_capacity(
+                fake, levels=cfg.worker_levels, limit_probers=cfg.limit_probers, **common
+            )
+        finally:
+            await fake.stop()
+        return out
+
     @staticmethod
     def _format_row(fmt: str, row: dict[str, Any], pcm: dict[str, Any]) -> dict[str, Any]:
         t, base = row["ttfa_ms"], pcm["ttfa_ms"]
@@ -455,16 +517,18 @@ class Bench:
         beside: dict[str, list[PhaseResult]] = {"limit": [], "naive": []}
         # The profile gets a pass of its own after the measured ones: py-spy reading
         # voxrelay's memory (and running on the generator's core) must not tilt them.
-        passes = [("grpc", False), ("ws", False), ("http", False)]
+        passes = [("grpc", "pcm", False), ("ws", "pcm", False), ("http", "pcm", False)]
+        if streams in cfg.format_levels:
+            passes += [("grpc", fmt, False) for fmt in cfg.load_formats]
         if streams == cfg.profile_streams:
             if Profiler.available():
-                passes.append(("grpc", True))
+                passes.append(("grpc", "pcm", True))
             else:
                 self.notes.append("py-spy is not installed: no profile taken")
         try:
-            for protocol, profiled in passes:
+            for protocol, fmt, profiled in passes:
                 what = "py-spy, not measured" if profiled else "+ limit and naive probes"
-                _say(f"{streams} streams: {protocol} ({what})")
+                _say(f"{streams} streams: {protocol} {fmt} ({what})")
                 client: GrpcClient | WsClient | HttpClient
                 if protocol == "grpc":
                     client = GrpcClient(str(vox.info["grpc"]), streams)
@@ -475,7 +539,10 @@ class Bench:
                     client = HttpClient(str(vox.info["http"]), streams)
                 speaks = protocol == "http"
                 prober: Client = speech_limit if speaks else limit
-                groups = [Group(client, streams), Group(prober, cfg.limit_probers, probe=True)]
+                groups = [
+                    Group(client, streams, fmt=fmt),
+                    Group(prober, cfg.limit_probers, probe=True),
+                ]
                 if cfg.naive_probers and not speaks:
                     groups.append(Group(naive, cfg.naive_probers, probe=True))
                 profiler = None
@@ -502,7 +569,7 @@ class Bench:
                         "file": profiler.path.name,
                         **summarise(profiler.path),
                     }
-                vox_row = self._row(protocol, phase, "listeners", keep=not profiled)
+                vox_row = self._row(protocol, phase, "listeners", fmt, keep=not profiled)
                 if profiled:
                     if self.profile is not None:
                         per_s = (vox_row["voxrelay"] or {}).get("cpu_ms_per_audio_s")
@@ -511,9 +578,10 @@ class Bench:
                             share = stage["pct"] / 100
                             stage["cpu_ms_per_audio_s"] = round(share * per_s, 2) if per_s else None
                     continue
-                lim_row = self._row(prober.kind, phase, f"beside_{protocol}", keep=speaks)
+                beside_what = f"beside_{protocol}" + ("" if fmt == "pcm" else f"_{fmt}")
+                lim_row = self._row(prober.kind, phase, beside_what, keep=speaks)
                 naive_row = (
-                    self._row("naive", phase, f"beside_{protocol}", keep=False)
+                    self._row("naive", phase, beside_what, keep=False)
                     if cfg.naive_probers and not speaks
                     else None
                 )
@@ -522,7 +590,7 @@ class Bench:
                     beside["limit"].append(phase)
                     beside["naive"].append(phase)
                 if phase.extra:
-                    self.notes.append(f"{protocol} at {streams} streams: {phase.extra}")
+                    self.notes.append(f"{protocol} {fmt} at {streams} streams: {phase.extra}")
                 await asyncio.sleep(1.0)
         finally:
             await limit.aclose()
@@ -607,6 +675,7 @@ class Bench:
         early = await self.early_release()
         _say("1 stream: a reply all in the phrase cache, on both doors")
         cache = await self.cached_reply()
+        variants = await self.variants() if cfg.variants else {}
         _say("encoders and espeak, in process")
         encoders = encoder_costs(seconds=3.0 if cfg.quick else 10.0, repeats=1 if cfg.quick else 3)
         swallowed = {e["format"]: e["first_output_after_audio_ms"] for e in encoders}
@@ -653,6 +722,9 @@ class Bench:
             "early_release": early,
             "cache": cache,
             "streamed_input": self.streamed_input,
+            "words": variants.get("words"),
+            "limits": variants.get("limits"),
+            "workers": variants.get("workers"),
             "profile": self.profile,
             "targets": [],
             "notes": self.notes,

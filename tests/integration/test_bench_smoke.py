@@ -61,14 +61,20 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     voxrelay_runs = [run for run in doc["runs"] if run["kind"] in ("grpc", "ws", "http")]
     assert all(run["voxrelay"]["cpu_ms_per_audio_s"] is not None for run in voxrelay_runs)
 
-    assert {(c["protocol"], c["streams"]) for c in doc["comparisons"]} == {
-        ("grpc", 1),
-        ("ws", 1),
-        ("http", 1),
-        ("grpc", 5),
-        ("ws", 5),
-        ("http", 5),
+    assert {(c["protocol"], c["format"], c["streams"]) for c in doc["comparisons"]} == {
+        ("grpc", "pcm", 1),
+        ("ws", "pcm", 1),
+        ("http", "pcm", 1),
+        ("grpc", "pcm", 5),
+        ("ws", "pcm", 5),
+        ("http", "pcm", 5),
+        ("grpc", "opus", 5),
+        ("grpc", "mp3", 5),
     }
+    # The compressed formats' playback is timed too (Ogg granules, mp3's constant rate).
+    compressed = [r for r in doc["runs"] if r["kind"] == "grpc" and r["format"] != "pcm"]
+    assert {r["format"] for r in compressed} == {"opus", "mp3"}
+    assert all(r["stall_ms"]["p50"] is not None for r in compressed)
     for comparison in doc["comparisons"]:
         assert set(comparison["overhead_ms"]) == {"p50", "p95", "p99"}
         # The door's bare hop is probed beside the 1-stream probes only.
@@ -78,7 +84,19 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
             assert set(comparison["overhead_beyond_floor_ms"]) == {"p50", "p95", "p99"}
         else:
             assert floor is None and comparison["overhead_beyond_floor_ms"] is None
-    assert set(doc["capacity"]) == {"grpc", "ws", "http"}
+    assert set(doc["capacity"]) == {"grpc", "grpc opus", "grpc mp3", "ws", "http"}
+    words = doc["words"]
+    assert words["ttfa_1_stream_on_ms"]["p50"] is not None and words["cost_pct"] is not None
+    assert all(r["errors"] == 0 for r in words["load_off"] + words["load_on"])
+    workers = doc["workers"]
+    assert [r["streams"] for r in workers["workers_2"]["rows"]] == [5]
+    assert all(r["errors"] == 0 for n in (1, 2) for r in workers[f"workers_{n}"]["rows"])
+    limits = doc["limits"]
+    if limits is None:  # no redis-server: the run says so
+        assert any("redis-server" in n for n in doc["notes"])
+    else:
+        assert limits["errors_1_stream_redis"] == 0 and limits["load_redis"]["errors"] == 0
+        assert limits["ttfa_1_stream_redis_ms"]["p50"] is not None
     assert [f["format"] for f in doc["formats"]] == ["mp3"]
     assert {e["format"] for e in doc["encoders"]} >= {"pcm", "mp3", "opus", "aac"}
     assert doc["espeak"]["rtf"] is not None
