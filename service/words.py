@@ -261,14 +261,22 @@ class SpeechSpan:
             self._scan(_samples(data[:whole]))
 
     def _scan(self, samples: array.array[int]) -> None:
-        frame = self._frame
-        for start in range(0, len(samples), frame):
+        # Only the first loud frame of the segment and the last loud frame of each piece
+        # matter: the first is looked for from the front once, the last from the back.
+        frame, n, before = self._frame, len(samples), self._samples
+        self._samples += n
+        starts = range(0, n, frame)
+        if self._first is None:
+            first = next((s for s in starts if _loud(samples, s, s + frame)), None)
+            if first is None:
+                return
+            self._first = before + first
+        for start in reversed(starts):
+            if before + start < self._first:
+                return
             if _loud(samples, start, start + frame):
-                at = self._samples + start
-                if self._first is None:
-                    self._first = at
-                self._end = at + min(frame, len(samples) - start)
-        self._samples += len(samples)
+                self._end = before + start + min(frame, n - start)
+                return
 
     @property
     def audio_ms(self) -> int:
