@@ -26,6 +26,10 @@ LEAD_MS = 10
 MAX_HOLD_MS = 2000
 
 
+#: Maps a sample's high byte to 0 when the sample is under 256 in size, else to 1.
+_QUIET_HIGH = bytes(0 if b in (0x00, 0xFF) else 1 for b in range(256))
+
+
 def _silent(window: bytes) -> bool:
     """Whether no sample of *window* (s16le) reaches :data:`SILENCE_PEAK`."""
     # A sample under 256 in size has a high byte of 0x00 or 0xFF: most of speech is
@@ -68,6 +72,9 @@ class SilenceTrimmer:
         self._silence_sent = 0  # bytes of the current silence already sent
         self._held = bytearray()  # the current silence beyond the pause, or the lead-in
         self._cut = 0  # bytes cut from the front of the segment
+        # A window is silent only if each of its samples' high bytes is 0x00 or 0xFF
+        # (see _silent): a silent window needs a run of that many such high bytes.
+        self._quiet_run = bytes(self._window // 2)
 
     def begin(self) -> None:
         """Start a segment: its silence up to its first sound is cut to the lead-in."""
@@ -88,6 +95,17 @@ class SilenceTrimmer:
         data = self._carry + pcm if self._carry else pcm
         whole = len(data) // self._window * self._window
         self._carry = data[whole:]
+        if (
+            whole
+            and not self._leading
+            and self._quiet_run not in data[1:whole:2].translate(_QUIET_HIGH)
+        ):
+            # No window's worth of quiet samples in a row: every window is speech, and
+            # speech sends what was held, then itself.
+            out = self._held + data[:whole]
+            self._held.clear()
+            self._silence_sent = 0
+            return bytes(out)
         out = bytearray()
         for at in range(0, whole, self._window):
             window = data[at : at + self._window]

@@ -88,6 +88,15 @@ def test_a_pause_inside_a_segment_is_kept_whole() -> None:
     assert out == pcm + silence(100)
 
 
+def test_speech_after_a_held_silence_sends_the_silence_once_then_itself() -> None:
+    trimmer = SilenceTrimmer(RATE, pause_ms=100)
+    sent = trimmer.feed(speech(200)) + trimmer.feed(silence(600))
+    assert len(sent) == 300 * MS  # the rest of the silence is held
+    sent += trimmer.feed(speech(200))  # a piece that is speech throughout
+    sent += trimmer.feed(speech(200))
+    assert sent == speech(200) + silence(600) + speech(200) + speech(200)
+
+
 def test_silence_is_held_back_only_beyond_the_pause_and_only_so_long() -> None:
     trimmer = SilenceTrimmer(RATE, pause_ms=100, max_hold_ms=500)
     assert trimmer.feed(speech(100)) == speech(100)
@@ -122,6 +131,11 @@ def test_any_segment_in_any_chunks(parts: list[tuple[bool, int]], step: int, pau
     once = whole.feed(pcm) + whole.end()
     # Chunking does not matter (odd chunk sizes split samples too).
     assert feed_in(SilenceTrimmer(RATE, pause_ms=pause_ms), pcm, step) == once
+    # Nor does the shortcut for pieces that are speech throughout: window by window
+    # (an empty run is found in any piece) gives the same audio.
+    windowed = SilenceTrimmer(RATE, pause_ms=pause_ms)
+    windowed._quiet_run = b""
+    assert feed_in(windowed, pcm, step) == once
     if not any(loud for loud, _ in parts):
         assert once == b""
         return
