@@ -169,6 +169,8 @@ class EventQueue:
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        #: set while the door waits on an empty queue: all it took has gone out.
+        self._idle = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -202,6 +204,7 @@ class EventQueue:
     async def get(self) -> Event | StreamEnd:
         """Take the next item, waiting for one; merged audio comes out as one chunk."""
         while not self._items:
+            self._idle.set()
             self._readable.clear()
             await self._readable.wait()
         item = self._items.popleft()
@@ -215,8 +218,13 @@ class EventQueue:
             self._items.appendleft(item)  # every later taker sees the end too
         return item
 
+    async def delivered(self) -> None:
+        """Wait until the door has sent everything put so far and asks for more."""
+        await self._idle.wait()
+
     def _append(self, item: Event | StreamEnd | _Audio) -> None:
         self._items.append(item)
+        self._idle.clear()
         self._readable.set()
 
 
@@ -315,6 +323,10 @@ class StreamOutput:
                 await self.segment(item)
             else:
                 await self.audio(item)
+
+    async def delivered(self) -> None:
+        """Wait until the door has sent every event put so far."""
+        await self._queue.delivered()
 
     async def flush(self) -> None:
         """Send what the encoder still holds (the end of the file)."""

@@ -130,7 +130,8 @@ class ChainedPipeline:
         self.ctx = ctx
         self.out = out
         self.reply_parts: list[str] = []
-        self._segments: asyncio.Queue[Segment | None] = asyncio.Queue()
+        #: each segment's text as written and its offset, shaped once it is to be spoken.
+        self._segments: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
         self._spoken: asyncio.Queue[tuple[Segment, PcmFeed, list[WordMark]] | None] = (
             asyncio.Queue()
         )
@@ -151,15 +152,14 @@ class ChainedPipeline:
         return "".join(self.reply_parts)
 
     async def _write(self) -> None:
-        """Cut the text into segments as it arrives, and make each speakable."""
+        """Cut the text into segments as it arrives."""
         plan = self.ctx.plan
         chunker = SentenceChunker()
-        shape = self.ctx.speakable.shaper(normalize=plan.normalize, language=plan.language)
         locator = SegmentLocator()
 
         def put(segments: list[str]) -> None:
             for text in segments:
-                self._segments.put_nowait(Segment(text, shape(text), locator.locate(text)))
+                self._segments.put_nowait((text, locator.locate(text)))
 
         try:
             async with aclosing(self._text()) as pieces:
@@ -215,9 +215,17 @@ class ChainedPipeline:
                     yield delta.text
 
     async def _schedule(self, tg: asyncio.TaskGroup) -> None:
-        """Start speaking each segment as soon as the look-ahead allows."""
-        while (segment := await self._segments.get()) is not None:
+        """Make each segment speakable and start speaking it as soon as the look-ahead allows.
+
+        A segment is shaped (normalized, the lexicon applied) only then, in order: the
+        shaping of a long text's later segments comes after the first audio, not before.
+        """
+        plan = self.ctx.plan
+        shape = self.ctx.speakable.shaper(normalize=plan.normalize, language=plan.language)
+        while (written := await self._segments.get()) is not None:
             await self._lookahead.acquire()
+            text, offset = written
+            segment = Segment(text, shape(text), offset)
             feed = PcmFeed()
             marks: list[WordMark] = []
             tg.create_task(self._speak(segment.spoken.text, feed, marks))
@@ -333,8 +341,13 @@ class ChainedPipeline:
                 self._check_refusal()
                 if trim is not None and not (pcm := trim.feed(pcm)):
                     continue
+                first = not out.finished.audio_bytes
                 await out.audio(pcm)
                 span.feed(pcm)
+                if first and out.finished.audio_bytes:
+                    # The stream's first audio goes out before the rest of the reply is
+                    # worked on: until the door has sent it, the loop is the door's.
+                    await out.delivered()
             cut_ms = 0
             if trim is not None:
                 cut_ms = trim.cut_ms

@@ -100,6 +100,21 @@ async def test_a_full_queue_holds_the_producer_until_the_door_takes(maxsize: int
     assert len(queue) == maxsize
 
 
+async def test_delivered_waits_until_the_door_has_sent_all_and_asks_again() -> None:
+    queue = EventQueue()
+    await queue.put(SegmentStarted(0, "s", 0))
+    await queue.put_audio(0, b"ab")
+    delivered = asyncio.create_task(queue.delivered())
+    assert await queue.get() == SegmentStarted(0, "s", 0)
+    assert await queue.get() == AudioChunk(0, 0, b"ab")  # taken, still being sent
+    await asyncio.sleep(0)
+    assert not delivered.done()
+    asking = asyncio.create_task(queue.get())  # sent: the door asks for more
+    await asyncio.wait_for(delivered, 1)
+    await queue.put_audio(0, b"cd")
+    assert await asyncio.wait_for(asking, 1) == AudioChunk(0, 1, b"cd")
+
+
 # Pace-aware batching: how long small audio may wait to go out together
 
 

@@ -347,6 +347,59 @@ async def test_a_draining_core_refuses_new_streams(core: Synthesizer) -> None:
     assert caught.value.retryable
 
 
+# The first audio comes before the rest of the reply
+
+
+class FirstAudioSink:
+    """A door whose send of the stream's first audio takes a while (many loop turns)."""
+
+    def __init__(self, shaped: list[str]) -> None:
+        self.shaped = shaped
+        #: the segments made speakable by the time the first audio had gone out.
+        self.shaped_by_first_audio: list[str] | None = None
+
+    async def send(self, event: StreamStarted | SegmentStarted | AudioChunk) -> None:
+        if isinstance(event, AudioChunk) and self.shaped_by_first_audio is None:
+            for _ in range(50):
+                await asyncio.sleep(0)
+            self.shaped_by_first_audio = list(self.shaped)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_the_rest_of_the_reply_waits_until_the_first_audio_is_sent(
+    speech: ToneSpeech, cached: bool
+) -> None:
+    core = core_with(SpyChat(), speech, cache_mb=64 if cached else 0)
+    shaped: list[str] = []
+    shaper = core.speakable.shaper
+
+    def spying(**options: Any) -> Any:
+        shape = shaper(**options)
+
+        def spy(text: str) -> Any:
+            shaped.append(text)
+            return shape(text)
+
+        return spy
+
+    core.speakable.shaper = spying  # type: ignore[method-assign]
+    try:
+        if cached:
+            await run(core, speak())
+            shaped.clear()
+        sink = FirstAudioSink(shaped)
+        finished = await asyncio.wait_for(
+            Relay(core).open("ws", "127.0.0.1:1", speak()).relay(sink), WAIT
+        )
+    finally:
+        await core.aclose()
+    expected = segments_of(TEXT)
+    # Only the segments within the look-ahead were begun before the first audio went out.
+    assert sink.shaped_by_first_audio == expected[:2]
+    assert shaped == expected
+    assert finished.segments == 3
+
+
 # The relay: the outcome rules every door shares
 
 
