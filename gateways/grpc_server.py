@@ -45,7 +45,10 @@ class _GrpcSink:
     """Write a stream's events as ``SynthesizeResponse`` messages.
 
     A client that takes no message for ``send_stall_s`` is gone as far as the stream is
-    concerned (:class:`ClientGone`): its slot and its upstream calls are freed.
+    concerned (:class:`SendStalled`): its slot and its upstream calls are freed. A write
+    to a call that ended under it (the client cancelled, its connection dropped) is
+    :class:`ClientGone` too: grpc cancels the handler's task for that, but the write's
+    own failure can reach the task first.
     """
 
     def __init__(
@@ -63,12 +66,14 @@ class _GrpcSink:
         await self.write(to_response(event))
 
     async def write(self, message: pb.SynthesizeResponse) -> None:
-        if not self._stall_s:
-            await self._context.write(message)
-            return
         try:
+            if not self._stall_s:
+                await self._context.write(message)
+                return
             async with asyncio.timeout(self._stall_s):
                 await self._context.write(message)
+        except cygrpc.ExecuteBatchError:
+            raise ClientGone from None
         except TimeoutError:
             log.warning(
                 "dropping a client that stopped reading",
@@ -78,7 +83,11 @@ class _GrpcSink:
                     "send_stall_s": self._stall_s,
                 },
             )
-            raise ClientGone from None
+            raise SendStalled from None
+
+
+class SendStalled(ClientGone):
+    """The client read nothing for ``send_stall_s``: its call is ended for it."""
 
 
 class SynthesizerService(pb_grpc.SynthesizerServicer):
@@ -125,12 +134,14 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             await sink.write(to_response(finished))
         except VoxrelayError as exc:
             await context.abort_with_status(to_status(exc))
-        except ClientGone:
+        except SendStalled:
             # The stream is over for us; the status follows what the client has not read.
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"dropped: the client read nothing for {self.send_stall_s:g} s",
             )
+        except ClientGone:
+            return  # the call has ended: nothing more can reach the client
 
     async def SynthesizeStream(
         self,
@@ -168,11 +179,13 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             await sink.write(to_response(finished))
         except VoxrelayError as exc:
             await context.abort_with_status(to_status(exc))
-        except ClientGone:
+        except SendStalled:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"dropped: the client read nothing for {self.send_stall_s:g} s",
             )
+        except ClientGone:
+            return  # the call has ended: nothing more can reach the client
         finally:
             reader.cancel()
             await asyncio.wait([reader])
