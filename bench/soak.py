@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 from .load import percentiles
 from .procs import ChildProcess, Pinning, fake_process, voxrelay_process
 from .soak_attacks import Attack, Targets, make_attacks
-from .soak_clients import KINDS, NormalClient, Outcome, loopback
+from .soak_clients import KINDS, NormalClient, Outcome, SourceHops, loopback
 from .soak_watch import Point, Watch
 
 __all__ = ["Plan", "main"]
@@ -149,16 +149,21 @@ class Children:
 # The phases
 
 
+async def normal_client(targets: Targets, plan: Plan, kind: str, address: str) -> NormalClient:
+    """A normal client of *kind* that calls either door from *address*."""
+    return NormalClient(
+        kind,
+        grpc_target=await targets.grpc_from(address),
+        ws_url=targets.ws_url,
+        address=address,
+        timeout_s=plan.request_timeout_s,
+    )
+
+
 async def idle_phase(targets: Targets, plan: Plan, into: list[Outcome]) -> None:
     """One request at a time, each kind in turn; a warm-up round first is not counted."""
     clients = {
-        kind: NormalClient(
-            kind,
-            grpc_target=targets.grpc,
-            ws_url=targets.ws_url,
-            address=loopback(1, 200 + k),
-            timeout_s=plan.request_timeout_s,
-        )
+        kind: await normal_client(targets, plan, kind, loopback(1, 200 + k))
         for k, kind in enumerate(KINDS)
     }
     try:
@@ -199,13 +204,7 @@ async def soak_phase(
 ) -> None:
     stop = asyncio.Event()
     clients = [
-        NormalClient(
-            kind,
-            grpc_target=targets.grpc,
-            ws_url=targets.ws_url,
-            address=loopback(1, i * len(KINDS) + k),
-            timeout_s=plan.request_timeout_s,
-        )
+        await normal_client(targets, plan, kind, loopback(1, i * len(KINDS) + k))
         for i in range(plan.normal_per_kind)
         for k, kind in enumerate(KINDS)
     ]
@@ -300,7 +299,8 @@ def criteria(run: Run, watch: Watch, soak_t0: float) -> list[tuple[str, bool, st
 
 def table(points: list[Point]) -> str:
     head = (
-        f"{'t s':>6} {'phase':<7} {'RSS MB':>8} {'fds':>5} {'own':>4} {'thr':>4} {'procs':>5} "
+        f"{'t s':>6} {'phase':<7} {'RSS MB':>8} {'main':>6} {'fds':>5} {'own':>4} {'thr':>4} "
+        f"{'procs':>5} "
         f"{'tasks':>6} {'streams':>7} {'grpc':>5} {'wsconn':>6} {'ok':>4} {'fail':>4} "
         f"{'p50 ms':>8} {'p99 ms':>8}"
     )
@@ -311,8 +311,9 @@ def table(points: list[Point]) -> str:
     lines = [head, "-" * len(head)]
     for p in points:
         lines.append(
-            f"{p.t:>6.0f} {p.phase:<7} {p.rss_mb:>8.1f} {p.fds:>5} {p.own_fds:>4} {p.threads:>4} "
-            f"{p.processes:>5} {n(p.tasks, 6)} {n(p.active_streams, 7)} {n(p.grpc_streams, 5)} "
+            f"{p.t:>6.0f} {p.phase:<7} {p.rss_mb:>8.1f} {p.main_rss_mb:>6.0f} {p.fds:>5} "
+            f"{p.own_fds:>4} {p.threads:>4} {p.processes:>5} {n(p.tasks, 6)} "
+            f"{n(p.active_streams, 7)} {n(p.grpc_streams, 5)} "
             f"{n(p.ws_connections, 6)} {p.normal_ok:>4} {p.normal_failed:>4} "
             f"{n(p.ttfa_p50_ms, 8)} {n(p.ttfa_p99_ms, 8)}"
         )
@@ -387,6 +388,10 @@ def plot(
     return True
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
 def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
     """Print the table and the verdicts; write JSON and the plot. Return whether all passed."""
     print(table(watch.points))
@@ -439,6 +444,10 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         "after_point": run.after_point.row() if run.after_point else None,
         "ttfa_ms": {"idle": idle, "idle_again": idle_again, "by_kind": by_kind},
         "normal_failures": [o.error for o in run.normal if o.error],
+        # every normal request: its kind, when it started (s into the soak), its TTFA (ms).
+        "normal": [
+            [o.kind, round(o.started - watch.started - soak_t0, 2), _ms(o.ttfa)] for o in run.normal
+        ],
         "attacks": {a.name: dict(a.tally) for a in run.attacks},
         "breaker_opened": watch.breaker_opened[:100],
         "log_summary": dict(log_summary(run.log_problems)),
@@ -495,6 +504,7 @@ async def soak(args: argparse.Namespace) -> bool:
     run = Run(plan)
     children = Children()
     pinning = Pinning.none("the soak shares the machine")
+    hops: SourceHops | None = None
     try:
         say("starting the fake upstream and voxrelay")
         fake = children.add(
@@ -511,7 +521,8 @@ async def soak(args: argparse.Namespace) -> bool:
         voxrelay = children.add(
             await voxrelay_process(pinning, fake.info["base_url"], extra_env=SOAK_ENV)
         )
-        targets = Targets(grpc=voxrelay.info["grpc"], ws_url=voxrelay.info["websocket"])
+        hops = SourceHops(voxrelay.info["grpc"])
+        targets = Targets(grpc=voxrelay.info["grpc"], ws_url=voxrelay.info["websocket"], hops=hops)
         ports = frozenset(
             urlsplit(url).port or 0
             for url in (f"//{targets.grpc}", targets.ws_url, voxrelay.info["metrics"])
@@ -558,6 +569,8 @@ async def soak(args: argparse.Namespace) -> bool:
         return report(run, watch, soak_t0, args.out)
     finally:
         say("stopping the processes")
+        if hops is not None:
+            await hops.aclose()
         await children.stop()
 
 

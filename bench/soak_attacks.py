@@ -12,8 +12,10 @@
   connection, a cancelled call), before or after the first audio.
 - ``faults``: chat requests whose upstream call faults (:mod:`bench.soak_upstream`).
 
-Every WebSocket worker speaks from a loopback address of its own (per-address limits apply to
-each as to one caller). What each attempt ended in is counted in :attr:`Attack.tally`.
+Every worker, on either door, speaks from a loopback address of its own (per-address limits
+and the engine's fair queue apply to each as to one caller; gRPC through
+:class:`~bench.soak_clients.SourceHops`). What each attempt ended in is counted in
+:attr:`Attack.tally`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from websockets.protocol import State
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
-from .soak_clients import FORMATS, GRPC_FORMATS, error_name, loopback, ws_connect
+from .soak_clients import FORMATS, GRPC_FORMATS, SourceHops, error_name, loopback, ws_connect
 from .soak_upstream import FAULTS
 
 __all__ = ["ATTACKS", "Attack", "Targets", "make_attacks"]
@@ -55,6 +57,11 @@ GRPC_METHOD = "/voxrelay.v1.Synthesizer/Synthesize"
 class Targets:
     grpc: str
     ws_url: str
+    hops: SourceHops
+
+    async def grpc_from(self, address: str) -> str:
+        """The gRPC target that reaches voxrelay from *address* (see :class:`SourceHops`)."""
+        return await self.hops.target(address)
 
 
 def _channel(target: str) -> grpc.aio.Channel:
@@ -154,7 +161,7 @@ class HugeGrpc(Attack):
     async def once(self, index: int, address: str) -> str:
         ask = _huge_request()
         mode = pb.MODE_SPEAK if ask["mode"] == "speak" else pb.MODE_CHAT
-        async with _channel(self.targets.grpc) as channel:
+        async with _channel(await self.targets.grpc_from(address)) as channel:
             call = pb_grpc.SynthesizerStub(channel).Synthesize(
                 pb.SynthesizeRequest(
                     text=ask["text"],
@@ -173,7 +180,7 @@ class StallGrpc(Attack):
     name = "stall_grpc"
 
     async def once(self, index: int, address: str) -> str:
-        async with _channel(self.targets.grpc) as channel:
+        async with _channel(await self.targets.grpc_from(address)) as channel:
             call = pb_grpc.SynthesizerStub(channel).Synthesize(
                 pb.SynthesizeRequest(
                     text=LONG_PROSE,
@@ -330,7 +337,7 @@ class MalformedGrpc(Attack):
     name = "malformed_grpc"
 
     async def once(self, index: int, address: str) -> str:
-        async with _channel(self.targets.grpc) as channel:
+        async with _channel(await self.targets.grpc_from(address)) as channel:
             method: Any = channel.unary_stream(GRPC_METHOD)  # raw bytes both ways
             for name, payload in _grpc_payloads():
                 call = method(payload, timeout=20)
@@ -351,11 +358,13 @@ class Cancels(Attack):
         wait_audio = random.random() < 0.5
         delay = random.uniform(0.0, 2.0 if wait_audio else 0.4)
         if index % 2 == 0:
-            return await self._grpc(mode, text, fmt, wait_audio, delay)
+            return await self._grpc(address, mode, text, fmt, wait_audio, delay)
         return await self._ws(address, mode, text, fmt, wait_audio, delay)
 
-    async def _grpc(self, mode: str, text: str, fmt: str, wait_audio: bool, delay: float) -> str:
-        async with _channel(self.targets.grpc) as channel:
+    async def _grpc(
+        self, address: str, mode: str, text: str, fmt: str, wait_audio: bool, delay: float
+    ) -> str:
+        async with _channel(await self.targets.grpc_from(address)) as channel:
             call = pb_grpc.SynthesizerStub(channel).Synthesize(
                 pb.SynthesizeRequest(
                     text=text,
@@ -413,7 +422,7 @@ class Faults(Attack):
         kind = random.choice(list(FAULTS))
         text = f"What happens now? [[fault:{kind}]]"
         if index % 2 == 0:
-            async with _channel(self.targets.grpc) as channel:
+            async with _channel(await self.targets.grpc_from(address)) as channel:
                 call = pb_grpc.SynthesizerStub(channel).Synthesize(
                     pb.SynthesizeRequest(text=text, mode=pb.MODE_CHAT), timeout=90
                 )
