@@ -20,12 +20,14 @@ and the engine's fair queue apply to each as to one caller; gRPC through
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
 import json
 import math
 import random
+import signal
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 from .soak_clients import FORMATS, GRPC_FORMATS, SourceHops, error_name, loopback, ws_connect
 from .soak_upstream import FAULTS
 
-__all__ = ["ATTACKS", "Attack", "Targets", "make_attacks"]
+__all__ = ["ATTACKING", "ATTACKS", "TALLY", "Attack", "Targets", "make_attacks"]
 
 LONG_PROSE = (
     "The slow reader asks for everything and listens to nothing, one word at a time. " * 60
@@ -452,3 +454,48 @@ def make_attacks(targets: Targets, *, hold_s: float, scale: float = 1.0) -> list
         cls(targets, workers=max(1, round(workers * scale)), block=10 + i, hold_s=hold_s)
         for i, (cls, workers) in enumerate(ATTACKS.values())
     ]
+
+
+# The attack as a process of its own
+
+#: the line an attack process prints once every attack runs; then, at its end, ``TALLY`` and
+#: the JSON of every attack's outcomes.
+ATTACKING = "attacking"
+TALLY = "tally "
+
+
+async def attack_until_terminated(
+    grpc_target: str, ws_url: str, hold_s: float, scale: float
+) -> None:
+    """Run every attack until SIGTERM; then print what each attempt ended in."""
+    hops = SourceHops(grpc_target)
+    attacks = make_attacks(Targets(grpc_target, ws_url, hops), hold_s=hold_s, scale=scale)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    tasks = [asyncio.create_task(attack.run(stop)) for attack in attacks]
+    print(ATTACKING, flush=True)
+    await stop.wait()
+    # The loops end between attempts; streams still held are cancelled after a moment.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2.0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await hops.aclose()
+    print(TALLY + json.dumps({attack.name: dict(attack.tally) for attack in attacks}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.soak_attacks", description="the soak's attack, until SIGTERM"
+    )
+    p.add_argument("--grpc", required=True, help="voxrelay's gRPC host:port")
+    p.add_argument("--ws", required=True, help="voxrelay's WebSocket URL")
+    p.add_argument("--hold", type=float, required=True, help="seconds a stalled stream is held")
+    p.add_argument("--scale", type=float, default=1.0, help="workers per attack, scaled")
+    args = p.parse_args(argv)
+    asyncio.run(attack_until_terminated(args.grpc, args.ws, args.hold, args.scale))
+
+
+if __name__ == "__main__":
+    main()

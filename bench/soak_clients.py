@@ -90,6 +90,7 @@ class SourceHops:
         self._port = int(port)
         self._hops: dict[str, asyncio.Server] = {}
         self._pipes: set[asyncio.Task[None]] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
 
     async def target(self, address: str) -> str:
         """Return the ``host:port`` a gRPC channel dials to reach voxrelay from *address*."""
@@ -109,27 +110,30 @@ class SourceHops:
         task = asyncio.current_task()
         assert task is not None
         self._pipes.add(task)
+        ends: list[asyncio.WriteTransport] = [writer.transport]
+        self._transports.add(writer.transport)
         try:
             async with asyncio.timeout(10):
                 up_reader, up_writer = await asyncio.open_connection(
                     self._host, self._port, local_addr=(address, 0)
                 )
-        except (OSError, TimeoutError):
-            writer.transport.abort()
-            self._pipes.discard(task)
-            return
-        try:
+            ends.append(up_writer.transport)
+            self._transports.add(up_writer.transport)
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (OSError, TimeoutError):
+            pass  # voxrelay refused or is gone: the caller sees its connection end
         finally:
-            up_writer.transport.abort()
-            writer.transport.abort()
+            for transport in ends:
+                transport.abort()
+                self._transports.discard(transport)
             self._pipes.discard(task)
 
     async def aclose(self) -> None:
+        """Stop every hop and end every connection it carries (each end sees a reset)."""
         for hop in self._hops.values():
             hop.close()
-        for task in list(self._pipes):
-            task.cancel()
+        for transport in list(self._transports):
+            transport.abort()
         await asyncio.gather(*self._pipes, return_exceptions=True)
         for hop in self._hops.values():
             await hop.wait_closed()
