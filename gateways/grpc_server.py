@@ -86,6 +86,18 @@ class _GrpcSink:
             raise SendStalled from None
 
 
+async def _unless_gone(abort: Awaitable[None]) -> None:
+    """Await *abort* (grpc's, which raises AbortError) unless the call ended under it.
+
+    A call whose client is gone takes no status; grpc would log the failed send as an
+    error of the servicer.
+    """
+    try:
+        await abort
+    except cygrpc.ExecuteBatchError:
+        return
+
+
 class SendStalled(ClientGone):
     """The client read nothing for ``send_stall_s``: its call is ended for it."""
 
@@ -120,7 +132,7 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         except VoxrelayError as exc:
             mode = MODES.get(request.mode, model.Mode.CHAT)
             self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=mode)
-            await context.abort_with_status(to_status(exc))
+            await _unless_gone(context.abort_with_status(to_status(exc)))
             return
         # Open, gRPC callers are only counted in the global caps, but they still take
         # turns at shared resources by address.
@@ -133,12 +145,14 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             finished = await run.relay(sink)
             await sink.write(to_response(finished))
         except VoxrelayError as exc:
-            await context.abort_with_status(to_status(exc))
+            await _unless_gone(context.abort_with_status(to_status(exc)))
         except SendStalled:
             # The stream is over for us; the status follows what the client has not read.
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"dropped: the client read nothing for {self.send_stall_s:g} s",
+            await _unless_gone(
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"dropped: the client read nothing for {self.send_stall_s:g} s",
+                )
             )
         except ClientGone:
             return  # the call has ended: nothing more can reach the client
@@ -164,7 +178,7 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             core_request = stream_config(config, request_id, text_input)
         except VoxrelayError as exc:
             self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=model.Mode.SPEAK)
-            await context.abort_with_status(to_status(exc))
+            await _unless_gone(context.abort_with_status(to_status(exc)))
             return
         # Open, gRPC callers are only counted in the global caps, but they still take
         # turns at shared resources by address.
@@ -178,11 +192,13 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             finished = await run.relay(sink)
             await sink.write(to_response(finished))
         except VoxrelayError as exc:
-            await context.abort_with_status(to_status(exc))
+            await _unless_gone(context.abort_with_status(to_status(exc)))
         except SendStalled:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"dropped: the client read nothing for {self.send_stall_s:g} s",
+            await _unless_gone(
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"dropped: the client read nothing for {self.send_stall_s:g} s",
+                )
             )
         except ClientGone:
             return  # the call has ended: nothing more can reach the client
