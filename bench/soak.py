@@ -1,13 +1,14 @@
 """``make soak``: does voxrelay hold while it is abused? Normal traffic and the attack at once.
 
-``python -m bench.soak`` (``make soak``, about 13 minutes; ``--quick`` about 3) starts the
+``python -m bench.soak`` (``make soak``, about 13 minutes; ``--quick`` about 3½) starts the
 soak's fake upstream (:mod:`bench.soak_upstream`) and voxrelay on free loopback ports, with the
 embedded espeak engine for speech and the fake as its chat upstream, and SPEC's default limits.
 
 1. *Idle*: one request at a time of each kind (gRPC and WebSocket, speak and chat): the time
    to first audio (TTFA) of an idle server.
 2. *Soak*: normal clients of every kind, a bounded number, each asking again once its answer
-   has played, and every attack of :mod:`bench.soak_attacks` at once. Every 10 s a
+   has played, and every attack of :mod:`bench.soak_attacks` at once (in a process of its
+   own: see :class:`Attacker`). Every caller has a loopback address of its own. Every 10 s a
    :class:`~bench.soak_watch.Point`: voxrelay's RSS and open descriptors (its process and
    every process under it; descriptors also without the callers' connections), threads,
    event loop tasks, streams in flight, and the normal clients' TTFA p50/p99 over those 10 s.
@@ -36,6 +37,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -44,10 +46,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import children as child_processes
 from .load import percentiles
 from .procs import ChildProcess, Pinning, fake_process, voxrelay_process
-from .soak_attacks import Attack, Targets, make_attacks
-from .soak_clients import KINDS, NormalClient, Outcome, loopback
+from .soak_attacks import ATTACKING, TALLY, Targets
+from .soak_clients import KINDS, NormalClient, Outcome, SourceHops, loopback
 from .soak_watch import Point, Watch
 
 __all__ = ["Plan", "main"]
@@ -67,6 +70,7 @@ SOAK_ENV = {
 }
 GROWTH_LIMIT = 0.10
 TTFA_FACTOR = 2.0
+ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_BREAKER = 'voxrelay_breaker_open{provider="espeak",stage="tts"}'
 
 
@@ -76,6 +80,8 @@ class Plan:
 
     idle_rounds: int
     soak_s: float
+    #: RSS and descriptors are judged from here on: one hold and more, since the memory
+    #: held for the attack's replies grows until its first streams are given up or capped.
     warmup_s: float
     hold_s: float
     normal_per_kind: int
@@ -88,14 +94,19 @@ class Plan:
         if quick:
             return cls(
                 idle_rounds=5,
-                soak_s=100,
-                warmup_s=30,
+                soak_s=150,
+                warmup_s=60,
                 hold_s=45,
                 normal_per_kind=2,
                 attack_scale=1.0,
             )
         return cls(
-            idle_rounds=15, soak_s=660, warmup_s=90, hold_s=120, normal_per_kind=2, attack_scale=1.0
+            idle_rounds=15,
+            soak_s=660,
+            warmup_s=150,
+            hold_s=120,
+            normal_per_kind=2,
+            attack_scale=1.0,
         )
 
 
@@ -110,7 +121,8 @@ class Run:
     normal: list[Outcome] = field(default_factory=list)
     idle_point: Point | None = None
     after_point: Point | None = None
-    attacks: list[Attack] = field(default_factory=list)
+    #: attack name → what each of its attempts ended in.
+    attacks: dict[str, Counter[str]] = field(default_factory=dict)
     guard_tripped: str | None = None
     log_problems: list[str] = field(default_factory=list)
 
@@ -149,16 +161,21 @@ class Children:
 # The phases
 
 
+async def normal_client(targets: Targets, plan: Plan, kind: str, address: str) -> NormalClient:
+    """A normal client of *kind* that calls either door from *address*."""
+    return NormalClient(
+        kind,
+        grpc_target=await targets.grpc_from(address),
+        ws_url=targets.ws_url,
+        address=address,
+        timeout_s=plan.request_timeout_s,
+    )
+
+
 async def idle_phase(targets: Targets, plan: Plan, into: list[Outcome]) -> None:
     """One request at a time, each kind in turn; a warm-up round first is not counted."""
     clients = {
-        kind: NormalClient(
-            kind,
-            grpc_target=targets.grpc,
-            ws_url=targets.ws_url,
-            address=loopback(1, 200 + k),
-            timeout_s=plan.request_timeout_s,
-        )
+        kind: await normal_client(targets, plan, kind, loopback(1, 200 + k))
         for k, kind in enumerate(KINDS)
     }
     try:
@@ -194,25 +211,79 @@ async def normal_worker(client: NormalClient, stop: asyncio.Event, run: Run) -> 
         await client.listen(out)
 
 
+class Attacker:
+    """The attack, in a process of its own (``python -m bench.soak_attacks``).
+
+    Its clients' work (reading huge replies, building frames) then never delays the normal
+    clients' event loop, whose clock measures voxrelay's time to first audio; a real
+    server's attackers are not on its users' machines either.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.tally: dict[str, Counter[str]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+    async def read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line.startswith(TALLY):
+                found = json.loads(line.removeprefix(TALLY))
+                self.tally = {name: Counter(outcomes) for name, outcomes in found.items()}
+
+    async def stop(self) -> dict[str, Counter[str]]:
+        """End the attack (SIGTERM); return what each attempt ended in."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+        child_processes.forget(self.proc.pid)
+        if self.reader is not None:  # the tally is its last line
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reader, 10)
+        return self.tally
+
+
+async def start_attack(targets: Targets, plan: Plan) -> Attacker:
+    """Start the attack process; return once every attack runs."""
+    argv = [sys.executable, "-m", "bench.soak_attacks", "--grpc", targets.grpc]
+    argv += ["--ws", targets.ws_url, "--hold", str(plan.hold_s), "--scale", str(plan.attack_scale)]
+    proc = await child_processes.spawn(
+        "soak attack",
+        *argv,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    attacker = Attacker(proc)
+    assert proc.stdout is not None
+    async with asyncio.timeout(60):
+        while (line := await proc.stdout.readline()) and line.strip() != ATTACKING.encode():
+            pass
+    if proc.returncode is not None or not line:
+        raise RuntimeError("the attack process did not start")
+    attacker.reader = asyncio.create_task(attacker.read())
+    return attacker
+
+
 async def soak_phase(
     targets: Targets, voxrelay: ChildProcess, watch: Watch, plan: Plan, run: Run, args: Any
 ) -> None:
     stop = asyncio.Event()
     clients = [
-        NormalClient(
-            kind,
-            grpc_target=targets.grpc,
-            ws_url=targets.ws_url,
-            address=loopback(1, i * len(KINDS) + k),
-            timeout_s=plan.request_timeout_s,
-        )
+        await normal_client(targets, plan, kind, loopback(1, i * len(KINDS) + k))
         for i in range(plan.normal_per_kind)
         for k, kind in enumerate(KINDS)
     ]
-    run.attacks = make_attacks(targets, hold_s=plan.hold_s, scale=plan.attack_scale)
+    attacker = await start_attack(targets, plan)
     watch.phase = "soak"
     normals = [asyncio.create_task(normal_worker(c, stop, run)) for c in clients]
-    attacks = [asyncio.create_task(a.run(stop)) for a in run.attacks]
     try:
         deadline = time.monotonic() + plan.soak_s
         while time.monotonic() < deadline:
@@ -230,10 +301,7 @@ async def soak_phase(
         stop.set()
         watch.phase = "settle"
         # Attacks hold their streams until cancelled; normal clients finish their request.
-        await asyncio.sleep(2.0)
-        for task in attacks:
-            task.cancel()
-        await asyncio.gather(*attacks, return_exceptions=True)
+        run.attacks = await attacker.stop()
         _, pending = await asyncio.wait(normals, timeout=plan.request_timeout_s + 5)
         for task in pending:
             task.cancel()
@@ -300,7 +368,8 @@ def criteria(run: Run, watch: Watch, soak_t0: float) -> list[tuple[str, bool, st
 
 def table(points: list[Point]) -> str:
     head = (
-        f"{'t s':>6} {'phase':<7} {'RSS MB':>8} {'fds':>5} {'own':>4} {'thr':>4} {'procs':>5} "
+        f"{'t s':>6} {'phase':<7} {'RSS MB':>8} {'main':>6} {'fds':>5} {'own':>4} {'thr':>4} "
+        f"{'procs':>5} "
         f"{'tasks':>6} {'streams':>7} {'grpc':>5} {'wsconn':>6} {'ok':>4} {'fail':>4} "
         f"{'p50 ms':>8} {'p99 ms':>8}"
     )
@@ -311,8 +380,9 @@ def table(points: list[Point]) -> str:
     lines = [head, "-" * len(head)]
     for p in points:
         lines.append(
-            f"{p.t:>6.0f} {p.phase:<7} {p.rss_mb:>8.1f} {p.fds:>5} {p.own_fds:>4} {p.threads:>4} "
-            f"{p.processes:>5} {n(p.tasks, 6)} {n(p.active_streams, 7)} {n(p.grpc_streams, 5)} "
+            f"{p.t:>6.0f} {p.phase:<7} {p.rss_mb:>8.1f} {p.main_rss_mb:>6.0f} {p.fds:>5} "
+            f"{p.own_fds:>4} {p.threads:>4} {p.processes:>5} {n(p.tasks, 6)} "
+            f"{n(p.active_streams, 7)} {n(p.grpc_streams, 5)} "
             f"{n(p.ws_connections, 6)} {p.normal_ok:>4} {p.normal_failed:>4} "
             f"{n(p.ttfa_p50_ms, 8)} {n(p.ttfa_p99_ms, 8)}"
         )
@@ -387,6 +457,10 @@ def plot(
     return True
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
 def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
     """Print the table and the verdicts; write JSON and the plot. Return whether all passed."""
     print(table(watch.points))
@@ -409,8 +483,8 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         shown = " → ".join(f"{p['p50']}/{p['p99']}" for p in phases.values())
         print(f"  {kind:<11} {shown}")
     print("\nattack outcomes:")
-    for attack in run.attacks:
-        print(f"  {attack.name}: {dict(sorted(attack.tally.items()))}")
+    for name, tally in run.attacks.items():
+        print(f"  {name}: {dict(sorted(tally.items()))}")
     if run.after_point is not None and run.idle_point is not None:
         after, before = run.after_point, run.idle_point
         print(
@@ -439,7 +513,11 @@ def report(run: Run, watch: Watch, soak_t0: float, out_dir: Path) -> bool:
         "after_point": run.after_point.row() if run.after_point else None,
         "ttfa_ms": {"idle": idle, "idle_again": idle_again, "by_kind": by_kind},
         "normal_failures": [o.error for o in run.normal if o.error],
-        "attacks": {a.name: dict(a.tally) for a in run.attacks},
+        # every normal request: its kind, when it started (s into the soak), its TTFA (ms).
+        "normal": [
+            [o.kind, round(o.started - watch.started - soak_t0, 2), _ms(o.ttfa)] for o in run.normal
+        ],
+        "attacks": {name: dict(tally) for name, tally in run.attacks.items()},
         "breaker_opened": watch.breaker_opened[:100],
         "log_summary": dict(log_summary(run.log_problems)),
         "log_problems": run.log_problems[:50],
@@ -495,6 +573,7 @@ async def soak(args: argparse.Namespace) -> bool:
     run = Run(plan)
     children = Children()
     pinning = Pinning.none("the soak shares the machine")
+    hops: SourceHops | None = None
     try:
         say("starting the fake upstream and voxrelay")
         fake = children.add(
@@ -511,7 +590,8 @@ async def soak(args: argparse.Namespace) -> bool:
         voxrelay = children.add(
             await voxrelay_process(pinning, fake.info["base_url"], extra_env=SOAK_ENV)
         )
-        targets = Targets(grpc=voxrelay.info["grpc"], ws_url=voxrelay.info["websocket"])
+        hops = SourceHops(voxrelay.info["grpc"])
+        targets = Targets(grpc=voxrelay.info["grpc"], ws_url=voxrelay.info["websocket"], hops=hops)
         ports = frozenset(
             urlsplit(url).port or 0
             for url in (f"//{targets.grpc}", targets.ws_url, voxrelay.info["metrics"])
@@ -558,6 +638,8 @@ async def soak(args: argparse.Namespace) -> bool:
         return report(run, watch, soak_t0, args.out)
     finally:
         say("stopping the processes")
+        if hops is not None:
+            await hops.aclose()
         await children.stop()
 
 

@@ -12,18 +12,22 @@
   connection, a cancelled call), before or after the first audio.
 - ``faults``: chat requests whose upstream call faults (:mod:`bench.soak_upstream`).
 
-Every WebSocket worker speaks from a loopback address of its own (per-address limits apply to
-each as to one caller). What each attempt ended in is counted in :attr:`Attack.tally`.
+Every worker, on either door, speaks from a loopback address of its own (per-address limits
+and the engine's fair queue apply to each as to one caller; gRPC through
+:class:`~bench.soak_clients.SourceHops`). What each attempt ended in is counted in
+:attr:`Attack.tally`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
 import json
 import math
 import random
+import signal
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -38,10 +42,10 @@ from websockets.protocol import State
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
-from .soak_clients import FORMATS, GRPC_FORMATS, error_name, loopback, ws_connect
+from .soak_clients import FORMATS, GRPC_FORMATS, SourceHops, error_name, loopback, ws_connect
 from .soak_upstream import FAULTS
 
-__all__ = ["ATTACKS", "Attack", "Targets", "make_attacks"]
+__all__ = ["ATTACKING", "ATTACKS", "TALLY", "Attack", "Targets", "make_attacks"]
 
 LONG_PROSE = (
     "The slow reader asks for everything and listens to nothing, one word at a time. " * 60
@@ -55,6 +59,11 @@ GRPC_METHOD = "/voxrelay.v1.Synthesizer/Synthesize"
 class Targets:
     grpc: str
     ws_url: str
+    hops: SourceHops
+
+    async def grpc_from(self, address: str) -> str:
+        """The gRPC target that reaches voxrelay from *address* (see :class:`SourceHops`)."""
+        return await self.hops.target(address)
 
 
 def _channel(target: str) -> grpc.aio.Channel:
@@ -154,7 +163,7 @@ class HugeGrpc(Attack):
     async def once(self, index: int, address: str) -> str:
         ask = _huge_request()
         mode = pb.MODE_SPEAK if ask["mode"] == "speak" else pb.MODE_CHAT
-        async with _channel(self.targets.grpc) as channel:
+        async with _channel(await self.targets.grpc_from(address)) as channel:
             call = pb_grpc.SynthesizerStub(channel).Synthesize(
                 pb.SynthesizeRequest(
                     text=ask["text"],
@@ -173,7 +182,7 @@ class StallGrpc(Attack):
     name = "stall_grpc"
 
     async def once(self, index: int, address: str) -> str:
-        async with _channel(self.targets.grpc) as channel:
+        async with _channel(await self.targets.grpc_from(address)) as channel:
             call = pb_grpc.SynthesizerStub(channel).Synthesize(
                 pb.SynthesizeRequest(
                     text=LONG_PROSE,
@@ -330,7 +339,7 @@ class MalformedGrpc(Attack):
     name = "malformed_grpc"
 
     async def once(self, index: int, address: str) -> str:
-        async with _channel(self.targets.grpc) as channel:
+        async with _channel(await self.targets.grpc_from(address)) as channel:
             method: Any = channel.unary_stream(GRPC_METHOD)  # raw bytes both ways
             for name, payload in _grpc_payloads():
                 call = method(payload, timeout=20)
@@ -351,11 +360,13 @@ class Cancels(Attack):
         wait_audio = random.random() < 0.5
         delay = random.uniform(0.0, 2.0 if wait_audio else 0.4)
         if index % 2 == 0:
-            return await self._grpc(mode, text, fmt, wait_audio, delay)
+            return await self._grpc(address, mode, text, fmt, wait_audio, delay)
         return await self._ws(address, mode, text, fmt, wait_audio, delay)
 
-    async def _grpc(self, mode: str, text: str, fmt: str, wait_audio: bool, delay: float) -> str:
-        async with _channel(self.targets.grpc) as channel:
+    async def _grpc(
+        self, address: str, mode: str, text: str, fmt: str, wait_audio: bool, delay: float
+    ) -> str:
+        async with _channel(await self.targets.grpc_from(address)) as channel:
             call = pb_grpc.SynthesizerStub(channel).Synthesize(
                 pb.SynthesizeRequest(
                     text=text,
@@ -413,7 +424,7 @@ class Faults(Attack):
         kind = random.choice(list(FAULTS))
         text = f"What happens now? [[fault:{kind}]]"
         if index % 2 == 0:
-            async with _channel(self.targets.grpc) as channel:
+            async with _channel(await self.targets.grpc_from(address)) as channel:
                 call = pb_grpc.SynthesizerStub(channel).Synthesize(
                     pb.SynthesizeRequest(text=text, mode=pb.MODE_CHAT), timeout=90
                 )
@@ -443,3 +454,48 @@ def make_attacks(targets: Targets, *, hold_s: float, scale: float = 1.0) -> list
         cls(targets, workers=max(1, round(workers * scale)), block=10 + i, hold_s=hold_s)
         for i, (cls, workers) in enumerate(ATTACKS.values())
     ]
+
+
+# The attack as a process of its own
+
+#: the line an attack process prints once every attack runs; then, at its end, ``TALLY`` and
+#: the JSON of every attack's outcomes.
+ATTACKING = "attacking"
+TALLY = "tally "
+
+
+async def attack_until_terminated(
+    grpc_target: str, ws_url: str, hold_s: float, scale: float
+) -> None:
+    """Run every attack until SIGTERM; then print what each attempt ended in."""
+    hops = SourceHops(grpc_target)
+    attacks = make_attacks(Targets(grpc_target, ws_url, hops), hold_s=hold_s, scale=scale)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    tasks = [asyncio.create_task(attack.run(stop)) for attack in attacks]
+    print(ATTACKING, flush=True)
+    await stop.wait()
+    # The loops end between attempts; streams still held are cancelled after a moment.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2.0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await hops.aclose()
+    print(TALLY + json.dumps({attack.name: dict(attack.tally) for attack in attacks}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.soak_attacks", description="the soak's attack, until SIGTERM"
+    )
+    p.add_argument("--grpc", required=True, help="voxrelay's gRPC host:port")
+    p.add_argument("--ws", required=True, help="voxrelay's WebSocket URL")
+    p.add_argument("--hold", type=float, required=True, help="seconds a stalled stream is held")
+    p.add_argument("--scale", type=float, default=1.0, help="workers per attack, scaled")
+    args = p.parse_args(argv)
+    asyncio.run(attack_until_terminated(args.grpc, args.ws, args.hold, args.scale))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,9 +2,11 @@
 
 A :class:`NormalClient` asks for one kind of answer (a door and a mode) again and again, as a
 listener would: it reads the whole stream, then waits for the audio to have played (capped)
-before it asks again. Each WebSocket client speaks from its own loopback address, so voxrelay's
-per-address limits treat it as one caller among many, as they would real users; the attack
-uses other addresses.
+before it asks again. Each client speaks from its own loopback address, so voxrelay's
+per-address limits and its engine's fair queue treat it as one caller among many, as they
+would real users; the attack uses other addresses. grpc's Python client cannot choose its
+source address, so a gRPC caller reaches voxrelay through a :class:`SourceHops` hop that
+connects from the caller's address.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "KINDS",
     "NormalClient",
     "Outcome",
+    "SourceHops",
     "error_name",
     "loopback",
     "ws_connect",
@@ -70,6 +73,83 @@ async def ws_connect(url: str, address: str, **options: object) -> ClientConnect
         open_timeout=10,
         **options,  # type: ignore[arg-type]
     )
+
+
+class SourceHops:
+    """TCP hops to voxrelay's gRPC port, one per source address, started when first asked.
+
+    A connection to a hop is carried to *target* over a connection bound to the hop's
+    address: voxrelay sees the caller's address, as it would see a real client's. Each
+    direction is read only as fast as the other side takes it, so a caller that stops
+    reading still stops the server's writes (after a hop's few buffers).
+    """
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._host = host.strip("[]")
+        self._port = int(port)
+        self._hops: dict[str, asyncio.Server] = {}
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
+
+    async def target(self, address: str) -> str:
+        """Return the ``host:port`` a gRPC channel dials to reach voxrelay from *address*."""
+        hop = self._hops.get(address)
+        if hop is None:
+
+            async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await self._carry(address, reader, writer)
+
+            hop = self._hops[address] = await asyncio.start_server(carry, "127.0.0.1", 0)
+        port: int = hop.sockets[0].getsockname()[1]
+        return f"127.0.0.1:{port}"
+
+    async def _carry(
+        self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._pipes.add(task)
+        ends: list[asyncio.WriteTransport] = [writer.transport]
+        self._transports.add(writer.transport)
+        try:
+            async with asyncio.timeout(10):
+                up_reader, up_writer = await asyncio.open_connection(
+                    self._host, self._port, local_addr=(address, 0)
+                )
+            ends.append(up_writer.transport)
+            self._transports.add(up_writer.transport)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (OSError, TimeoutError):
+            pass  # voxrelay refused or is gone: the caller sees its connection end
+        finally:
+            for transport in ends:
+                transport.abort()
+                self._transports.discard(transport)
+            self._pipes.discard(task)
+
+    async def aclose(self) -> None:
+        """Stop every hop and end every connection it carries (each end sees a reset)."""
+        for hop in self._hops.values():
+            hop.close()
+        for transport in list(self._transports):
+            transport.abort()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        for hop in self._hops.values():
+            await hop.wait_closed()
+        self._hops.clear()
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Copy *source* to *sink* until *source* ends or fails; then close *sink*."""
+    try:
+        while data := await source.read(65_536):
+            sink.write(data)
+            await sink.drain()
+    except OSError:
+        sink.transport.abort()
+    finally:
+        sink.close()
 
 
 @dataclass(slots=True)

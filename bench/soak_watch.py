@@ -129,6 +129,8 @@ class Point:
     t: float
     phase: str
     rss_mb: float
+    #: voxrelay's own process, without its espeak workers.
+    main_rss_mb: float
     fds: int
     #: descriptors other than the callers' connections (listeners, upstream pool, files...).
     own_fds: int
@@ -197,6 +199,7 @@ class Watch:
             t=round(self.now(), 1),
             phase=self.phase,
             rss_mb=round(sum(tree.status(p, "VmRSS") for p in pids) / 1024, 1),
+            main_rss_mb=round(tree.status(self.pid, "VmRSS") / 1024, 1),
             fds=len(targets),
             own_fds=len(targets) - callers,
             threads=tree.status(self.pid, "Threads"),

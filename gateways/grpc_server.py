@@ -45,7 +45,10 @@ class _GrpcSink:
     """Write a stream's events as ``SynthesizeResponse`` messages.
 
     A client that takes no message for ``send_stall_s`` is gone as far as the stream is
-    concerned (:class:`ClientGone`): its slot and its upstream calls are freed.
+    concerned (:class:`SendStalled`): its slot and its upstream calls are freed. A write
+    to a call that ended under it (the client cancelled, its connection dropped) is
+    :class:`ClientGone` too: grpc cancels the handler's task for that, but the write's
+    own failure can reach the task first.
     """
 
     def __init__(
@@ -63,12 +66,14 @@ class _GrpcSink:
         await self.write(to_response(event))
 
     async def write(self, message: pb.SynthesizeResponse) -> None:
-        if not self._stall_s:
-            await self._context.write(message)
-            return
         try:
+            if not self._stall_s:
+                await self._context.write(message)
+                return
             async with asyncio.timeout(self._stall_s):
                 await self._context.write(message)
+        except cygrpc.ExecuteBatchError:
+            raise ClientGone from None
         except TimeoutError:
             log.warning(
                 "dropping a client that stopped reading",
@@ -78,7 +83,23 @@ class _GrpcSink:
                     "send_stall_s": self._stall_s,
                 },
             )
-            raise ClientGone from None
+            raise SendStalled from None
+
+
+async def _unless_gone(abort: Awaitable[None]) -> None:
+    """Await *abort* (grpc's, which raises AbortError) unless the call ended under it.
+
+    A call whose client is gone takes no status; grpc would log the failed send as an
+    error of the servicer.
+    """
+    try:
+        await abort
+    except cygrpc.ExecuteBatchError:
+        return
+
+
+class SendStalled(ClientGone):
+    """The client read nothing for ``send_stall_s``: its call is ended for it."""
 
 
 class SynthesizerService(pb_grpc.SynthesizerServicer):
@@ -111,7 +132,7 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
         except VoxrelayError as exc:
             mode = MODES.get(request.mode, model.Mode.CHAT)
             self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=mode)
-            await context.abort_with_status(to_status(exc))
+            await _unless_gone(context.abort_with_status(to_status(exc)))
             return
         # Open, gRPC callers are only counted in the global caps, but they still take
         # turns at shared resources by address.
@@ -124,13 +145,17 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             finished = await run.relay(sink)
             await sink.write(to_response(finished))
         except VoxrelayError as exc:
-            await context.abort_with_status(to_status(exc))
-        except ClientGone:
+            await _unless_gone(context.abort_with_status(to_status(exc)))
+        except SendStalled:
             # The stream is over for us; the status follows what the client has not read.
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"dropped: the client read nothing for {self.send_stall_s:g} s",
+            await _unless_gone(
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"dropped: the client read nothing for {self.send_stall_s:g} s",
+                )
             )
+        except ClientGone:
+            return  # the call has ended: nothing more can reach the client
 
     async def SynthesizeStream(
         self,
@@ -153,7 +178,7 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             core_request = stream_config(config, request_id, text_input)
         except VoxrelayError as exc:
             self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=model.Mode.SPEAK)
-            await context.abort_with_status(to_status(exc))
+            await _unless_gone(context.abort_with_status(to_status(exc)))
             return
         # Open, gRPC callers are only counted in the global caps, but they still take
         # turns at shared resources by address.
@@ -167,12 +192,16 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             finished = await run.relay(sink)
             await sink.write(to_response(finished))
         except VoxrelayError as exc:
-            await context.abort_with_status(to_status(exc))
-        except ClientGone:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"dropped: the client read nothing for {self.send_stall_s:g} s",
+            await _unless_gone(context.abort_with_status(to_status(exc)))
+        except SendStalled:
+            await _unless_gone(
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"dropped: the client read nothing for {self.send_stall_s:g} s",
+                )
             )
+        except ClientGone:
+            return  # the call has ended: nothing more can reach the client
         finally:
             reader.cancel()
             await asyncio.wait([reader])

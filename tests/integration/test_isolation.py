@@ -28,7 +28,9 @@ from tests.integration.test_websocket import (
 )
 from tests.waiting import eventually
 from voxrelay.gateways.app import App
+from voxrelay.gateways.grpc_server import _GrpcSink, _unless_gone
 from voxrelay.service import metrics
+from voxrelay.service.relay import ClientGone
 from voxrelay.v1 import synthesis_pb2 as pb
 from voxrelay.v1 import synthesis_pb2_grpc as pb_grpc
 
@@ -101,6 +103,92 @@ async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_slot_freed(
         engine.seconds = 0.5
         replies = [r async for r in stub.Synthesize(request)]
         assert replies[-1].HasField("finished")
+
+
+async def test_a_write_to_a_grpc_call_its_client_left_is_a_client_gone() -> None:
+    """The door's sink meets a call that ended under it as a client gone, not an error.
+
+    grpc cancels a handler's task when its client cancels, but a write's own failure can
+    reach the task first (the soak saw ``internal`` streams from it). Here the write comes
+    from a task grpc does not cancel, once the call is over: what that race's loser sees.
+    """
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    tasks: list[asyncio.Task[None]] = []
+
+    class Door(pb_grpc.SynthesizerServicer):
+        async def Synthesize(self, request: Any, context: Any) -> None:
+            ended = asyncio.Event()
+            context.add_done_callback(lambda _: ended.set())
+            sink = _GrpcSink(context, peer="client", stall_s=30)
+            await sink.write(pb.SynthesizeResponse())
+
+            async def write_once_ended() -> None:
+                await ended.wait()
+                try:
+                    await sink.write(pb.SynthesizeResponse())
+                except Exception as exc:  # the outcome under test
+                    outcome.set_result(exc)
+                else:
+                    outcome.set_result(None)
+
+            tasks.append(asyncio.create_task(write_once_ended()))
+            await asyncio.Event().wait()  # until grpc cancels it
+
+    server = grpc.aio.server()
+    pb_grpc.add_SynthesizerServicer_to_server(Door(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.SynthesizerStub(channel).Synthesize(pb.SynthesizeRequest(text="Hi."))
+            await call.read()
+            call.cancel()
+        async with asyncio.timeout(WAIT):
+            error = await outcome
+    finally:
+        await server.stop(None)
+        await asyncio.gather(*tasks)
+    assert type(error) is ClientGone, repr(error)
+
+
+async def test_a_status_for_a_grpc_call_its_client_left_is_dropped() -> None:
+    """The door ends a call with a status only while its client can still get one."""
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    tasks: list[asyncio.Task[None]] = []
+
+    class Door(pb_grpc.SynthesizerServicer):
+        async def Synthesize(self, request: Any, context: Any) -> None:
+            ended = asyncio.Event()
+            context.add_done_callback(lambda _: ended.set())
+            await context.write(pb.SynthesizeResponse())
+
+            async def abort_once_ended() -> None:
+                await ended.wait()
+                try:
+                    await _unless_gone(context.abort(grpc.StatusCode.UNAVAILABLE, "late"))
+                except Exception as exc:  # the outcome under test
+                    outcome.set_result(exc)
+                else:
+                    outcome.set_result(None)
+
+            tasks.append(asyncio.create_task(abort_once_ended()))
+            await asyncio.Event().wait()  # until grpc cancels it
+
+    server = grpc.aio.server()
+    pb_grpc.add_SynthesizerServicer_to_server(Door(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.SynthesizerStub(channel).Synthesize(pb.SynthesizeRequest(text="Hi."))
+            await call.read()
+            call.cancel()
+        async with asyncio.timeout(WAIT):
+            error = await outcome
+    finally:
+        await server.stop(None)
+        await asyncio.gather(*tasks)
+    assert error is None, repr(error)
 
 
 # A cap on one stream's audio
