@@ -104,7 +104,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 ## The soak and abuse run: normal traffic and every attack at once, PASS/FAIL per criterion
-## (about 13 minutes; `make soak SOAK_ARGS=--quick` for about 3). Not part of `make test`.
+## (about 13 minutes; `make soak SOAK_ARGS=--quick` for about 3½). Not part of `make test`.
 soak: $(BENCH_STAMP)
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
