@@ -99,7 +99,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-## The benchmark (about 20 minutes; `make bench BENCH_ARGS=--quick` for a tiny run).
+## The benchmark (about 45 minutes; `make bench BENCH_ARGS=--quick` for a 2-minute run).
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
