@@ -92,10 +92,11 @@ class Config:
     """What to run; ``--quick`` shrinks every count and duration."""
 
     quick: bool = False
-    levels: list[int] = field(default_factory=lambda: [1, 100, 200, 300, 400, 500])
+    levels: list[int] = field(default_factory=lambda: [1, 100, 150, 200, 300, 400, 500])
     #: compressed formats measured at load over gRPC, at the levels of ``format_levels``
+    #: (their encoders fill one core at ~150 streams: docs/performance.md)
     load_formats: list[str] = field(default_factory=lambda: ["opus", "mp3"])
-    format_levels: list[int] = field(default_factory=lambda: [200, 300, 400])
+    format_levels: list[int] = field(default_factory=lambda: [100, 150, 200, 300])
     #: seconds over which a level's streams start; None: one request cycle (reply + playback)
     ramp_s: float | None = None
     #: 30 s: about 450 replies at 200 streams, so that one slow reply does not set the p99
