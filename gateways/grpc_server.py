@@ -134,6 +134,17 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=mode)
             await _unless_gone(context.abort_with_status(to_status(exc)))
             return
+        await self._relay(context, peer, core_request, caller, deadline)
+
+    async def _relay(
+        self,
+        context: grpc.aio.ServicerContext[Any, pb.SynthesizeResponse],
+        peer: str,
+        core_request: model.SynthesisRequest,
+        caller: str | None,
+        deadline: float | None,
+    ) -> None:
+        """Run one stream into the call, and end the call with its outcome's status."""
         # Open, gRPC callers are only counted in the global caps, but they still take
         # turns at shared resources by address.
         share = caller or client_key(_host(peer))
@@ -180,28 +191,9 @@ class SynthesizerService(pb_grpc.SynthesizerServicer):
             self.relay.refuse("grpc", peer, exc, request_id=request_id, mode=model.Mode.SPEAK)
             await _unless_gone(context.abort_with_status(to_status(exc)))
             return
-        # Open, gRPC callers are only counted in the global caps, but they still take
-        # turns at shared resources by address.
-        share = caller or client_key(_host(peer))
-        run = self.relay.open(
-            "grpc", peer, core_request, caller=caller, deadline=deadline, share=share
-        )
-        sink = _GrpcSink(context, peer=peer, stall_s=self.send_stall_s)
         reader = asyncio.create_task(_read_input(messages, text_input), name="grpc-input")
         try:
-            finished = await run.relay(sink)
-            await sink.write(to_response(finished))
-        except VoxrelayError as exc:
-            await _unless_gone(context.abort_with_status(to_status(exc)))
-        except SendStalled:
-            await _unless_gone(
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"dropped: the client read nothing for {self.send_stall_s:g} s",
-                )
-            )
-        except ClientGone:
-            return  # the call has ended: nothing more can reach the client
+            await self._relay(context, peer, core_request, caller, deadline)
         finally:
             reader.cancel()
             await asyncio.wait([reader])
