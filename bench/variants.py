@@ -29,7 +29,7 @@ from typing import Any
 
 from . import children, report
 from .clients import GrpcClient, LimitClient, Sample
-from .load import Group, Meter, PhaseResult, percentiles, run_interleaved, run_window
+from .load import Group, Meter, percentiles, run_interleaved, run_window
 from .procs import ChildProcess, Pinning, free_port, voxrelay_process
 
 __all__ = ["limits_cost", "words_cost", "workers_capacity"]
@@ -45,31 +45,62 @@ KEYED_LIMITS = {
 }
 
 
-def _cpu_per_audio_s(row: dict[str, Any]) -> float | None:
-    return (row.get("voxrelay") or {}).get("cpu_ms_per_audio_s")
-
-
 def _mean(values: Sequence[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return round(sum(known) / len(known), 3) if known else None
 
 
-async def _window(
+async def _measure(
     vox: ChildProcess,
     fake: ChildProcess,
     client: GrpcClient,
     streams: int,
     *,
+    label: str,
     ramp_s: float,
     window_s: float,
+    row: Callable[..., dict[str, Any]],
     limit: LimitClient | None = None,
     limit_probers: int = 0,
-) -> PhaseResult:
+) -> dict[str, Any]:
+    """Run *streams* of *client* through one window (the limit's probes beside them, if
+    given), close *client*, and return voxrelay's figures (and the comparison)."""
     groups = [Group(client, streams)]
     if limit is not None and limit_probers:
         groups.append(Group(limit, limit_probers, probe=True))
-    async with Meter(vox, fake) as meter:
-        return await run_window(groups, ramp_s=ramp_s, window_s=window_s, meter=meter)
+    try:
+        async with Meter(vox, fake) as meter:
+            phase = await run_window(groups, ramp_s=ramp_s, window_s=window_s, meter=meter)
+    finally:
+        await client.aclose()
+    vox_row = row("grpc", phase, label, keep=False, with_samples=False)
+    out: dict[str, Any] = {
+        "streams": streams,
+        "ttfa_ms": vox_row["ttfa_ms"],
+        "errors": vox_row["errors"],
+        "error_kinds": vox_row["error_kinds"],
+        "stalled_streams": vox_row["stalled_streams"],
+        "voxrelay_cpu_pct": (vox_row["voxrelay"] or {}).get("cpu_pct"),
+        "cpu_ms_per_audio_s": (vox_row["voxrelay"] or {}).get("cpu_ms_per_audio_s"),
+        "generator_core_busy_pct": vox_row["generator_core_busy_pct"],
+    }
+    if limit is not None and limit_probers:
+        lim_row = row("limit", phase, f"beside_{label}", keep=False)
+        compared = report.compare(vox_row, lim_row, None)
+        out.update(
+            limit_ttfa_ms=lim_row["ttfa_ms"],
+            overhead_ms=compared["overhead_ms"],
+            capacity_ok=compared["capacity_ok"],
+            valid=compared["valid"],
+        )
+    return out
+
+
+def _probed(samples: dict[str, list[Sample]], kind: str) -> tuple[dict[str, Any], int]:
+    """The time to first audio of *kind*'s probes, and how many of them failed."""
+    taken = samples[kind]
+    ttfa = [s.ttfa for s in taken if s.error is None and s.ttfa]
+    return percentiles(ttfa), sum(1 for s in taken if s.error is not None)
 
 
 async def words_cost(
@@ -96,22 +127,23 @@ async def words_cost(
         say(f"words: 1 stream, {probes} probes with normalization and timestamps off / on")
         samples = await run_interleaved([off, on], probes=probes)
         for name, client in (("off", off), ("on", on)):
-            ttfa = [s.ttfa for s in samples[client.kind] if s.error is None and s.ttfa]
-            result[f"ttfa_1_stream_{name}_ms"] = percentiles(ttfa)
+            result[f"ttfa_1_stream_{name}_ms"], _ = _probed(samples, client.kind)
         cpu: dict[str, list[float | None]] = {"off": [], "on": []}
         ttfa_load: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         for n in range(rounds):
             for name, words in (("off", False), ("on", True)):
                 say(f"words: {streams} streams, {name} (round {n + 1} of {rounds})")
-                client = GrpcClient(target, streams, words=words)
-                try:
-                    phase = await _window(
-                        vox, fake, client, streams, ramp_s=ramp_s, window_s=window_s
-                    )
-                finally:
-                    await client.aclose()
-                taken = row("grpc", phase, f"words_{name}", keep=False, with_samples=False)
-                cpu[name].append(_cpu_per_audio_s(taken))
+                taken = await _measure(
+                    vox,
+                    fake,
+                    GrpcClient(target, streams, words=words),
+                    streams,
+                    label=f"words_{name}",
+                    ramp_s=ramp_s,
+                    window_s=window_s,
+                    row=row,
+                )
+                cpu[name].append(taken["cpu_ms_per_audio_s"])
                 ttfa_load[name].append(
                     {k: taken[k] for k in ("ttfa_ms", "errors", "stalled_streams")}
                 )
@@ -212,38 +244,23 @@ async def limits_cost(
             say(f"limits: 1 stream, {probes} probes with limits in memory / in Redis")
             samples = await run_interleaved(list(probers.values()), probes=probes)
             for name, client in probers.items():
-                ttfa = [s.ttfa for s in samples[client.kind] if s.error is None and s.ttfa]
-                errors = sum(1 for s in samples[client.kind] if s.error is not None)
-                result[f"ttfa_1_stream_{name}_ms"] = percentiles(ttfa)
+                ttfa, errors = _probed(samples, client.kind)
+                result[f"ttfa_1_stream_{name}_ms"] = ttfa
                 result[f"errors_1_stream_{name}"] = errors
             for name, vox in servers.items():
                 say(f"limits: {streams} streams, limits in {name} (+ limit probes)")
-                client = GrpcClient(str(vox.info["grpc"]), streams, api_key=API_KEY)
-                try:
-                    phase = await _window(
-                        vox,
-                        fake,
-                        client,
-                        streams,
-                        ramp_s=ramp_s,
-                        window_s=window_s,
-                        limit=limit,
-                        limit_probers=limit_probers,
-                    )
-                finally:
-                    await client.aclose()
-                vox_row = row("grpc", phase, f"limits_{name}", keep=False, with_samples=False)
-                lim_row = row("limit", phase, f"beside_limits_{name}", keep=False)
-                compared = report.compare(vox_row, lim_row, None)
-                result[f"load_{name}"] = {
-                    "ttfa_ms": vox_row["ttfa_ms"],
-                    "limit_ttfa_ms": lim_row["ttfa_ms"],
-                    "overhead_ms": compared["overhead_ms"],
-                    "errors": vox_row["errors"],
-                    "error_kinds": vox_row["error_kinds"],
-                    "stalled_streams": vox_row["stalled_streams"],
-                    "cpu_ms_per_audio_s": _cpu_per_audio_s(vox_row),
-                }
+                result[f"load_{name}"] = await _measure(
+                    vox,
+                    fake,
+                    GrpcClient(str(vox.info["grpc"]), streams, api_key=API_KEY),
+                    streams,
+                    label=f"limits_{name}",
+                    ramp_s=ramp_s,
+                    window_s=window_s,
+                    row=row,
+                    limit=limit,
+                    limit_probers=limit_probers,
+                )
                 await asyncio.sleep(1.0)
         finally:
             for client in probers.values():
@@ -289,37 +306,19 @@ async def workers_capacity(
             try:
                 for streams in levels:
                     say(f"workers: {workers}, {streams} streams (unpinned, + limit probes)")
-                    client = GrpcClient(str(vox.info["grpc"]), streams)
-                    try:
-                        phase = await _window(
+                    rows.append(
+                        await _measure(
                             vox,
                             fake,
-                            client,
+                            GrpcClient(str(vox.info["grpc"]), streams),
                             streams,
+                            label=f"workers_{workers}",
                             ramp_s=ramp_s,
                             window_s=window_s,
+                            row=row,
                             limit=limit,
                             limit_probers=limit_probers,
                         )
-                    finally:
-                        await client.aclose()
-                    vox_row = row("grpc", phase, f"workers_{workers}", keep=False)
-                    lim_row = row("limit", phase, f"beside_workers_{workers}", keep=False)
-                    compared = report.compare(vox_row, lim_row, None)
-                    rows.append(
-                        {
-                            "streams": streams,
-                            "ttfa_ms": vox_row["ttfa_ms"],
-                            "limit_ttfa_ms": lim_row["ttfa_ms"],
-                            "overhead_ms": compared["overhead_ms"],
-                            "capacity_ok": compared["capacity_ok"],
-                            "valid": compared["valid"],
-                            "errors": vox_row["errors"],
-                            "stalled_streams": vox_row["stalled_streams"],
-                            "voxrelay_cpu_pct": (vox_row["voxrelay"] or {}).get("cpu_pct"),
-                            "cpu_ms_per_audio_s": _cpu_per_audio_s(vox_row),
-                            "generator_core_busy_pct": vox_row["generator_core_busy_pct"],
-                        }
                     )
                     await asyncio.sleep(1.0)
             finally:
