@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -105,12 +106,11 @@ async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_slot_freed(
         assert replies[-1].HasField("finished")
 
 
-async def test_a_write_to_a_grpc_call_its_client_left_is_a_client_gone() -> None:
-    """The door's sink meets a call that ended under it as a client gone, not an error.
-
-    grpc cancels a handler's task when its client cancels, but a write's own failure can
-    reach the task first (the soak saw ``internal`` streams from it). Here the write comes
-    from a task grpc does not cancel, once the call is over: what that race's loser sees.
+async def after_the_client_left(
+    first: Callable[[Any], Awaitable[Any]], late: Callable[[Any], Awaitable[Any]]
+) -> BaseException | None:
+    """Serve one call with *first*(context); once its client has cancelled and the call
+    has ended, run *late*(context) from a task grpc does not cancel; return what it raised.
     """
     outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
     tasks: list[asyncio.Task[None]] = []
@@ -119,19 +119,18 @@ async def test_a_write_to_a_grpc_call_its_client_left_is_a_client_gone() -> None
         async def Synthesize(self, request: Any, context: Any) -> None:
             ended = asyncio.Event()
             context.add_done_callback(lambda _: ended.set())
-            sink = _GrpcSink(context, peer="client", stall_s=30)
-            await sink.write(pb.SynthesizeResponse())
+            await first(context)
 
-            async def write_once_ended() -> None:
+            async def once_ended() -> None:
                 await ended.wait()
                 try:
-                    await sink.write(pb.SynthesizeResponse())
+                    await late(context)
                 except Exception as exc:  # the outcome under test
                     outcome.set_result(exc)
                 else:
                     outcome.set_result(None)
 
-            tasks.append(asyncio.create_task(write_once_ended()))
+            tasks.append(asyncio.create_task(once_ended()))
             await asyncio.Event().wait()  # until grpc cancels it
 
     server = grpc.aio.server()
@@ -144,50 +143,35 @@ async def test_a_write_to_a_grpc_call_its_client_left_is_a_client_gone() -> None
             await call.read()
             call.cancel()
         async with asyncio.timeout(WAIT):
-            error = await outcome
+            return await outcome
     finally:
         await server.stop(None)
         await asyncio.gather(*tasks)
+
+
+async def test_a_write_to_a_grpc_call_its_client_left_is_a_client_gone() -> None:
+    """The door's sink meets a call that ended under it as a client gone, not an error.
+
+    grpc cancels a handler's task when its client cancels, but a write's own failure can
+    reach the task first (the soak saw ``internal`` streams from it). Here the write comes
+    from a task grpc does not cancel, once the call is over: what that race's loser sees.
+    """
+    sinks: list[_GrpcSink] = []
+
+    async def first(context: Any) -> None:
+        sinks.append(_GrpcSink(context, peer="client", stall_s=30))
+        await sinks[0].write(pb.SynthesizeResponse())
+
+    error = await after_the_client_left(first, lambda _: sinks[0].write(pb.SynthesizeResponse()))
     assert type(error) is ClientGone, repr(error)
 
 
 async def test_a_status_for_a_grpc_call_its_client_left_is_dropped() -> None:
     """The door ends a call with a status only while its client can still get one."""
-    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
-    tasks: list[asyncio.Task[None]] = []
-
-    class Door(pb_grpc.SynthesizerServicer):
-        async def Synthesize(self, request: Any, context: Any) -> None:
-            ended = asyncio.Event()
-            context.add_done_callback(lambda _: ended.set())
-            await context.write(pb.SynthesizeResponse())
-
-            async def abort_once_ended() -> None:
-                await ended.wait()
-                try:
-                    await _unless_gone(context.abort(grpc.StatusCode.UNAVAILABLE, "late"))
-                except Exception as exc:  # the outcome under test
-                    outcome.set_result(exc)
-                else:
-                    outcome.set_result(None)
-
-            tasks.append(asyncio.create_task(abort_once_ended()))
-            await asyncio.Event().wait()  # until grpc cancels it
-
-    server = grpc.aio.server()
-    pb_grpc.add_SynthesizerServicer_to_server(Door(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = pb_grpc.SynthesizerStub(channel).Synthesize(pb.SynthesizeRequest(text="Hi."))
-            await call.read()
-            call.cancel()
-        async with asyncio.timeout(WAIT):
-            error = await outcome
-    finally:
-        await server.stop(None)
-        await asyncio.gather(*tasks)
+    error = await after_the_client_left(
+        lambda context: context.write(pb.SynthesizeResponse()),
+        lambda context: _unless_gone(context.abort(grpc.StatusCode.UNAVAILABLE, "late")),
+    )
     assert error is None, repr(error)
 
 
