@@ -195,16 +195,8 @@ class StallGrpc(Attack):
             # The call's status queues behind the messages nobody read, so whether the server
             # ended it shows only once they are read: after the hold, drain what is buffered.
             await asyncio.sleep(self.hold_s)
-            try:
-                async with asyncio.timeout(5.0):
-                    async for _ in call:
-                        pass
-            except TimeoutError:
-                call.cancel()
-                return "held_to_limit"
-            except grpc.aio.AioRpcError as exc:
-                return f"dropped:{exc.code().name}"
-            return "finished"
+            outcome = await _read_grpc(call, 5.0)
+            return outcome.replace("grpc:", "dropped:", 1)
 
 
 class StallWs(Attack):
