@@ -41,118 +41,85 @@ __all__ = ["CANDIDATES", "espeak_speech", "measure"]
 
 CHUNK_MS = 20
 
-#: (name, format, output rate (0 = today's), bit rate, codec options)
-CANDIDATES: list[tuple[str, AudioFormat, int, int, dict[str, str]]] = [
-    (
-        "opus 32k (old)",
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One encoder setting: what replaces the format's entry in ``audio._ENCODINGS``."""
+
+    name: str
+    format: AudioFormat
+    bit_rate: int
+    options: dict[str, str]
+    #: other fields of the format's ``_Encoding`` (its codec, sample format, muxer options)
+    encoding: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_LOWDELAY = {"application": "lowdelay"}
+#: opus upsampled to 48 kHz before libopus, as before it was fed the engine's rate.
+_AT_48K = {"codec_takes_input_rate": False}
+#: mp3 through PyAV's own libmp3lame, as before lameenc.
+_PYAV_LAME = {
+    "codec": "libmp3lame",
+    "sample_format": "s16p",
+    "muxer_options": {"write_xing": "0", "id3v2_version": "0"},
+}
+
+#: Today's setting of each format is marked "(now)"; the rest are measured beside it.
+CANDIDATES: list[Candidate] = [
+    Candidate(
+        "opus 32k, audio, complexity 10 (first)",
         AudioFormat.OPUS,
-        0,
         32000,
         {"application": "audio", "compression_level": "10"},
     ),
-    ("opus 32k voip", AudioFormat.OPUS, 0, 32000, {"application": "voip"}),
-    ("opus 24k voip", AudioFormat.OPUS, 0, 24000, {"application": "voip"}),
-    (
-        "opus 24k voip c5",
-        AudioFormat.OPUS,
-        0,
-        24000,
-        {"application": "voip", "compression_level": "5"},
-    ),
-    (
-        "opus 24k voip c3",
-        AudioFormat.OPUS,
-        0,
-        24000,
-        {"application": "voip", "compression_level": "3"},
-    ),
-    (
-        "opus 24k voip c0",
-        AudioFormat.OPUS,
-        0,
-        24000,
-        {"application": "voip", "compression_level": "0"},
-    ),
-    (
-        "opus 24k voip c5 @24k",
+    Candidate(
+        "opus 24k lowdelay c5, fed at 48 kHz (before)",
         AudioFormat.OPUS,
         24000,
-        24000,
-        {"application": "voip", "compression_level": "5"},
+        {**_LOWDELAY, "compression_level": "5"},
+        encoding=_AT_48K,
     ),
-    (
-        "opus 24k voip c5 40ms",
-        AudioFormat.OPUS,
-        0,
-        24000,
-        {"application": "voip", "compression_level": "5", "frame_duration": "40"},
-    ),
-    (
-        "opus 24k voip c5 60ms",
-        AudioFormat.OPUS,
-        0,
-        24000,
-        {"application": "voip", "compression_level": "5", "frame_duration": "60"},
-    ),
-    ("opus 24k audio c5", AudioFormat.OPUS, 0, 24000, {"compression_level": "5"}),
-    ("opus 24k audio c10", AudioFormat.OPUS, 0, 24000, {}),
-    (
-        "opus 24k voip c2",
-        AudioFormat.OPUS,
-        0,
-        24000,
-        {"application": "voip", "compression_level": "2"},
-    ),
-    (
-        "opus 24k voip c3 @24k",
+    Candidate(
+        "opus 24k lowdelay c3, fed at 48 kHz",
         AudioFormat.OPUS,
         24000,
-        24000,
-        {"application": "voip", "compression_level": "3"},
+        {**_LOWDELAY, "compression_level": "3"},
+        encoding=_AT_48K,
     ),
-    (
-        "opus 24k voip c3 cvbr",
+    Candidate(
+        "opus 24k lowdelay c5", AudioFormat.OPUS, 24000, {**_LOWDELAY, "compression_level": "5"}
+    ),
+    Candidate(
+        "opus 24k lowdelay c3 (now)",
         AudioFormat.OPUS,
-        0,
         24000,
-        {"application": "voip", "compression_level": "3", "vbr": "constrained"},
+        {**_LOWDELAY, "compression_level": "3"},
     ),
-    (
-        "opus 24k lowdelay c5 (new)",
-        AudioFormat.OPUS,
-        0,
-        24000,
-        {"application": "lowdelay", "compression_level": "5"},
+    Candidate(
+        "opus 24k lowdelay c0", AudioFormat.OPUS, 24000, {**_LOWDELAY, "compression_level": "0"}
     ),
-    (
-        "opus 24k lowdelay c5 cvbr",
-        AudioFormat.OPUS,
-        0,
-        24000,
-        {"application": "lowdelay", "compression_level": "5", "vbr": "constrained"},
+    Candidate(
+        "opus 16k lowdelay c3", AudioFormat.OPUS, 16000, {**_LOWDELAY, "compression_level": "3"}
     ),
-    ("mp3 64k (old)", AudioFormat.MP3, 0, 64000, {"compression_level": "-1"}),
-    ("mp3 48k", AudioFormat.MP3, 0, 48000, {}),
-    ("mp3 48k q7", AudioFormat.MP3, 0, 48000, {"compression_level": "7"}),
-    ("mp3 48k q9", AudioFormat.MP3, 0, 48000, {"compression_level": "9"}),
-    ("mp3 64k q7", AudioFormat.MP3, 0, 64000, {"compression_level": "7"}),
-    (
-        "mp3 64k q7 no reservoir (new)",
+    Candidate(
+        "mp3 64k, LAME default quality, PyAV (first)",
         AudioFormat.MP3,
-        0,
+        64000,
+        {"compression_level": "-1"},
+        encoding=_PYAV_LAME,
+    ),
+    Candidate(
+        "mp3 64k q7 no reservoir, PyAV (before)",
+        AudioFormat.MP3,
         64000,
         {"compression_level": "7", "reservoir": "0"},
+        encoding=_PYAV_LAME,
     ),
-    ("mp3 40k q7", AudioFormat.MP3, 0, 40000, {"compression_level": "7"}),
-    (
-        "mp3 48k q7 noreservoir",
-        AudioFormat.MP3,
-        0,
-        48000,
-        {"compression_level": "7", "reservoir": "0"},
-    ),
-    ("aac 64k", AudioFormat.AAC, 0, 64000, {}),
-    ("flac", AudioFormat.FLAC, 0, 0, {}),
+    Candidate("mp3 64k q7, lameenc (now)", AudioFormat.MP3, 64000, {"quality": "7"}),
+    Candidate("mp3 64k q5, lameenc", AudioFormat.MP3, 64000, {"quality": "5"}),
+    Candidate("mp3 48k q7, lameenc", AudioFormat.MP3, 48000, {"quality": "7"}),
+    Candidate("aac 64k", AudioFormat.AAC, 64000, {}),
+    Candidate("flac", AudioFormat.FLAC, 0, {}),
 ]
 
 
@@ -181,10 +148,14 @@ def espeak_speech(seconds: float = 60.0) -> tuple[bytes, int]:
 
 
 @contextmanager
-def _setting(fmt: AudioFormat, bit_rate: int, options: dict[str, str]) -> Iterator[None]:
+def _setting(candidate: Candidate) -> Iterator[None]:
+    fmt = candidate.format
     saved = audio._ENCODINGS[fmt]
     audio._ENCODINGS[fmt] = dataclasses.replace(
-        saved, bit_rate=bit_rate, codec_options=dict(options)
+        saved,
+        bit_rate=candidate.bit_rate,
+        codec_options=dict(candidate.options),
+        **candidate.encoding,
     )
     try:
         yield
@@ -192,17 +163,13 @@ def _setting(fmt: AudioFormat, bit_rate: int, options: dict[str, str]) -> Iterat
         audio._ENCODINGS[fmt] = saved
 
 
-def _encoder(fmt: AudioFormat, rate: int, out_rate: int) -> StreamEncoder:
-    return StreamEncoder(
-        fmt, input_rate=rate, output_rate=out_rate or audio.output_rate(fmt, rate, 0)
-    )
+def _encoder(fmt: AudioFormat, rate: int) -> StreamEncoder:
+    return StreamEncoder(fmt, input_rate=rate, output_rate=audio.output_rate(fmt, rate, 0))
 
 
-def _encode(
-    fmt: AudioFormat, pcm: bytes, rate: int, out_rate: int, chunk_ms: int
-) -> tuple[bytes, float]:
+def _encode(fmt: AudioFormat, pcm: bytes, rate: int, chunk_ms: int) -> tuple[bytes, float]:
     chunk = rate * chunk_ms // 1000 * 2
-    encoder = _encoder(fmt, rate, out_rate)
+    encoder = _encoder(fmt, rate)
     parts = []
     cpu = time.thread_time()
     for offset in range(0, len(pcm), chunk):
@@ -229,10 +196,10 @@ def _decode(data: bytes, rate: int) -> np.ndarray:
     return np.concatenate(out).astype(np.float64) / 32768
 
 
-def _held_ms(fmt: AudioFormat, pcm: bytes, rate: int, out_rate: int) -> float:
+def _held_ms(fmt: AudioFormat, pcm: bytes, rate: int) -> float:
     """The most audio fed but not yet decodable from the output, in the first second."""
     chunk = rate * CHUNK_MS // 1000 * 2
-    encoder = _encoder(fmt, rate, out_rate)
+    encoder = _encoder(fmt, rate)
     out = b""
     worst = 0.0
     for offset in range(0, rate * 2, chunk):
@@ -277,16 +244,17 @@ def measure(pcm: bytes, rate: int, repeats: int = 3) -> list[dict[str, Any]]:
     src = np.frombuffer(pcm, dtype="<i2").astype(np.float64) / 32768
     seconds = len(src) / rate
     rows = []
-    for name, fmt, out_rate, bit_rate, options in CANDIDATES:
-        with _setting(fmt, bit_rate, options):
-            runs = [_encode(fmt, pcm, rate, out_rate, CHUNK_MS) for _ in range(repeats)]
+    for candidate in CANDIDATES:
+        fmt = candidate.format
+        with _setting(candidate):
+            runs = [_encode(fmt, pcm, rate, CHUNK_MS) for _ in range(repeats)]
             data = runs[0][0]
             cpu = min(r[1] for r in runs)
-            held = _held_ms(fmt, pcm, rate, out_rate)
+            held = _held_ms(fmt, pcm, rate)
         lag, snr, lsd = _quality(src, _decode(data, rate), rate)
         rows.append(
             {
-                "setting": name,
+                "setting": candidate.name,
                 "cpu_ms_per_audio_s": round(cpu * 1000 / seconds, 3),
                 "streams_per_core": round(seconds / cpu),
                 "kbit_per_s": round(len(data) * 8 / seconds / 1000, 1),
@@ -300,16 +268,15 @@ def measure(pcm: bytes, rate: int, repeats: int = 3) -> list[dict[str, Any]]:
     return rows
 
 
-def threads(
-    pcm: bytes, rate: int, fmt: AudioFormat, bit_rate: int, options: dict[str, str]
-) -> dict[str, float]:
+def threads(pcm: bytes, rate: int, candidate: Candidate) -> dict[str, float]:
     """Wall time of one encode alone, and of two at once in two threads."""
-    with _setting(fmt, bit_rate, options):
+    fmt = candidate.format
+    with _setting(candidate):
         started = time.perf_counter()
-        _encode(fmt, pcm, rate, 0, CHUNK_MS)
+        _encode(fmt, pcm, rate, CHUNK_MS)
         alone = time.perf_counter() - started
         workers = [
-            threading.Thread(target=_encode, args=(fmt, pcm, rate, 0, CHUNK_MS)) for _ in range(2)
+            threading.Thread(target=_encode, args=(fmt, pcm, rate, CHUNK_MS)) for _ in range(2)
         ]
         started = time.perf_counter()
         for w in workers:
@@ -320,15 +287,14 @@ def threads(
     return {"one_encode_s": round(alone, 3), "two_in_two_threads_s": round(both, 3)}
 
 
-def batches(
-    pcm: bytes, rate: int, fmt: AudioFormat, bit_rate: int, options: dict[str, str]
-) -> dict[int, float]:
+def batches(pcm: bytes, rate: int, candidate: Candidate) -> dict[int, float]:
     """CPU ms per audio second by the size of the chunks fed."""
+    fmt = candidate.format
     seconds = len(pcm) / 2 / rate
     result = {}
-    with _setting(fmt, bit_rate, options):
+    with _setting(candidate):
         for chunk_ms in (20, 100, 500):
-            cpu = min(_encode(fmt, pcm, rate, 0, chunk_ms)[1] for _ in range(3))
+            cpu = min(_encode(fmt, pcm, rate, chunk_ms)[1] for _ in range(3))
             result[chunk_ms] = round(cpu * 1000 / seconds, 3)
     return result
 
@@ -338,16 +304,10 @@ if __name__ == "__main__":
     print(json.dumps({"audio_s": len(pcm) / 2 / rate, "rate": rate}))
     for row in measure(pcm, rate):
         print(json.dumps(row))
-    for name, fmt, _, bit_rate, options in CANDIDATES:
-        if name.endswith(("(old)", "(new)")):
+    for candidate in CANDIDATES:
+        if candidate.name.endswith(("(before)", "(now)")):
+            name = candidate.name
+            print(json.dumps({"setting": name, "threads": threads(pcm, rate, candidate)}))
             print(
-                json.dumps({"setting": name, "threads": threads(pcm, rate, fmt, bit_rate, options)})
-            )
-            print(
-                json.dumps(
-                    {
-                        "setting": name,
-                        "cpu_ms_by_chunk_ms": batches(pcm, rate, fmt, bit_rate, options),
-                    }
-                )
+                json.dumps({"setting": name, "cpu_ms_by_chunk_ms": batches(pcm, rate, candidate)})
             )

@@ -1,10 +1,11 @@
 """Encode a stream of PCM incrementally into the audio format a client asked for.
 
 Engines deliver s16le mono PCM; a :class:`StreamEncoder` turns it, chunk by chunk, into
-bytes of the requested format with PyAV. The encoder is sans-I/O: ``encode()`` returns the
-bytes that became final, ``flush()`` the rest, and the concatenation of everything it
-returned is one valid file. The muxer writes into a sink that cannot seek, so no byte
-already handed out is ever rewritten.
+bytes of the requested format: mp3 with LAME (through lameenc), every other format with
+PyAV. The encoder is sans-I/O: ``encode()`` returns the bytes that became final,
+``flush()`` the rest, and the concatenation of everything it returned is one valid file.
+The muxer writes into a sink that cannot seek, so no byte already handed out is ever
+rewritten.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
+import lameenc
 from av.codec.codec import Capabilities
 from av.container import OutputContainer
 
@@ -36,7 +38,10 @@ class FormatInfo:
 
 @dataclass(frozen=True, slots=True)
 class _Encoding:
-    """How PyAV makes one format; ``muxer`` is ``None`` for raw PCM."""
+    """How one format is made; ``muxer`` is ``None`` for raw PCM.
+
+    ``codec`` is ffmpeg's encoder name, which PyAV opens, or :data:`_LAME`.
+    """
 
     info: FormatInfo
     muxer: str | None
@@ -50,7 +55,15 @@ class _Encoding:
     muxer_options: dict[str, str] = field(default_factory=dict)
     #: the encoder's private options (ffmpeg's names for this codec).
     codec_options: dict[str, str] = field(default_factory=dict)
+    #: The codec is fed the engine's rate (or the next it takes) whatever rate the stream
+    #: reports: Opus decodes at 48 kHz whatever it was fed, and upsampling before the
+    #: codec would add nothing but work.
+    codec_takes_input_rate: bool = False
 
+
+#: mp3 frames straight from LAME through lameenc, not PyAV's libmp3lame: the LAME that
+#: PyAV's wheels bundle takes three times the CPU for the same frames (docs/performance.md).
+_LAME = "lameenc"
 
 _MPEG_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 _AAC_RATES = (*_MPEG_RATES, 64000, 88200, 96000)
@@ -66,17 +79,14 @@ _ENCODINGS: dict[AudioFormat, _Encoding] = {
     AudioFormat.MP3: _Encoding(
         FormatInfo("audio/mpeg", None),
         "mp3",
-        "libmp3lame",
-        "s16p",
+        _LAME,
+        "s16",
         rates=_MPEG_RATES,
         bit_rate=64000,
         # LAME quality 7 for speech: less CPU than its default (3) at the same bitrate and
-        # spectral distance. Without the bit reservoir a frame never waits for bits saved
-        # in later ones, so less audio is held before the first byte (docs/performance.md).
-        codec_options={"compression_level": "7", "reservoir": "0"},
-        # The Xing/LAME frame is filled in by seeking back at the end, which a stream
-        # cannot do; an ID3 tag is noise in front of a stream.
-        muxer_options={"write_xing": "0", "id3v2_version": "0"},
+        # spectral distance (docs/performance.md). lameenc writes no Xing/LAME frame
+        # (filled in by seeking back at the end, which a stream cannot do) and no ID3 tag.
+        codec_options={"quality": "7"},
     ),
     AudioFormat.OPUS: _Encoding(
         FormatInfo("audio/ogg; codecs=opus", _OPUS_RATE),
@@ -84,11 +94,12 @@ _ENCODINGS: dict[AudioFormat, _Encoding] = {
         "libopus",
         "s16",
         rates=_OPUS_RATES,
-        # CELT alone (lowdelay) at complexity 5: a third of the CPU of the default
+        # CELT alone (lowdelay) at complexity 3: a quarter of the CPU of the default
         # (audio, 10), whose SILK and mode analysis cost the most, at about the same
         # spectral distance; 24 kbit/s is a VBR target (docs/performance.md).
         bit_rate=24000,
-        codec_options={"application": "lowdelay", "compression_level": "5"},
+        codec_options={"application": "lowdelay", "compression_level": "3"},
+        codec_takes_input_rate=True,
         # An Ogg page is written once it holds page_duration of audio (default 1 s).
         muxer_options={"page_duration": "20000"},
     ),
@@ -118,6 +129,11 @@ def _nearest(encoding: _Encoding, rate: int) -> int:
     if encoding.rates:
         return min(encoding.rates, key=lambda r: (abs(r - rate), -r))
     return min(max(rate, encoding.min_rate), encoding.max_rate)
+
+
+def _nearest_above(encoding: _Encoding, rate: int, ceiling: int) -> int:
+    """The lowest rate *encoding* takes at or above *rate*, but at most *ceiling*."""
+    return min((r for r in encoding.rates if rate <= r <= ceiling), default=ceiling)
 
 
 def output_rate(fmt: AudioFormat, input_rate: int, requested: int) -> int:
@@ -186,15 +202,19 @@ class StreamEncoder:
         self.format = fmt
         self.content_type = self._encoding.info.content_type
         self.sample_rate = output_rate
+        self._codec_rate = output_rate
+        if self._encoding.codec_takes_input_rate:
+            self._codec_rate = _nearest_above(self._encoding, input_rate, output_rate)
         self.channels = 1
         self._input_rate = input_rate
-        self._time_base = Fraction(1, output_rate)
+        self._time_base = Fraction(1, self._codec_rate)
         self._odd = b""  # half a sample, kept for the next call
         self._sink = _Sink()
         self._resampler: av.AudioResampler | None = None
+        self._lame: lameenc.Encoder | None = None
         self._container: OutputContainer | None = None
         self._stream: av.AudioStream | None = None
-        self._pts = 0  # in samples at the output rate
+        self._pts = 0  # in samples at the codec's rate
         self._closed = False
 
     def encode(self, pcm: bytes) -> bytes:
@@ -209,7 +229,10 @@ class StreamEncoder:
             return b""
         if whole != len(pcm):
             pcm = pcm[:whole]
-        if self._encoding.muxer is None and self._input_rate == self.sample_rate:
+        if self._encoding.codec == _LAME:
+            lame = self._lame or self._start_lame()
+            return bytes(lame.encode(pcm))
+        if self._encoding.muxer is None and self._input_rate == self._codec_rate:
             return bytes(pcm)
         resampler = self._resampler or self._start()
         frame = av.AudioFrame(format="s16", layout="mono", samples=whole // 2)
@@ -223,6 +246,8 @@ class StreamEncoder:
         if self._closed:
             return b""
         try:
+            if self._lame is not None:
+                return bytes(self._lame.flush())
             if self._resampler is not None:
                 self._push(self._resampler.resample(None))
             if self._container is not None and self._stream is not None:
@@ -241,12 +266,24 @@ class StreamEncoder:
         container, self._container = self._container, None
         self._stream = None
         self._resampler = None
+        self._lame = None
         if container is not None:
             # PyAV frees the muxer only by closing it, which writes a trailer that
             # nobody reads on this path; its failing is no reason to fail a cancel.
             with contextlib.suppress(av.FFmpegError):
                 container.close()
         self._sink.take()
+
+    def _start_lame(self) -> lameenc.Encoder:
+        """Set up LAME, which resamples to the output rate itself."""
+        lame = lameenc.Encoder()
+        lame.set_channels(self.channels)
+        lame.set_in_sample_rate(self._input_rate)
+        lame.set_out_sample_rate(self.sample_rate)
+        lame.set_bit_rate(self._encoding.bit_rate // 1000)
+        lame.set_quality(int(self._encoding.codec_options["quality"]))
+        self._lame = lame
+        return lame
 
     def _start(self) -> av.AudioResampler:
         """Open the muxer and codec (unless raw PCM) and the resampler feeding them."""
@@ -262,7 +299,7 @@ class StreamEncoder:
                 container_options={"flush_packets": "1", **encoding.muxer_options},
             )
             stream = container.add_stream(
-                encoding.codec, rate=self.sample_rate, options=encoding.codec_options
+                encoding.codec, rate=self._codec_rate, options=encoding.codec_options
             )
             if not isinstance(stream, av.AudioStream):
                 raise TypeError(f"{encoding.codec} is not an audio codec")
@@ -281,7 +318,7 @@ class StreamEncoder:
         self._resampler = av.AudioResampler(
             format=encoding.sample_format,
             layout="mono",
-            rate=self.sample_rate,
+            rate=self._codec_rate,
             frame_size=frame_size or None,
         )
         return self._resampler

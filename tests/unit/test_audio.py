@@ -366,8 +366,8 @@ def test_default_rates() -> None:
 @pytest.mark.parametrize(
     ("fmt", "options"),
     [
-        (AudioFormat.OPUS, {"application": "lowdelay", "compression_level": "5"}),
-        (AudioFormat.MP3, {"compression_level": "7", "reservoir": "0"}),
+        (AudioFormat.OPUS, {"application": "lowdelay", "compression_level": "3"}),
+        (AudioFormat.MP3, {"quality": "7"}),
     ],
 )
 @pytest.mark.parametrize("input_rate", INPUT_RATES)
@@ -397,3 +397,36 @@ def test_a_codec_option_reaches_the_codec() -> None:
         encoder.close()
     finally:
         audio._ENCODINGS[AudioFormat.OPUS] = saved
+
+
+@pytest.mark.parametrize(("input_rate", "fed"), [(16000, 16000), (22050, 24000), (44100, 48000)])
+def test_opus_is_fed_the_engines_rate_and_still_decodes_at_48k(input_rate: int, fed: int) -> None:
+    encoder = StreamEncoder(AudioFormat.OPUS, input_rate=input_rate, output_rate=48000)
+    before, tail = encode_all(encoder, voice(input_rate))
+    data = before + tail
+
+    # OpusHead (RFC 7845 5.1): the rate the encoder was fed, little-endian at offset 12.
+    head = data.index(b"OpusHead")
+    assert struct.unpack_from("<I", data, head + 12)[0] == fed
+    decoded = decode(data, AudioFormat.OPUS, 48000)
+    assert encoder.sample_rate == decoded.sample_rate == 48000
+    assert_duration(decoded, AudioFormat.OPUS, SECONDS)
+    assert decoded.rms > 1000
+
+
+def test_the_lame_quality_reaches_lame() -> None:
+    """LAME at another quality makes other frames: the setting is not ignored."""
+
+    def mp3(quality: str) -> bytes:
+        saved = audio._ENCODINGS[AudioFormat.MP3]
+        audio._ENCODINGS[AudioFormat.MP3] = dataclasses.replace(
+            saved, codec_options={"quality": quality}
+        )
+        try:
+            encoder = StreamEncoder(AudioFormat.MP3, input_rate=24000, output_rate=24000)
+            return b"".join(encode_all(encoder, voice(24000)))
+        finally:
+            audio._ENCODINGS[AudioFormat.MP3] = saved
+
+    assert mp3("7") == mp3("7")
+    assert mp3("2") != mp3("7")
