@@ -350,14 +350,24 @@ class PhraseCache:
 
 
 # The shared tier. Keys: {p}:e:<name> the entry's bytes (expiring), {p}:lru a sorted set of
-# names by last use (Redis TIME, ms), {p}:size each name's byte count, {p}:total their sum.
-# Entries that expired are dropped from the bookkeeping by the next put.
-_PUT = """
+# names by last use (Redis TIME in µs, made strictly increasing so that two uses in one
+# tick keep their order), {p}:size each name's byte count, {p}:total their sum. Entries
+# that expired are dropped from the bookkeeping by the next put.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
+if last and tonumber(last) >= now then now = tonumber(last) + 1 end
+"""
+
+_PUT = (
+    """
 local prefix, name, data = ARGV[1], ARGV[2], ARGV[3]
 local ttl, bound = tonumber(ARGV[4]), tonumber(ARGV[5])
 local lru, sizes, total = KEYS[1], KEYS[2], KEYS[3]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+    + _NOW
+    + """
 local function drop(member)
   local size = tonumber(redis.call('HGET', sizes, member) or '0')
   redis.call('HDEL', sizes, member)
@@ -365,7 +375,8 @@ local function drop(member)
   redis.call('DEL', prefix .. ':e:' .. member)
   redis.call('DECRBY', total, size)
 end
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', now - ttl, 'LIMIT', 0, 64)) do
+local stale = now - ttl * 1000
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', stale, 'LIMIT', 0, 64)) do
   drop(member)
 end
 if redis.call('HEXISTS', sizes, name) == 1 then drop(name) end
@@ -383,17 +394,21 @@ end
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
 return evicted
 """
+)
 
-_GET = """
+_GET = (
+    """
 local data = redis.call('GET', ARGV[1] .. ':e:' .. ARGV[2])
 if data then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+    + _NOW
+    + """
   redis.call('ZADD', KEYS[1], 'XX', now, ARGV[2])
   redis.call('PEXPIRE', ARGV[1] .. ':e:' .. ARGV[2], ARGV[3])
 end
 return data
 """
+)
 
 
 class SharedPhrases:

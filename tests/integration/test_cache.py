@@ -76,6 +76,34 @@ async def test_a_phrase_made_on_one_replica_is_replayed_on_another(
         assert replayed == made and len(made) == sum(pcm_bytes(s) for s in one_speech.calls)
 
 
+async def test_redis_evicts_the_least_recently_used_of_uses_in_one_millisecond(
+    redis_server: RedisServer,
+) -> None:
+    """Uses closer together than a millisecond keep their order in the LRU.
+
+    Names are put in reverse order, so ties broken by name would evict the wrong one;
+    five rounds, because a round's first put may have had its millisecond to itself.
+    """
+    entry = Phrase(bytes(1_000), 24000)
+    names = list("zyxwvutsrqponmlk")
+    for round_ in range(5):
+        shared = SharedPhrases.from_url(
+            redis_server.url,
+            max_bytes=len(names) * len(entry.to_bytes()),
+            ttl_s=60,
+            prefix=f"{{test-ties-{round_}}}",
+        )
+        try:
+            for name in names:
+                await shared.put(name, entry)
+            await shared.put("newest", entry)
+
+            assert await shared.get(names[0]) is None
+            assert all([await shared.get(name) == entry for name in [*names[1:], "newest"]])
+        finally:
+            await shared.aclose()
+
+
 async def test_redis_holds_the_phrases_within_its_own_bound_and_expiry(
     redis_server: RedisServer,
 ) -> None:
