@@ -94,7 +94,7 @@ class Config:
     quick: bool = False
     levels: list[int] = field(default_factory=lambda: [1, 100, 150, 200, 300, 400, 500])
     #: compressed formats measured at load over gRPC, at the levels of ``format_levels``
-    #: (their encoders fill one core at ~150 streams: docs/performance.md)
+    #: (with the relay beside them they fill one core at 200–300 streams: the README)
     load_formats: list[str] = field(default_factory=lambda: ["opus", "mp3"])
     format_levels: list[int] = field(default_factory=lambda: [100, 150, 200, 300])
     #: seconds over which a level's streams start; None: one request cycle (reply + playback)
