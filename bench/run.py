@@ -467,27 +467,27 @@ class Bench:
         out: dict[str, Any] = {}
         fake = await self._fake()
         try:
-            common = dict(ramp_s=self.ramp_s, window_s=cfg.window_s, say=_say, row=self._row)
+            windows = variants.Windows(
+                fake, ramp_s=self.ramp_s, window_s=cfg.window_s, say=_say, row=self._row
+            )
             out["words"] = await variants.words_cost(
                 self.pinning,
-                fake,
+                windows,
                 probes=cfg.variant_probes,
                 streams=cfg.variant_streams,
                 rounds=cfg.words_rounds,
-                **common,
             )
             out["limits"] = await variants.limits_cost(
                 self.pinning,
-                fake,
+                windows,
                 probes=cfg.variant_probes,
                 streams=cfg.variant_streams,
                 limit_probers=cfg.limit_probers,
-                **common,
             )
             if out["limits"] is None:
                 self.notes.append("redis-server is not installed: no Redis limits figures")
             out["workers"] = await variants.workers_capacity(
-                fake, levels=cfg.worker_levels, limit_probers=cfg.limit_probers, **common
+                windows, levels=cfg.worker_levels, limit_probers=cfg.limit_probers
             )
         finally:
             await fake.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +33,7 @@ from .clients import GrpcClient, LimitClient, Sample
 from .load import Group, Meter, percentiles, run_interleaved, run_window
 from .procs import ChildProcess, Pinning, free_port, voxrelay_process
 
-__all__ = ["limits_cost", "words_cost", "workers_capacity"]
+__all__ = ["Windows", "limits_cost", "words_cost", "workers_capacity"]
 
 #: The key the limit scenarios' clients send, and budgets far above what the run spends:
 #: every admit runs the limit's whole check, and none refuses.
@@ -50,50 +51,63 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return round(sum(known) / len(known), 3) if known else None
 
 
-async def _measure(
-    vox: ChildProcess,
-    fake: ChildProcess,
-    client: GrpcClient,
-    streams: int,
-    *,
-    label: str,
-    ramp_s: float,
-    window_s: float,
-    row: Callable[..., dict[str, Any]],
-    limit: LimitClient | None = None,
-    limit_probers: int = 0,
-) -> dict[str, Any]:
-    """Run *streams* of *client* through one window (the limit's probes beside them, if
-    given), close *client*, and return voxrelay's figures (and the comparison)."""
-    groups = [Group(client, streams)]
-    if limit is not None and limit_probers:
-        groups.append(Group(limit, limit_probers, probe=True))
-    try:
-        async with Meter(vox, fake) as meter:
-            phase = await run_window(groups, ramp_s=ramp_s, window_s=window_s, meter=meter)
-    finally:
-        await client.aclose()
-    vox_row = row("grpc", phase, label, keep=False, with_samples=False)
-    out: dict[str, Any] = {
-        "streams": streams,
-        "ttfa_ms": vox_row["ttfa_ms"],
-        "errors": vox_row["errors"],
-        "error_kinds": vox_row["error_kinds"],
-        "stalled_streams": vox_row["stalled_streams"],
-        "voxrelay_cpu_pct": (vox_row["voxrelay"] or {}).get("cpu_pct"),
-        "cpu_ms_per_audio_s": (vox_row["voxrelay"] or {}).get("cpu_ms_per_audio_s"),
-        "generator_core_busy_pct": vox_row["generator_core_busy_pct"],
-    }
-    if limit is not None and limit_probers:
-        lim_row = row("limit", phase, f"beside_{label}", keep=False)
-        compared = report.compare(vox_row, lim_row, None)
-        out.update(
-            limit_ttfa_ms=lim_row["ttfa_ms"],
-            overhead_ms=compared["overhead_ms"],
-            capacity_ok=compared["capacity_ok"],
-            valid=compared["valid"],
-        )
-    return out
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """What every scenario measures with: the run's fake, its window timing, its rows."""
+
+    fake: ChildProcess
+    ramp_s: float
+    window_s: float
+    say: Callable[[str], None]
+    row: Callable[..., dict[str, Any]]
+
+    @property
+    def base_url(self) -> str:
+        return str(self.fake.info["base_url"])
+
+    async def measure(
+        self,
+        vox: ChildProcess,
+        client: GrpcClient,
+        streams: int,
+        *,
+        label: str,
+        limit: LimitClient | None = None,
+        limit_probers: int = 0,
+    ) -> dict[str, Any]:
+        """Run *streams* of *client* through one window (the limit's probes beside them, if
+        given), close *client*, and return voxrelay's figures (and the comparison)."""
+        groups = [Group(client, streams)]
+        if limit is not None and limit_probers:
+            groups.append(Group(limit, limit_probers, probe=True))
+        try:
+            async with Meter(vox, self.fake) as meter:
+                phase = await run_window(
+                    groups, ramp_s=self.ramp_s, window_s=self.window_s, meter=meter
+                )
+        finally:
+            await client.aclose()
+        vox_row = self.row("grpc", phase, label, keep=False, with_samples=False)
+        out: dict[str, Any] = {
+            "streams": streams,
+            "ttfa_ms": vox_row["ttfa_ms"],
+            "errors": vox_row["errors"],
+            "error_kinds": vox_row["error_kinds"],
+            "stalled_streams": vox_row["stalled_streams"],
+            "voxrelay_cpu_pct": (vox_row["voxrelay"] or {}).get("cpu_pct"),
+            "cpu_ms_per_audio_s": (vox_row["voxrelay"] or {}).get("cpu_ms_per_audio_s"),
+            "generator_core_busy_pct": vox_row["generator_core_busy_pct"],
+        }
+        if limit is not None and limit_probers:
+            lim_row = self.row("limit", phase, f"beside_{label}", keep=False)
+            compared = report.compare(vox_row, lim_row, None)
+            out.update(
+                limit_ttfa_ms=lim_row["ttfa_ms"],
+                overhead_ms=compared["overhead_ms"],
+                capacity_ok=compared["capacity_ok"],
+                valid=compared["valid"],
+            )
+        return out
 
 
 def _probed(samples: dict[str, list[Sample]], kind: str) -> tuple[dict[str, Any], int]:
@@ -104,19 +118,11 @@ def _probed(samples: dict[str, list[Sample]], kind: str) -> tuple[dict[str, Any]
 
 
 async def words_cost(
-    pinning: Pinning,
-    fake: ChildProcess,
-    *,
-    probes: int,
-    streams: int,
-    ramp_s: float,
-    window_s: float,
-    rounds: int,
-    say: Callable[[str], None],
-    row: Callable[..., dict[str, Any]],
+    pinning: Pinning, windows: Windows, *, probes: int, streams: int, rounds: int
 ) -> dict[str, Any]:
     """Normalization and word timestamps off against on: first audio and CPU per audio s."""
-    vox = await voxrelay_process(pinning, str(fake.info["base_url"]))
+    say = windows.say
+    vox = await voxrelay_process(pinning, windows.base_url)
     target = str(vox.info["grpc"])
     off = GrpcClient(target, 1, words=False, kind="grpc_words_off")
     on = GrpcClient(target, 1, words=True, kind="grpc_words_on")
@@ -133,15 +139,8 @@ async def words_cost(
         for n in range(rounds):
             for name, words in (("off", False), ("on", True)):
                 say(f"words: {streams} streams, {name} (round {n + 1} of {rounds})")
-                taken = await _measure(
-                    vox,
-                    fake,
-                    GrpcClient(target, streams, words=words),
-                    streams,
-                    label=f"words_{name}",
-                    ramp_s=ramp_s,
-                    window_s=window_s,
-                    row=row,
+                taken = await windows.measure(
+                    vox, GrpcClient(target, streams, words=words), streams, label=f"words_{name}"
                 )
                 cpu[name].append(taken["cpu_ms_per_audio_s"])
                 ttfa_load[name].append(
@@ -211,19 +210,10 @@ async def redis_server() -> AsyncIterator[str | None]:
 
 
 async def limits_cost(
-    pinning: Pinning,
-    fake: ChildProcess,
-    *,
-    probes: int,
-    streams: int,
-    ramp_s: float,
-    window_s: float,
-    limit_probers: int,
-    say: Callable[[str], None],
-    row: Callable[..., dict[str, Any]],
+    pinning: Pinning, windows: Windows, *, probes: int, streams: int, limit_probers: int
 ) -> dict[str, Any] | None:
     """Per-key limits in voxrelay's memory against limits in Redis; None without Redis."""
-    base = str(fake.info["base_url"])
+    say, base = windows.say, windows.base_url
     async with redis_server() as url:
         if url is None:
             return None
@@ -249,15 +239,11 @@ async def limits_cost(
                 result[f"errors_1_stream_{name}"] = errors
             for name, vox in servers.items():
                 say(f"limits: {streams} streams, limits in {name} (+ limit probes)")
-                result[f"load_{name}"] = await _measure(
+                result[f"load_{name}"] = await windows.measure(
                     vox,
-                    fake,
                     GrpcClient(str(vox.info["grpc"]), streams, api_key=API_KEY),
                     streams,
                     label=f"limits_{name}",
-                    ramp_s=ramp_s,
-                    window_s=window_s,
-                    row=row,
                     limit=limit,
                     limit_probers=limit_probers,
                 )
@@ -283,17 +269,10 @@ async def limits_cost(
 
 
 async def workers_capacity(
-    fake: ChildProcess,
-    *,
-    levels: Sequence[int],
-    ramp_s: float,
-    window_s: float,
-    limit_probers: int,
-    say: Callable[[str], None],
-    row: Callable[..., dict[str, Any]],
+    windows: Windows, *, levels: Sequence[int], limit_probers: int
 ) -> dict[str, Any]:
     """``--workers 1`` against ``--workers 2``, unpinned, at *levels* (gRPC, pcm)."""
-    base = str(fake.info["base_url"])
+    base = windows.base_url
     unpinned = Pinning.none("workers share both cores with the load generator")
     result: dict[str, Any] = {"levels": list(levels), "note": unpinned.note}
     limit = LimitClient(base, limit_probers)
@@ -305,17 +284,13 @@ async def workers_capacity(
             rows: list[dict[str, Any]] = []
             try:
                 for streams in levels:
-                    say(f"workers: {workers}, {streams} streams (unpinned, + limit probes)")
+                    windows.say(f"workers: {workers}, {streams} streams (unpinned, + limit probes)")
                     rows.append(
-                        await _measure(
+                        await windows.measure(
                             vox,
-                            fake,
                             GrpcClient(str(vox.info["grpc"]), streams),
                             streams,
                             label=f"workers_{workers}",
-                            ramp_s=ramp_s,
-                            window_s=window_s,
-                            row=row,
                             limit=limit,
                             limit_probers=limit_probers,
                         )
