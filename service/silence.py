@@ -95,21 +95,37 @@ class SilenceTrimmer:
         data = self._carry + pcm if self._carry else pcm
         whole = len(data) // self._window * self._window
         self._carry = data[whole:]
-        if (
-            whole
-            and not self._leading
-            and self._quiet_run not in data[1:whole:2].translate(_QUIET_HIGH)
-        ):
-            # No window's worth of quiet samples in a row: every window is speech, and
-            # speech sends what was held, then itself.
-            out = self._held + data[:whole]
-            self._held.clear()
-            self._silence_sent = 0
-            return bytes(out)
+        if not whole:
+            return b""
+        # A window is silent only if each of its samples' high bytes is 0x00 or 0xFF (see
+        # _silent), that is, if a run of quiet high bytes starts where the window does:
+        # every window that starts before the next such run is speech, and is sent in bulk.
+        quiet = data[1:whole:2].translate(_QUIET_HIGH)
+        run = self._quiet_run
+        if run not in quiet:
+            return self._speech(data[:whole])
         out = bytearray()
-        for at in range(0, whole, self._window):
-            window = data[at : at + self._window]
-            self._window_in(window, _silent(window), out)
+        at = 0
+        while at < whole:
+            found = quiet.find(run, at // 2)
+            speech_end = whole if found < 0 else -(-found * 2 // self._window) * self._window
+            if speech_end > at:
+                out += self._speech(data[at:speech_end])
+                at = speech_end
+            if at < whole:
+                window = data[at : at + self._window]
+                self._window_in(window, _silent(window), out)
+                at += self._window
+        return bytes(out)
+
+    def _speech(self, pcm: bytes) -> bytes:
+        """Return what *pcm* (speech throughout) sends: what was held, then itself."""
+        self._leading = False
+        self._silence_sent = 0
+        if not self._held:
+            return pcm
+        out = self._held + pcm
+        self._held.clear()
         return bytes(out)
 
     def end(self) -> bytes:
@@ -143,8 +159,4 @@ class SilenceTrimmer:
                 out += held[:surplus]
                 del held[:surplus]
             return
-        out += held
-        out += window
-        held.clear()
-        self._leading = False
-        self._silence_sent = 0
+        out += self._speech(window)
