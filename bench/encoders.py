@@ -55,8 +55,11 @@ class Candidate:
 
 
 _LOWDELAY = {"application": "lowdelay"}
-#: opus upsampled to 48 kHz before libopus, as before it was fed the engine's rate.
-_AT_48K = {"codec_takes_input_rate": False}
+#: opus on ffmpeg's Ogg muxer (a page per packet, each held until the next), as before
+#: voxrelay wrote its pages.
+_FFMPEG_OGG: dict[str, Any] = {"muxer": "ogg", "muxer_options": {"page_duration": "20000"}}
+#: ... and upsampled to 48 kHz before libopus, as before it was fed the engine's rate.
+_AT_48K = {**_FFMPEG_OGG, "codec_takes_input_rate": False}
 #: mp3 through PyAV's own libmp3lame, as before lameenc.
 _PYAV_LAME = {
     "codec": "libmp3lame",
@@ -71,9 +74,10 @@ CANDIDATES: list[Candidate] = [
         AudioFormat.OPUS,
         32000,
         {"application": "audio", "compression_level": "10"},
+        encoding=_FFMPEG_OGG,
     ),
     Candidate(
-        "opus 24k lowdelay c5, fed at 48 kHz (before)",
+        "opus 24k lowdelay c5, fed at 48 kHz (earlier)",
         AudioFormat.OPUS,
         24000,
         {**_LOWDELAY, "compression_level": "5"},
@@ -87,10 +91,17 @@ CANDIDATES: list[Candidate] = [
         encoding=_AT_48K,
     ),
     Candidate(
+        "opus 24k lowdelay c3, ffmpeg's Ogg muxer (before)",
+        AudioFormat.OPUS,
+        24000,
+        {**_LOWDELAY, "compression_level": "3"},
+        encoding=_FFMPEG_OGG,
+    ),
+    Candidate(
         "opus 24k lowdelay c5", AudioFormat.OPUS, 24000, {**_LOWDELAY, "compression_level": "5"}
     ),
     Candidate(
-        "opus 24k lowdelay c3 (now)",
+        "opus 24k lowdelay c3, our Ogg pages (now)",
         AudioFormat.OPUS,
         24000,
         {**_LOWDELAY, "compression_level": "3"},

@@ -1,16 +1,17 @@
 """Encode a stream of PCM incrementally into the audio format a client asked for.
 
 Engines deliver s16le mono PCM; a :class:`StreamEncoder` turns it, chunk by chunk, into
-bytes of the requested format: mp3 with LAME (through lameenc), every other format with
-PyAV. The encoder is sans-I/O: ``encode()`` returns the bytes that became final,
-``flush()`` the rest, and the concatenation of everything it returned is one valid file.
-The muxer writes into a sink that cannot seek, so no byte already handed out is ever
-rewritten.
+bytes of the requested format: mp3 with LAME (through lameenc), opus with PyAV's libopus
+on Ogg pages of our own (:mod:`.ogg`), every other format with PyAV. The encoder is
+sans-I/O: ``encode()`` returns the bytes that became final, ``flush()`` the rest, and the
+concatenation of everything it returned is one valid file. Muxers write into a sink that
+cannot seek, so no byte already handed out is ever rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
+import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -21,6 +22,7 @@ from av.container import OutputContainer
 
 from voxrelay.service.errors import InvalidRequest
 from voxrelay.service.model import AudioFormat
+from voxrelay.service.ogg import OggWriter
 
 __all__ = ["FormatInfo", "StreamEncoder", "format_info", "output_rate"]
 
@@ -40,7 +42,8 @@ class FormatInfo:
 class _Encoding:
     """How one format is made; ``muxer`` is ``None`` for raw PCM.
 
-    ``codec`` is ffmpeg's encoder name, which PyAV opens, or :data:`_LAME`.
+    ``codec`` is ffmpeg's encoder name, which PyAV opens, or :data:`_LAME`; ``muxer`` is
+    ffmpeg's muxer name, or :data:`_OGG_PAGES`.
     """
 
     info: FormatInfo
@@ -65,11 +68,19 @@ class _Encoding:
 #: PyAV's wheels bundle takes three times the CPU for the same frames (docs/performance.md).
 _LAME = "lameenc"
 
+#: Packets straight from the codec onto Ogg pages written here (:mod:`.ogg`), each
+#: ``encode()``'s on one page, not through ffmpeg's Ogg muxer: that holds each packet until
+#: the next one comes, and puts every 20 ms packet on a page of its own with a mux call
+#: and a write back into Python each (docs/performance.md).
+_OGG_PAGES = "ogg pages"
+
 _MPEG_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 _AAC_RATES = (*_MPEG_RATES, 64000, 88200, 96000)
 _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 # Opus always decodes at 48 kHz, so that is the rate an Opus stream reports.
 _OPUS_RATE = 48000
+#: RFC 7845 5.2: the comment header, naming its vendor and no comments.
+_OPUS_TAGS = b"OpusTags" + struct.pack("<I", 8) + b"voxrelay" + struct.pack("<I", 0)
 
 _ENCODINGS: dict[AudioFormat, _Encoding] = {
     AudioFormat.PCM: _Encoding(FormatInfo("audio/pcm", None), None, "pcm_s16le", "s16"),
@@ -90,7 +101,7 @@ _ENCODINGS: dict[AudioFormat, _Encoding] = {
     ),
     AudioFormat.OPUS: _Encoding(
         FormatInfo("audio/ogg; codecs=opus", _OPUS_RATE),
-        "ogg",
+        _OGG_PAGES,
         "libopus",
         "s16",
         rates=_OPUS_RATES,
@@ -100,8 +111,6 @@ _ENCODINGS: dict[AudioFormat, _Encoding] = {
         bit_rate=24000,
         codec_options={"application": "lowdelay", "compression_level": "3"},
         codec_takes_input_rate=True,
-        # An Ogg page is written once it holds page_duration of audio (default 1 s).
-        muxer_options={"page_duration": "20000"},
     ),
     AudioFormat.FLAC: _Encoding(
         FormatInfo("audio/flac", None), "flac", "flac", "s16", max_rate=96000
@@ -212,6 +221,10 @@ class StreamEncoder:
         self._sink = _Sink()
         self._resampler: av.AudioResampler | None = None
         self._lame: lameenc.Encoder | None = None
+        self._opus: av.AudioCodecContext | None = None
+        self._ogg = OggWriter()
+        self._granule = 0  # samples at 48 kHz the Opus packets out so far decode to
+        self._head = b""  # the Ogg Opus headers, until they go out with the first audio
         self._container: OutputContainer | None = None
         self._stream: av.AudioStream | None = None
         self._pts = 0  # in samples at the codec's rate
@@ -232,6 +245,11 @@ class StreamEncoder:
         if self._encoding.codec == _LAME:
             lame = self._lame or self._start_lame()
             return bytes(lame.encode(pcm))
+        if self._encoding.muxer == _OGG_PAGES:
+            frame = av.AudioFrame(format="s16", layout="mono", samples=whole // 2)
+            frame.planes[0].update(pcm)
+            frame.sample_rate = self._input_rate
+            return self._opus_pages(frame)
         if self._encoding.muxer is None and self._input_rate == self._codec_rate:
             return bytes(pcm)
         resampler = self._resampler or self._start()
@@ -248,6 +266,8 @@ class StreamEncoder:
         try:
             if self._lame is not None:
                 return bytes(self._lame.flush())
+            if self._opus is not None:
+                return self._opus_pages(None)
             if self._resampler is not None:
                 self._push(self._resampler.resample(None))
             if self._container is not None and self._stream is not None:
@@ -267,6 +287,7 @@ class StreamEncoder:
         self._stream = None
         self._resampler = None
         self._lame = None
+        self._opus = None
         if container is not None:
             # PyAV frees the muxer only by closing it, which writes a trailer that
             # nobody reads on this path; its failing is no reason to fail a cancel.
@@ -284,6 +305,43 @@ class StreamEncoder:
         lame.set_quality(int(self._encoding.codec_options["quality"]))
         self._lame = lame
         return lame
+
+    def _start_opus(self) -> av.AudioCodecContext:
+        """Open libopus; the stream's two header pages go out with the call's bytes.
+
+        The codec context resamples to its own rate and cuts its input into frames of
+        its frame size itself.
+        """
+        encoding = self._encoding
+        codec = av.CodecContext.create(encoding.codec, "w")
+        if not isinstance(codec, av.AudioCodecContext):
+            raise TypeError(f"{encoding.codec} is not an audio codec")
+        codec.sample_rate = self._codec_rate
+        codec.layout = "mono"
+        codec.format = encoding.sample_format
+        codec.bit_rate = encoding.bit_rate
+        codec.options = dict(encoding.codec_options)
+        codec.open()
+        # RFC 7845: the identification header (libopus's, with its pre-skip) and the
+        # comment header, each on a page of its own, before any audio page.
+        self._head = self._ogg.pages([(bytes(codec.extradata or b""), 0)])
+        self._head += self._ogg.pages([(_OPUS_TAGS, 0)])
+        self._opus = codec
+        return codec
+
+    def _opus_pages(self, frame: av.AudioFrame | None) -> bytes:
+        """Encode *frame* (None: the end) and return the packets made, on one page."""
+        codec = self._opus or self._start_opus()
+        packets = []
+        for packet in codec.encode(frame):
+            # The last packet's duration leaves out the encoder's padding: the end page's
+            # granule position tells a decoder where the audio ends.
+            self._granule += packet.duration * _OPUS_RATE // self._codec_rate
+            packets.append((bytes(packet), self._granule))
+        head, self._head = self._head, b""
+        if not packets and frame is not None:
+            return head
+        return head + self._ogg.pages(packets, last=frame is None)
 
     def _start(self) -> av.AudioResampler:
         """Open the muxer and codec (unless raw PCM) and the resampler feeding them."""

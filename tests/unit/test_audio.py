@@ -18,6 +18,7 @@ import av
 import av.logging
 import pytest
 
+from tests.unit.test_ogg import parse
 from voxrelay.service import audio
 from voxrelay.service.audio import StreamEncoder, format_info, output_rate
 from voxrelay.service.errors import InvalidRequest
@@ -412,6 +413,46 @@ def test_opus_is_fed_the_engines_rate_and_still_decodes_at_48k(input_rate: int, 
     assert encoder.sample_rate == decoded.sample_rate == 48000
     assert_duration(decoded, AudioFormat.OPUS, SECONDS)
     assert decoded.rms > 1000
+
+
+def test_each_opus_packet_goes_out_with_the_call_that_made_it() -> None:
+    """No packet waits for the next: 200 ms fed in 20 ms calls decode to 200 ms less the
+    encoder's look-ahead, and each call's bytes are whole Ogg pages."""
+    encoder = StreamEncoder(AudioFormat.OPUS, input_rate=24000, output_rate=48000)
+    pcm = voice(24000, 0.2)
+    step = 24000 * 2 // 50
+
+    outputs = [encoder.encode(pcm[i : i + step]) for i in range(0, len(pcm), step)]
+
+    pages = [parse(out) for out in outputs]
+    assert [len(p) for p in pages] == [3] + [1] * 9  # the two headers with the first
+    assert all(len(page.packets()) == 1 for p in pages for page, _ in p[-1:])
+    head = struct.unpack_from("<H", b"".join(outputs), b"".join(outputs).index(b"OpusHead") + 10)
+    decoded = decode(b"".join(outputs), AudioFormat.OPUS, 48000)
+    assert decoded.samples == 10 * 960 - head[0]
+
+
+def test_an_opus_call_puts_all_it_made_on_one_page() -> None:
+    encoder = StreamEncoder(AudioFormat.OPUS, input_rate=24000, output_rate=48000)
+    encoder.encode(voice(24000, 0.1))
+
+    ((page, _),) = parse(encoder.encode(voice(24000, 0.5)))
+
+    assert len(page.packets()) == 25
+    assert page.granule == 30 * 960
+
+
+@pytest.mark.parametrize("input_rate", [24000, 16000])
+def test_an_opus_stream_ends_where_its_audio_does(input_rate: int) -> None:
+    """The end page's granule position trims the encoder's padding to the sample."""
+    encoder = StreamEncoder(AudioFormat.OPUS, input_rate=input_rate, output_rate=48000)
+    pcm = voice(input_rate, 1.0) + voice(input_rate, 0.01)[:14]  # 7 samples past a frame
+
+    before, tail = encode_all(encoder, pcm)
+
+    assert parse(tail)[-1][0].flags & 0x04  # the end of the stream
+    decoded = decode(before + tail, AudioFormat.OPUS, 48000)
+    assert decoded.samples == (input_rate + 7) * 48000 // input_rate
 
 
 def test_the_lame_quality_reaches_lame() -> None:
