@@ -233,6 +233,19 @@ def test_chat_mp3_streams_through_media_source(browser: Any, base_url: str) -> N
         assert "once complete" in status_text(browser)
 
 
+def test_speak_opus_plays_in_the_browser(browser: Any, base_url: str) -> None:
+    """The browser's own decoder takes voxrelay's Ogg pages: through MediaSource where it
+    streams Ogg Opus, else decoded whole once the stream is complete."""
+    open_page(browser, base_url, text=" ".join(SENTENCES), mode="speak", fmt="opus")
+    click(browser, "speak")
+    state = wait_done(browser)
+
+    assert state["state"] == "finished"
+    assert state["finished"]["audio_bytes"] == state["bytesReceived"] > 0
+    wait(browser, 20).until(lambda d: d.execute_script("return window.voxrelay.playbackStarted"))
+    assert browser.execute_script("return window.voxrelay.error") is None
+
+
 def test_stop_mid_stream_cancels(browser: Any, base_url: str) -> None:
     # Long enough that the stream is still in flight when Stop lands: ~3 minutes of speech,
     # which espeak + the mp3 encoder take seconds to make. (With pcm the whole stream is
