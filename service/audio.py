@@ -322,9 +322,11 @@ class StreamEncoder:
         codec.bit_rate = encoding.bit_rate
         codec.options = dict(encoding.codec_options)
         codec.open()
+        if not codec.extradata:
+            raise RuntimeError(f"{encoding.codec} gave no identification header")
         # RFC 7845: the identification header (libopus's, with its pre-skip) and the
         # comment header, each on a page of its own, before any audio page.
-        self._head = self._ogg.pages([(bytes(codec.extradata or b""), 0)])
+        self._head = self._ogg.pages([(bytes(codec.extradata), 0)])
         self._head += self._ogg.pages([(_OPUS_TAGS, 0)])
         self._opus = codec
         return codec
