@@ -67,6 +67,15 @@ _PYAV_LAME = {
     "muxer_options": {"write_xing": "0", "id3v2_version": "0"},
 }
 
+
+def _lowdelay(
+    name: str, bit_rate: int, complexity: int, encoding: dict[str, Any] | None = None
+) -> Candidate:
+    """An opus setting with CELT alone (``lowdelay``) at *complexity*."""
+    options = {**_LOWDELAY, "compression_level": str(complexity)}
+    return Candidate(name, AudioFormat.OPUS, bit_rate, options, encoding=encoding or {})
+
+
 #: Today's setting of each format is marked "(now)"; the rest are measured beside it.
 CANDIDATES: list[Candidate] = [
     Candidate(
@@ -76,42 +85,13 @@ CANDIDATES: list[Candidate] = [
         {"application": "audio", "compression_level": "10"},
         encoding=_FFMPEG_OGG,
     ),
-    Candidate(
-        "opus 24k lowdelay c5, fed at 48 kHz (earlier)",
-        AudioFormat.OPUS,
-        24000,
-        {**_LOWDELAY, "compression_level": "5"},
-        encoding=_AT_48K,
-    ),
-    Candidate(
-        "opus 24k lowdelay c3, fed at 48 kHz",
-        AudioFormat.OPUS,
-        24000,
-        {**_LOWDELAY, "compression_level": "3"},
-        encoding=_AT_48K,
-    ),
-    Candidate(
-        "opus 24k lowdelay c3, ffmpeg's Ogg muxer (before)",
-        AudioFormat.OPUS,
-        24000,
-        {**_LOWDELAY, "compression_level": "3"},
-        encoding=_FFMPEG_OGG,
-    ),
-    Candidate(
-        "opus 24k lowdelay c5", AudioFormat.OPUS, 24000, {**_LOWDELAY, "compression_level": "5"}
-    ),
-    Candidate(
-        "opus 24k lowdelay c3, our Ogg pages (now)",
-        AudioFormat.OPUS,
-        24000,
-        {**_LOWDELAY, "compression_level": "3"},
-    ),
-    Candidate(
-        "opus 24k lowdelay c0", AudioFormat.OPUS, 24000, {**_LOWDELAY, "compression_level": "0"}
-    ),
-    Candidate(
-        "opus 16k lowdelay c3", AudioFormat.OPUS, 16000, {**_LOWDELAY, "compression_level": "3"}
-    ),
+    _lowdelay("opus 24k lowdelay c5, fed at 48 kHz (earlier)", 24000, 5, _AT_48K),
+    _lowdelay("opus 24k lowdelay c3, fed at 48 kHz", 24000, 3, _AT_48K),
+    _lowdelay("opus 24k lowdelay c3, ffmpeg's Ogg muxer (before)", 24000, 3, _FFMPEG_OGG),
+    _lowdelay("opus 24k lowdelay c5", 24000, 5),
+    _lowdelay("opus 24k lowdelay c3, our Ogg pages (now)", 24000, 3),
+    _lowdelay("opus 24k lowdelay c0", 24000, 0),
+    _lowdelay("opus 16k lowdelay c3", 16000, 3),
     Candidate(
         "mp3 64k, LAME default quality, PyAV (first)",
         AudioFormat.MP3,

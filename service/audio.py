@@ -245,17 +245,14 @@ class StreamEncoder:
         if self._encoding.codec == _LAME:
             lame = self._lame or self._start_lame()
             return bytes(lame.encode(pcm))
-        if self._encoding.muxer == _OGG_PAGES:
-            frame = av.AudioFrame(format="s16", layout="mono", samples=whole // 2)
-            frame.planes[0].update(pcm)
-            frame.sample_rate = self._input_rate
-            return self._opus_pages(frame)
         if self._encoding.muxer is None and self._input_rate == self._codec_rate:
             return bytes(pcm)
-        resampler = self._resampler or self._start()
         frame = av.AudioFrame(format="s16", layout="mono", samples=whole // 2)
         frame.planes[0].update(pcm)
         frame.sample_rate = self._input_rate
+        if self._encoding.muxer == _OGG_PAGES:
+            return self._opus_pages(frame)
+        resampler = self._resampler or self._start()
         self._push(resampler.resample(frame))
         return self._sink.take()
 
