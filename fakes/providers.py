@@ -33,6 +33,7 @@ from voxrelay.service.model import ChatMessage, Voice
 from voxrelay.service.providers.base import (
     ChatDelta,
     ChatProvider,
+    ReadHold,
     SpeakingModel,
     SpeechEngine,
     SpokenDelta,
@@ -269,6 +270,7 @@ class ToneSpeech:
         timeout: float,
         caller: str | None = None,
         marks: list[WordMark] | None = None,
+        hold: ReadHold | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._speak(text, speed)
 
@@ -322,6 +324,7 @@ class EndlessSpeech:
         timeout: float,
         caller: str | None = None,
         marks: list[WordMark] | None = None,
+        hold: ReadHold | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._speak(text)
 

@@ -25,6 +25,7 @@ from .errors import VoxrelayError
 from .model import Mode, StreamFinished, StreamStarted
 from .output import PcmFeed, StreamOutput
 from .planner import Plan
+from .providers.base import ReadHold
 from .resilience import guarded_stream
 from .settings import Settings
 from .silence import SilenceTrimmer
@@ -290,6 +291,7 @@ class ChainedPipeline:
                 finished.tts_first_byte_ms = out.since()
 
         metrics.UPSTREAM_CHARACTERS.labels(speech.name).inc(len(text))
+        socket = ReadHold()
         pcm = guarded_stream(
             ctx.engines.tts_stage,
             lambda: speech.synthesize(
@@ -300,6 +302,7 @@ class ChainedPipeline:
                 timeout=_call_timeout(ctx.settings.tts_timeout_s),
                 caller=ctx.caller,
                 marks=_fresh(marks),
+                hold=socket,
             ),
             deadline=ctx.deadline,
             on_first=first_byte,
@@ -317,7 +320,7 @@ class ChainedPipeline:
                 # The socket ran dry. While the listener has audio in hand, let the next
                 # chunks gather there and read them in one go: one wake-up, not one each.
                 if loop.time() - began > READ_WAITED_S and (hold := out.hold_s()) > 0:
-                    await asyncio.sleep(min(hold, MAX_READ_HOLD_S))
+                    await socket.hold(min(hold, MAX_READ_HOLD_S))
 
     async def _relay(self) -> None:
         """Send the segments in order, each with its audio as it comes, then its words."""

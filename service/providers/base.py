@@ -9,8 +9,9 @@ and these types and raises :mod:`voxrelay.service.errors` for failures.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +23,7 @@ __all__ = [
     "ChatDelta",
     "ChatProvider",
     "QueuedStream",
+    "ReadHold",
     "SpeakingModel",
     "SpeechEngine",
     "SpokenDelta",
@@ -124,6 +126,7 @@ class SpeechEngine(Protocol):
         timeout: float,
         caller: str | None = None,
         marks: list[WordMark] | None = None,
+        hold: ReadHold | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Yield PCM (s16le mono at :attr:`sample_rate`) for *text* as it is produced.
 
@@ -133,12 +136,52 @@ class SpeechEngine(Protocol):
         queues jobs takes turns between; others ignore it. Such an engine's iterator is
         a :class:`QueuedStream`. An engine that :attr:`reports_words` appends its word
         events to *marks*, each before the audio it starts in; others leave it alone.
+        An engine that reads a socket names it to *hold* while it reads the segment's
+        audio from it; others leave it alone.
         """
         ...
 
     async def aclose(self) -> None:
         """Release the engine."""
         ...
+
+
+class ReadHold:
+    """Let a segment's audio gather at its socket while its reader waits.
+
+    The reader calls :meth:`hold` between reads when the listener has audio in hand. An
+    engine that reads a socket names it with :meth:`reading`; while held, that socket is
+    not read, so the kernel gathers what arrives and one wake-up takes it all, where each
+    chunk would wake the event loop and pass through the HTTP parser on its own.
+    """
+
+    __slots__ = ("_socket", "held")
+
+    def __init__(self) -> None:
+        self._socket: Callable[[], asyncio.Transport | None] | None = None
+        #: whether a hold has the socket paused now.
+        self.held = False
+
+    def reading(self, socket: Callable[[], asyncio.Transport | None] | None) -> None:
+        """Say how to find the socket the segment is read from; it returns None once
+        the socket is no longer this segment's (its body is in, the connection pooled)."""
+        self._socket = socket
+
+    async def hold(self, seconds: float) -> None:
+        """Wait *seconds*, the named socket unread meanwhile."""
+        transport = self._socket() if self._socket is not None else None
+        # A socket already paused is someone else's to resume (aiohttp's flow control).
+        if transport is None or transport.is_closing() or not transport.is_reading():
+            await asyncio.sleep(seconds)
+            return
+        transport.pause_reading()
+        self.held = True
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.held = False
+            if not transport.is_closing():
+                transport.resume_reading()
 
 
 @runtime_checkable

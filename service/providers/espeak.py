@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import InvalidRequest, Unavailable, UpstreamTimeout
 from ..model import Voice
 from ..words import WordMark
+from .base import ReadHold
 from .espeak_pool import WINDOW, Job, JobState, WorkerPool, default_workers
 from .espeak_worker import CREDIT, SAMPLE_RATE, job_payload
 
@@ -198,6 +199,7 @@ class EspeakEngine:
         timeout: float,
         caller: str | None = None,
         marks: list[WordMark] | None = None,
+        hold: ReadHold | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Yield PCM for *text* as espeak produces it, about 100 ms per chunk.
 

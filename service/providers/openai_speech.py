@@ -10,13 +10,16 @@ arrive; voxrelay's own encoder makes every other format.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, Callable
 
+import aiohttp
 import httpx2
 
 from ..errors import UpstreamError
 from ..model import Voice
 from ..words import WordMark
+from .base import ReadHold
 from .openai_upstream import build_client, call_timeout, upstream_errors
 
 __all__ = ["OPENAI_VOICES", "OpenAISpeech"]
@@ -78,8 +81,11 @@ class OpenAISpeech:
         timeout: float,  # noqa: ASYNC109 - the SDK's per-call network timeout
         caller: str | None = None,
         marks: list[WordMark] | None = None,
+        hold: ReadHold | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Yield PCM for *text* as the upstream sends it (*caller* plays no part).
+
+        While it reads, the response's socket is named to *hold*.
 
         ``speed`` 0 or 1.0 and empty ``instructions`` are left out of the request, so
         servers that know neither still answer.
@@ -118,12 +124,36 @@ class OpenAISpeech:
                         retryable=False,
                         status=response.status_code,
                     )
+                if hold is not None:
+                    hold.reading(_socket_of(response))
                 async for chunk in response.aiter_bytes():
                     if chunk:
                         yield chunk
             finally:
+                if hold is not None:
+                    hold.reading(None)
                 await response.aclose()
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.close()
+
+
+def _socket_of(response: httpx2.Response) -> Callable[[], asyncio.Transport | None] | None:
+    """Return how to find the socket *response*'s body is read from, if the transport says.
+
+    The SDK's aiohttp transport keeps aiohttp's response beneath httpx2's stream; its
+    connection is None once the body is in and the socket back in the pool, where it may
+    be serving another request.
+    """
+    stream = getattr(response.stream, "_stream", None)
+    inner = getattr(stream, "_aiohttp_response", None)
+    if not isinstance(inner, aiohttp.ClientResponse):
+        return None
+    body: aiohttp.ClientResponse = inner
+
+    def socket() -> asyncio.Transport | None:
+        connection = body.connection
+        return None if connection is None else connection.transport
+
+    return socket

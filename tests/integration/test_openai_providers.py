@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 import pytest
 
@@ -21,10 +22,12 @@ from fakes.openai_upstream import (
     slow_first_byte,
     status,
     tokenize,
+    voice_pcm,
 )
+from tests.waiting import eventually
 from voxrelay.service.errors import UpstreamError, UpstreamTimeout, VoxrelayError
 from voxrelay.service.model import ChatMessage
-from voxrelay.service.providers.base import ChatDelta, ChatProvider, SpeechEngine
+from voxrelay.service.providers.base import ChatDelta, ChatProvider, ReadHold, SpeechEngine
 from voxrelay.service.providers.openai_chat import OpenAIChat
 from voxrelay.service.providers.openai_speech import OpenAISpeech
 
@@ -230,6 +233,23 @@ async def test_speech_streams_pcm_incrementally(fake: FakeOpenAI, speech: OpenAI
         "response_format": "pcm",
     }  # speed 1.0 and empty instructions are left out for servers that know neither
     assert request.api_key == SPEECH_KEY
+
+
+async def test_speech_names_its_socket_to_a_hold(fake: FakeOpenAI, speech: OpenAISpeech) -> None:
+    fake.latency = Latency(tts_rtf=0.05)  # 3 s of audio over 0.15 s: chunks every millisecond
+    hold = ReadHold()
+    stream = speech.synthesize(
+        SENTENCE, voice="alloy", speed=1.0, instructions="", timeout=5, hold=hold
+    )
+    async with aclosing(stream) as chunks:
+        pcm = [await anext(chunks)]
+        holding = asyncio.create_task(hold.hold(0.05))
+        await eventually(lambda: hold.held, within=5)  # the response's socket, paused
+        await holding
+        pcm += [chunk async for chunk in chunks]
+    assert b"".join(pcm) == voice_pcm(expected_pcm_bytes(SENTENCE) // 2)  # nothing lost
+    await hold.hold(0)  # the stream is over: its socket, pooled, is not its to hold
+    assert not hold.held
 
 
 async def test_speech_sends_speed_and_instructions(fake: FakeOpenAI, speech: OpenAISpeech) -> None:

@@ -22,7 +22,7 @@ from voxrelay.service.model import (
     SynthesisRequest,
     WordTimings,
 )
-from voxrelay.service.providers.base import SpokenDelta
+from voxrelay.service.providers.base import ReadHold, SpokenDelta
 from voxrelay.service.providers.echo import EchoChat
 from voxrelay.service.providers.espeak import EspeakEngine
 from voxrelay.service.silence import LEAD_MS, MAX_HOLD_MS, SilenceTrimmer
@@ -240,6 +240,7 @@ class MarkingSpeech(ToneSpeech):
         timeout: float,
         caller: str | None = None,
         marks: list[WordMark] | None = None,
+        hold: ReadHold | None = None,
     ) -> AsyncGenerator[bytes, None]:
         return self._late(text, speed, marks)
 
