@@ -2,8 +2,9 @@
 
 Whatever shape produced the audio (chat → sentences → speech, or a speaking model), it
 ends here: :class:`StreamOutput` announces segments, feeds PCM through the stream's one
-:class:`~voxrelay.service.audio.StreamEncoder` (in a worker thread unless it only copies bytes) and
-puts the events on an :class:`EventQueue`, which a door drains at its own pace.
+:class:`~voxrelay.service.audio.StreamEncoder` (on the event loop while the listener is short
+of audio, else in a worker thread of low priority) and puts the events on an
+:class:`EventQueue`, which a door drains at its own pace.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +24,7 @@ from .audio import StreamEncoder
 from .errors import TooLarge, VoxrelayError
 from .model import AudioChunk, Event, SegmentStarted, StreamFinished, WordTiming, WordTimings
 
-__all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamEnd", "StreamOutput"]
+__all__ = ["EncoderRunner", "EventQueue", "PcmFeed", "StreamEnd", "StreamOutput", "encoder_pool"]
 
 # Limits
 #: PCM of a segment relayed as one piece at most (~2.7 s at 24 kHz).
@@ -32,13 +36,33 @@ MAX_FEED_BYTES = 256 * 1024
 HOLD_LEAD_MS = 150
 #: ... but never longer than this.
 MAX_HOLD_S = 0.5
+#: The encoder threads' nice value: the lowest priority, below the event loop's.
+ENCODER_NICENESS = 19
+
+
+def encoder_pool(threads: int) -> ThreadPoolExecutor:
+    """Return the worker threads for encoders, each at the lowest CPU priority (Linux).
+
+    They encode audio for listeners who have enough in hand, with the CPU the event loop
+    leaves: at equal priority, each would take a share of a busy core from the loop, and
+    every stream's relaying, first audio included, would wait for it.
+    """
+    return ThreadPoolExecutor(threads, thread_name_prefix="encode", initializer=_lower_priority)
+
+
+def _lower_priority() -> None:
+    # On Linux a thread's nice value is its own (elsewhere this would be the process's).
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENCODER_NICENESS)
 
 
 class EncoderRunner:
-    """Run one :class:`StreamEncoder` in worker threads, one call at a time.
+    """Run one :class:`StreamEncoder`, one call at a time, in a worker thread or not.
 
-    With *inline*, calls run on the event loop instead: for raw PCM at the engine's rate
-    the encoder only copies bytes, and a thread hop per chunk would cost far more.
+    A call for a listener short of audio (*now*) runs on the event loop: a worker thread
+    runs only when the loop leaves it the CPU, and the listener is waiting. With *inline*,
+    every call does: for raw PCM at the engine's rate the encoder only copies bytes, and
+    a thread hop per chunk would cost far more.
     """
 
     def __init__(
@@ -49,17 +73,17 @@ class EncoderRunner:
         self._inline = inline
         self._pending: Future[bytes] | None = None
 
-    async def _run(self, fn: Callable[..., bytes], *args: Any) -> bytes:
-        if self._inline:
+    async def _run(self, now: bool, fn: Callable[..., bytes], *args: Any) -> bytes:
+        if now or self._inline:
             return fn(*args)
         self._pending = self._executor.submit(fn, *args)
         return await asyncio.wrap_future(self._pending)
 
-    async def encode(self, pcm: bytes) -> bytes:
-        return await self._run(self._encoder.encode, pcm)
+    async def encode(self, pcm: bytes, *, now: bool = False) -> bytes:
+        return await self._run(now, self._encoder.encode, pcm)
 
-    async def flush(self) -> bytes:
-        return await self._run(self._encoder.flush)
+    async def flush(self, *, now: bool = False) -> bytes:
+        return await self._run(now, self._encoder.flush)
 
     def close(self) -> None:
         """Close now, or — if a worker is still encoding — right after it finishes.
@@ -271,6 +295,10 @@ class StreamOutput:
         spare_ms = self.audio_ms - played_ms - HOLD_LEAD_MS
         return 0.0 if spare_ms <= 0 else min(MAX_HOLD_S, spare_ms / 2000)
 
+    def _short_of_audio(self) -> bool:
+        """Whether the listener has had no audio yet or is less than the lead ahead."""
+        return self.hold_s() == 0
+
     def figures(self, reply_text: str = "") -> StreamFinished:
         """Return the stream's figures as they stand."""
         return dataclasses.replace(
@@ -308,8 +336,9 @@ class StreamOutput:
             self.capped = True
             pcm = pcm[: room * 2]
         if pcm:
+            short = self._short_of_audio()
             self._samples += len(pcm) // 2
-            await self._chunk(await self._encoder.encode(pcm))
+            await self._chunk(await self._encoder.encode(pcm, now=short))
         if self.capped:
             raise TooLarge(
                 f"the stream reached {self._max_audio_s:g} s of audio, its limit"
@@ -330,7 +359,7 @@ class StreamOutput:
 
     async def flush(self) -> None:
         """Send what the encoder still holds (the end of the file)."""
-        await self._chunk(await self._encoder.flush())
+        await self._chunk(await self._encoder.flush(now=self._short_of_audio()))
 
     def close(self) -> None:
         self._encoder.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -28,7 +27,7 @@ from .engines import Engines
 from .errors import Internal, VoxrelayError
 from .limits import make_admission
 from .model import AudioFormat, Event, Mode, StreamFinished, StreamStarted, SynthesisRequest, Voice
-from .output import EncoderRunner, EventQueue, StreamEnd, StreamOutput
+from .output import EncoderRunner, EventQueue, StreamEnd, StreamOutput, encoder_pool
 from .pipeline import ChainedPipeline, SpeakingPipeline, StreamContext
 from .planner import Plan, RequestPlanner
 from .providers.base import ChatProvider, SpeakingModel, SpeechEngine
@@ -40,7 +39,7 @@ __all__ = ["SynthesisStream", "Synthesizer"]
 
 log = logging.getLogger(__name__)
 
-#: Threads that run the streams' encoders (PyAV releases the GIL while it encodes).
+#: Threads that run the streams' encoders (libopus and LAME run without the GIL).
 ENCODER_THREADS = 2
 
 
@@ -57,8 +56,7 @@ class Synthesizer:
         self.speakable = SpeakableText(settings.lexicon_file)
         #: repeated segments replayed, not synthesised again (None: ``VOXRELAY_CACHE_MB=0``).
         self.phrases = PhraseCache.from_settings(settings)
-        # Encoding is CPU work: it runs here, never on the event loop.
-        self._encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="encode")
+        self._encoders = encoder_pool(ENCODER_THREADS)
 
     def stream(
         self,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +15,7 @@ from voxrelay.service.audio import StreamEncoder
 from voxrelay.service.errors import TooLarge, Unavailable
 from voxrelay.service.model import AudioChunk, AudioFormat, SegmentStarted
 from voxrelay.service.output import (
+    ENCODER_NICENESS,
     HOLD_LEAD_MS,
     MAX_HOLD_S,
     MAX_JOINED_PCM_BYTES,
@@ -20,6 +24,7 @@ from voxrelay.service.output import (
     PcmFeed,
     StreamEnd,
     StreamOutput,
+    encoder_pool,
 )
 
 
@@ -225,3 +230,49 @@ async def test_the_audio_cap_ends_the_stream_after_exactly_its_audio() -> None:
         e for e in [await queue.get() for _ in range(len(queue))] if isinstance(e, AudioChunk)
     ]
     assert sum(len(c.data) for c in chunks) == 1000
+
+
+class NotingEncoder(StreamEncoder):
+    """An opus encoder that notes the thread each call runs in, and that thread's nice value."""
+
+    def __init__(self) -> None:
+        super().__init__(AudioFormat.OPUS, input_rate=24_000, output_rate=48_000)
+        self.calls: list[tuple[str, int]] = []
+
+    def _note(self) -> None:
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        self.calls.append((threading.current_thread().name, nice))
+
+    def encode(self, pcm: bytes) -> bytes:
+        self._note()
+        return super().encode(pcm)
+
+    def flush(self) -> bytes:
+        self._note()
+        return super().flush()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+async def test_audio_a_listener_waits_for_is_encoded_at_once_the_rest_by_low_priority_threads() -> (
+    None
+):
+    now, encoder = [0], NotingEncoder()
+    loop_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    with encoder_pool(1) as pool:
+        out = StreamOutput(
+            EventQueue(64), EncoderRunner(encoder, pool), input_rate=24_000, since=lambda: now[0]
+        )
+        await out.segment("x")
+        await out.audio(pcm_ms(1000))  # the first audio: the listener waits for it
+        await out.audio(pcm_ms(1000))  # 1 s in hand
+        now[0] = 1950  # 50 ms in hand: short of audio again
+        await out.audio(pcm_ms(500))
+        now[0] = 2000  # 500 ms in hand
+        await out.flush()
+        out.close()
+    loop = threading.current_thread().name
+    [(first, _), (second, nice), (third, _), (last, _)] = encoder.calls
+    assert first == third == loop
+    assert second == last == "encode_0"
+    assert nice == ENCODER_NICENESS and loop_nice < nice  # the loop's own priority is untouched
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_nice
