@@ -38,6 +38,8 @@ HOLD_LEAD_MS = 150
 MAX_HOLD_S = 0.5
 #: The encoder threads' nice value: the lowest priority, below the event loop's.
 ENCODER_NICENESS = 19
+#: PCM encoded on the event loop at once at most (~0.5 s at 24 kHz, ~1 ms of opus).
+MAX_LOOP_PCM_BYTES = 24 * 1024
 
 
 def encoder_pool(threads: int) -> ThreadPoolExecutor:
@@ -335,10 +337,13 @@ class StreamOutput:
         if room is not None and len(pcm) // 2 > room:
             self.capped = True
             pcm = pcm[: room * 2]
-        if pcm:
-            short = self._short_of_audio()
-            self._samples += len(pcm) // 2
-            await self._chunk(await self._encoder.encode(pcm, now=short))
+        while pcm:
+            # The listener waits for this on the loop, but never long: once a piece is
+            # out, the rest may go to a thread.
+            now = self._short_of_audio()
+            piece, pcm = (pcm[:MAX_LOOP_PCM_BYTES], pcm[MAX_LOOP_PCM_BYTES:]) if now else (pcm, b"")
+            self._samples += len(piece) // 2
+            await self._chunk(await self._encoder.encode(piece, now=now))
         if self.capped:
             raise TooLarge(
                 f"the stream reached {self._max_audio_s:g} s of audio, its limit"

@@ -19,6 +19,7 @@ from voxrelay.service.output import (
     HOLD_LEAD_MS,
     MAX_HOLD_S,
     MAX_JOINED_PCM_BYTES,
+    MAX_LOOP_PCM_BYTES,
     EncoderRunner,
     EventQueue,
     PcmFeed,
@@ -237,18 +238,18 @@ class NotingEncoder(StreamEncoder):
 
     def __init__(self) -> None:
         super().__init__(AudioFormat.OPUS, input_rate=24_000, output_rate=48_000)
-        self.calls: list[tuple[str, int]] = []
+        self.calls: list[tuple[str, int, int]] = []
 
-    def _note(self) -> None:
+    def _note(self, size: int) -> None:
         nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        self.calls.append((threading.current_thread().name, nice))
+        self.calls.append((threading.current_thread().name, nice, size))
 
     def encode(self, pcm: bytes) -> bytes:
-        self._note()
+        self._note(len(pcm))
         return super().encode(pcm)
 
     def flush(self) -> bytes:
-        self._note()
+        self._note(0)
         return super().flush()
 
 
@@ -263,16 +264,22 @@ async def test_audio_a_listener_waits_for_is_encoded_at_once_the_rest_by_low_pri
             EventQueue(64), EncoderRunner(encoder, pool), input_rate=24_000, since=lambda: now[0]
         )
         await out.segment("x")
-        await out.audio(pcm_ms(1000))  # the first audio: the listener waits for it
-        await out.audio(pcm_ms(1000))  # 1 s in hand
+        await out.audio(pcm_ms(1000))  # the first audio: the listener waits for its start
+        await out.audio(pcm_ms(1000))  # 2 s in hand
         now[0] = 1950  # 50 ms in hand: short of audio again
-        await out.audio(pcm_ms(500))
-        now[0] = 2000  # 500 ms in hand
+        await out.audio(pcm_ms(400))
+        now[0] = 2000  # 400 ms in hand
         await out.flush()
         out.close()
-    loop = threading.current_thread().name
-    [(first, _), (second, nice), (third, _), (last, _)] = encoder.calls
-    assert first == third == loop
-    assert second == last == "encode_0"
-    assert nice == ENCODER_NICENESS and loop_nice < nice  # the loop's own priority is untouched
-    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_nice
+    loop, pool = threading.current_thread().name, "encode_0"
+    second = pcm_ms(1000)
+    assert [(name, size) for name, _, size in encoder.calls] == [
+        (loop, MAX_LOOP_PCM_BYTES),  # no more than this on the loop at once
+        (pool, len(second) - MAX_LOOP_PCM_BYTES),
+        (pool, len(second)),
+        (loop, len(pcm_ms(400))),
+        (pool, 0),
+    ]
+    nices = {name: nice for name, nice, _ in encoder.calls}
+    assert nices[pool] == ENCODER_NICENESS and nices[loop] == loop_nice < ENCODER_NICENESS
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_nice  # the loop's own is untouched
