@@ -54,8 +54,11 @@ def encoder_pool(threads: int) -> ThreadPoolExecutor:
 
 def _lower_priority() -> None:
     # On Linux a thread's nice value is its own (elsewhere this would be the process's).
+    # A sandbox that refuses it leaves the thread at the loop's priority, still working:
+    # an initializer that raised would break the pool.
     if sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENCODER_NICENESS)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENCODER_NICENESS)
 
 
 class EncoderRunner:

@@ -283,3 +283,18 @@ async def test_audio_a_listener_waits_for_is_encoded_at_once_the_rest_by_low_pri
     nices = {name: nice for name, nice, _ in encoder.calls}
     assert nices[pool] == ENCODER_NICENESS and nices[loop] == loop_nice < ENCODER_NICENESS
     assert os.getpriority(os.PRIO_PROCESS, 0) == loop_nice  # the loop's own is untouched
+
+
+async def test_encoders_still_run_where_priorities_cannot_be_lowered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*_: object) -> None:
+        raise PermissionError("setpriority: not allowed here")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    encoder = StreamEncoder(AudioFormat.OPUS, input_rate=24_000, output_rate=48_000)
+    with encoder_pool(1) as pool:
+        runner = EncoderRunner(encoder, pool)
+        data = await runner.encode(pcm_ms(100)) + await runner.flush()
+        runner.close()
+    assert data.startswith(b"OggS")
