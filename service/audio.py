@@ -1,11 +1,11 @@
 """Encode a stream of PCM incrementally into the audio format a client asked for.
 
 Engines deliver s16le mono PCM; a :class:`StreamEncoder` turns it, chunk by chunk, into
-bytes of the requested format: mp3 with LAME (through lameenc), opus with PyAV's libopus
-on Ogg pages of our own (:mod:`.ogg`), every other format with PyAV. The encoder is
-sans-I/O: ``encode()`` returns the bytes that became final, ``flush()`` the rest, and the
-concatenation of everything it returned is one valid file. Muxers write into a sink that
-cannot seek, so no byte already handed out is ever rewritten.
+bytes of the requested format: mp3 with LAME (through lameenc), opus with libopus called
+directly (:mod:`.opus`) on Ogg pages of our own (:mod:`.ogg`), every other format with
+PyAV. The encoder is sans-I/O: ``encode()`` returns the bytes that became final,
+``flush()`` the rest, and the concatenation of everything it returned is one valid file.
+Muxers write into a sink that cannot seek, so no byte already handed out is ever rewritten.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from av.container import OutputContainer
 from voxrelay.service.errors import InvalidRequest
 from voxrelay.service.model import AudioFormat
 from voxrelay.service.ogg import OggWriter
+from voxrelay.service.opus import OpusEncoder
 
 __all__ = ["FormatInfo", "StreamEncoder", "format_info", "output_rate"]
 
@@ -43,7 +44,8 @@ class _Encoding:
     """How one format is made; ``muxer`` is ``None`` for raw PCM.
 
     ``codec`` is ffmpeg's encoder name, which PyAV opens, or :data:`_LAME`; ``muxer`` is
-    ffmpeg's muxer name, or :data:`_OGG_PAGES`.
+    ffmpeg's muxer name, or :data:`_OGG_PAGES` (libopus called directly; ``codec_options``
+    are its settings under ffmpeg's names).
     """
 
     info: FormatInfo
@@ -68,10 +70,11 @@ class _Encoding:
 #: PyAV's wheels bundle takes three times the CPU for the same frames (docs/performance.md).
 _LAME = "lameenc"
 
-#: Packets straight from the codec onto Ogg pages written here (:mod:`.ogg`), each
-#: ``encode()``'s on one page, not through ffmpeg's Ogg muxer: that holds each packet until
-#: the next one comes, and puts every 20 ms packet on a page of its own with a mux call
-#: and a write back into Python each (docs/performance.md).
+#: Packets straight from libopus (:mod:`.opus`, not PyAV's codec context, which costs
+#: more per 20 ms frame than libopus's own work) onto Ogg pages written here (:mod:`.ogg`),
+#: each ``encode()``'s on one page, not through ffmpeg's Ogg muxer: that holds each packet
+#: until the next one comes, and puts every 20 ms packet on a page of its own with a mux
+#: call and a write back into Python each (docs/performance.md).
 _OGG_PAGES = "ogg pages"
 
 _MPEG_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -80,6 +83,9 @@ _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 # Opus always decodes at 48 kHz, so that is the rate an Opus stream reports.
 _OPUS_RATE = 48000
 #: RFC 7845 5.2: the comment header, naming its vendor and no comments.
+#: RFC 7845 5.1: the identification header (version 1, mono, pre-skip, the rate the encoder
+#: was fed, no gain, channel mapping family 0).
+_OPUS_HEAD = struct.Struct("<8sBBHIhB")
 _OPUS_TAGS = b"OpusTags" + struct.pack("<I", 8) + b"voxrelay" + struct.pack("<I", 0)
 
 _ENCODINGS: dict[AudioFormat, _Encoding] = {
@@ -197,10 +203,10 @@ class StreamEncoder:
     stream; :meth:`close` abandons it. Nothing is written before the first samples
     arrive, and a stream that never had any flushes to ``b""``.
 
-    Not thread-safe: call from one thread at a time (the caller runs it in a worker
-    thread, off the event loop). Never run :meth:`close` or :meth:`flush` while an
-    :meth:`encode` is still running in another thread — PyAV crashes when a codec is
-    freed under a running encode — so the caller joins its worker first. After a call
+    Not thread-safe: call from one thread at a time (the caller may run it in a worker
+    thread). Never run :meth:`close` or :meth:`flush` while an :meth:`encode` is still
+    running in another thread — PyAV and libopus crash when a codec is freed under a
+    running encode — so the caller joins its worker first. After a call
     raised, the stream is lost: :meth:`close` the encoder.
     """
 
@@ -221,9 +227,12 @@ class StreamEncoder:
         self._sink = _Sink()
         self._resampler: av.AudioResampler | None = None
         self._lame: lameenc.Encoder | None = None
-        self._opus: av.AudioCodecContext | None = None
+        self._opus: OpusEncoder | None = None
         self._ogg = OggWriter()
-        self._granule = 0  # samples at 48 kHz the Opus packets out so far decode to
+        self._scale = 1  # 48 kHz over the codec's rate
+        self._fed = 0  # samples at the codec's rate given to the Opus stream
+        self._coded = 0  # ... and encoded into its packets (whole frames)
+        self._pending = b""  # PCM short of a whole frame, for the next call
         self._head = b""  # the Ogg Opus headers, until they go out with the first audio
         self._container: OutputContainer | None = None
         self._stream: av.AudioStream | None = None
@@ -247,11 +256,11 @@ class StreamEncoder:
             return bytes(lame.encode(pcm))
         if self._encoding.muxer is None and self._input_rate == self._codec_rate:
             return bytes(pcm)
+        if self._encoding.muxer == _OGG_PAGES:
+            return self._opus_pages(pcm)
         frame = av.AudioFrame(format="s16", layout="mono", samples=whole // 2)
         frame.planes[0].update(pcm)
         frame.sample_rate = self._input_rate
-        if self._encoding.muxer == _OGG_PAGES:
-            return self._opus_pages(frame)
         resampler = self._resampler or self._start()
         self._push(resampler.resample(frame))
         return self._sink.take()
@@ -284,7 +293,9 @@ class StreamEncoder:
         self._stream = None
         self._resampler = None
         self._lame = None
-        self._opus = None
+        opus, self._opus = self._opus, None
+        if opus is not None:
+            opus.close()
         if container is not None:
             # PyAV frees the muxer only by closing it, which writes a trailer that
             # nobody reads on this path; its failing is no reason to fail a cancel.
@@ -303,44 +314,71 @@ class StreamEncoder:
         self._lame = lame
         return lame
 
-    def _start_opus(self) -> av.AudioCodecContext:
-        """Open libopus; the stream's two header pages go out with the call's bytes.
-
-        The codec context resamples to its own rate and cuts its input into frames of
-        its frame size itself.
-        """
+    def _start_opus(self) -> OpusEncoder:
+        """Open libopus at the codec's rate (and a resampler to it when the engine's rate
+        is not one Opus takes); the two header pages go out with the call's bytes."""
         encoding = self._encoding
-        codec = av.CodecContext.create(encoding.codec, "w")
-        if not isinstance(codec, av.AudioCodecContext):
-            raise TypeError(f"{encoding.codec} is not an audio codec")
-        codec.sample_rate = self._codec_rate
-        codec.layout = "mono"
-        codec.format = encoding.sample_format
-        codec.bit_rate = encoding.bit_rate
-        codec.options = dict(encoding.codec_options)
-        codec.open()
-        if not codec.extradata:
-            raise RuntimeError(f"{encoding.codec} gave no identification header")
-        # RFC 7845: the identification header (libopus's, with its pre-skip) and the
-        # comment header, each on a page of its own, before any audio page.
-        self._head = self._ogg.pages([(bytes(codec.extradata), 0)])
-        self._head += self._ogg.pages([(_OPUS_TAGS, 0)])
-        self._opus = codec
-        return codec
+        opus = OpusEncoder(self._codec_rate, encoding.bit_rate, encoding.codec_options)
+        if self._input_rate != self._codec_rate:
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=self._codec_rate)
+        # RFC 7845: the identification header (its pre-skip, the encoder's look-ahead, counted
+        # at 48 kHz) and the comment header, each on a page of its own, before any audio page.
+        self._scale = _OPUS_RATE // self._codec_rate
+        head = _OPUS_HEAD.pack(
+            b"OpusHead", 1, 1, opus.lookahead * self._scale, self._codec_rate, 0, 0
+        )
+        self._head = self._ogg.pages([(head, 0)]) + self._ogg.pages([(_OPUS_TAGS, 0)])
+        self._opus = opus
+        return opus
 
-    def _opus_pages(self, frame: av.AudioFrame | None) -> bytes:
-        """Encode *frame* (None: the end) and return the packets made, on one page."""
-        codec = self._opus or self._start_opus()
+    def _opus_pages(self, pcm: bytes | None) -> bytes:
+        """Encode *pcm* (None: the end) and return the packets made, on one page.
+
+        Packets are whole 20 ms frames; what is left of a frame waits for the next call. At
+        the end the last frames are padded with silence until the packets cover the audio
+        and the encoder's look-ahead, and the end page's granule position tells a decoder
+        where the audio ends, to the sample.
+        """
+        opus = self._opus or self._start_opus()
+        end = pcm is None
+        if self._resampler is not None:
+            pcm = self._resampled(pcm)
+        elif pcm is None:
+            pcm = b""
+        self._fed += len(pcm) // 2
+        pending = self._pending + pcm if self._pending else pcm
+        if end:
+            cover = self._fed + opus.lookahead - self._coded
+            frames = -(-cover // opus.frame_samples)
+            pending += bytes(frames * opus.frame_bytes - len(pending))
+        step = opus.frame_bytes
+        whole = len(pending) - len(pending) % step
         packets = []
-        for packet in codec.encode(frame):
-            # The last packet's duration leaves out the encoder's padding: the end page's
-            # granule position tells a decoder where the audio ends.
-            self._granule += packet.duration * _OPUS_RATE // self._codec_rate
-            packets.append((bytes(packet), self._granule))
+        granule = self._coded * self._scale
+        for start in range(0, whole, step):
+            granule += opus.frame_samples * self._scale
+            packets.append((opus.encode(pending[start : start + step]), granule))
+        self._coded += whole // 2
+        self._pending = pending[whole:]
         head, self._head = self._head, b""
-        if not packets and frame is not None:
+        if end:
+            if packets:
+                packets[-1] = (packets[-1][0], (opus.lookahead + self._fed) * self._scale)
+        elif not packets:
             return head
-        return head + self._ogg.pages(packets, last=frame is None)
+        return head + self._ogg.pages(packets, last=end)
+
+    def _resampled(self, pcm: bytes | None) -> bytes:
+        """*pcm* at the codec's rate (None: what the resampler still holds)."""
+        assert self._resampler is not None
+        frame = None
+        if pcm is not None:
+            frame = av.AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+            frame.planes[0].update(pcm)
+            frame.sample_rate = self._input_rate
+        return b"".join(
+            bytes(out.planes[0])[: out.samples * 2] for out in self._resampler.resample(frame)
+        )
 
     def _start(self) -> av.AudioResampler:
         """Open the muxer and codec (unless raw PCM) and the resampler feeding them."""
