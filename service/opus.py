@@ -111,6 +111,9 @@ class OpusEncoder:
         self._lib = lib
         self._state = ctypes.c_void_p(state)
         self._free = weakref.finalize(self, lib.opus_encoder_destroy, self._state)
+        # At exit the process's memory goes anyway; freeing then could race an encode still
+        # running in a worker thread.
+        self._free.atexit = False
         self._ctl(_SET_BITRATE, bit_rate)
         self._ctl(_SET_COMPLEXITY, int(options.get("compression_level", "10")))
         self._ctl(_SET_VBR, int(vbr != "off"))
