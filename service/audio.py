@@ -82,10 +82,10 @@ _AAC_RATES = (*_MPEG_RATES, 64000, 88200, 96000)
 _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 # Opus always decodes at 48 kHz, so that is the rate an Opus stream reports.
 _OPUS_RATE = 48000
-#: RFC 7845 5.2: the comment header, naming its vendor and no comments.
 #: RFC 7845 5.1: the identification header (version 1, mono, pre-skip, the rate the encoder
 #: was fed, no gain, channel mapping family 0).
 _OPUS_HEAD = struct.Struct("<8sBBHIhB")
+#: RFC 7845 5.2: the comment header, naming its vendor and no comments.
 _OPUS_TAGS = b"OpusTags" + struct.pack("<I", 8) + b"voxrelay" + struct.pack("<I", 0)
 
 _ENCODINGS: dict[AudioFormat, _Encoding] = {

@@ -27,8 +27,6 @@ _SET_VBR_CONSTRAINT = 4020
 _GET_LOOKAHEAD = 4027
 #: The largest packet one frame of one channel can make (RFC 6716 3.2.1).
 _MAX_PACKET = 1275
-#: Opus decodes at 48 kHz whatever rate it was fed.
-DECODED_RATE = 48000
 
 
 def _bundled() -> list[Path]:
@@ -48,13 +46,11 @@ def _bundled() -> list[Path]:
 @functools.cache
 def library() -> ctypes.CDLL:
     """Load libopus (once) and declare the encoder calls voxrelay makes."""
-    candidates = [str(path) for path in _bundled()]
-    system = ctypes.util.find_library("opus")
-    if system:
-        candidates.append(system)
-    if not candidates:
+    bundled = _bundled()
+    path = str(bundled[0]) if bundled else ctypes.util.find_library("opus")
+    if path is None:
         raise RuntimeError("libopus not found: neither PyAV's wheel nor the system has it")
-    lib = ctypes.CDLL(candidates[0])
+    lib = ctypes.CDLL(path)
     lib.opus_encoder_create.argtypes = [
         ctypes.c_int32,
         ctypes.c_int,
