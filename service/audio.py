@@ -173,6 +173,19 @@ def output_rate(fmt: AudioFormat, input_rate: int, requested: int) -> int:
     return _OPUS_RATE if fmt is AudioFormat.OPUS else requested
 
 
+def _pcm_frame(pcm: bytes, rate: int) -> av.AudioFrame:
+    """A frame holding *pcm* (s16le mono, whole samples) at *rate*."""
+    frame = av.AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+    frame.planes[0].update(pcm)
+    frame.sample_rate = rate
+    return frame
+
+
+def _frame_pcm(frame: av.AudioFrame) -> bytes:
+    """The s16 mono samples of *frame* (its plane may be padded past them)."""
+    return bytes(frame.planes[0])[: frame.samples * 2]
+
+
 class _Sink:
     """Collect what the muxer writes.
 
@@ -258,11 +271,8 @@ class StreamEncoder:
             return bytes(pcm)
         if self._encoding.muxer == _OGG_PAGES:
             return self._opus_pages(pcm)
-        frame = av.AudioFrame(format="s16", layout="mono", samples=whole // 2)
-        frame.planes[0].update(pcm)
-        frame.sample_rate = self._input_rate
         resampler = self._resampler or self._start()
-        self._push(resampler.resample(frame))
+        self._push(resampler.resample(_pcm_frame(pcm, self._input_rate)))
         return self._sink.take()
 
     def flush(self) -> bytes:
@@ -371,14 +381,8 @@ class StreamEncoder:
     def _resampled(self, pcm: bytes | None) -> bytes:
         """*pcm* at the codec's rate (None: what the resampler still holds)."""
         assert self._resampler is not None
-        frame = None
-        if pcm is not None:
-            frame = av.AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
-            frame.planes[0].update(pcm)
-            frame.sample_rate = self._input_rate
-        return b"".join(
-            bytes(out.planes[0])[: out.samples * 2] for out in self._resampler.resample(frame)
-        )
+        frame = None if pcm is None else _pcm_frame(pcm, self._input_rate)
+        return b"".join(_frame_pcm(out) for out in self._resampler.resample(frame))
 
     def _start(self) -> av.AudioResampler:
         """Open the muxer and codec (unless raw PCM) and the resampler feeding them."""
@@ -422,7 +426,7 @@ class StreamEncoder:
         """Encode and mux resampled frames, or for raw PCM keep their bytes."""
         for frame in frames:
             if self._container is None or self._stream is None:
-                self._sink.write(bytes(frame.planes[0])[: frame.samples * 2])
+                self._sink.write(_frame_pcm(frame))
                 continue
             frame.pts = self._pts
             frame.time_base = self._time_base
